@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test install data clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3 2>/dev/null || true
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when apt is there; otherwise kdlib falls back to
+# torchvision's downloader (where a network exists) or a root given with KDLIB_DATA.
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	fi
+
+demo: install data
+	$(BIN)/python -m kdlib demo --out runs/demo --shards shards/demo
+
+test: install data
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs shards/demo

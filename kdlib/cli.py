@@ -1,0 +1,142 @@
+"""The `kdlib` command line: click commands only; each parses flags and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import KdlibError
+
+LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Use only the first N images of each split (quick tries, tests).")
+WORKERS = click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                       help="DataLoader worker processes that decode and render.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli() -> None:
+    """kdlib: pay for the teacher once, distill many students from its stored soft labels."""
+
+
+@cli.command()
+@click.option("--teacher", required=True, help="Run directory, architecture name, or package.module:factory.")
+@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an architecture.")
+@click.option("--data", default="fashion-mnist", help="fashion-mnist, an ImageFolder directory, or a .npz file.")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML (see precompute/).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the recipe's seed.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, help="Epochs of views to store (more extends a store).")
+@click.option("--out", required=True, help="Store directory or fsspec URL, e.g. shards/run.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=10, help="Top-k logits kept per view (all when classes <= k).")
+@click.option("--format", "backend", type=click.Choice(["zarr"]), default="zarr", help="Store backend.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Teacher batch, in views.")
+@click.option("--chunk-views", type=click.IntRange(min=1), default=4096, help="Views per chunk (write/resume unit).")
+@click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
+@LIMIT
+@WORKERS
+def precompute(**kw) -> None:
+    """Run the teacher once over seeded views and store its soft labels."""
+    from .precompute import PrecomputeConfig, precompute as run
+
+    test = not kw.pop("no_test")
+    store = run(PrecomputeConfig(**kw, test=test))
+    m = store.meta
+    click.echo(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
+               f"teacher {m.teacher['id']}")
+
+
+@cli.command()
+@click.option("--out", required=True, help="Run directory for model.safetensors, config.json, metrics.jsonl.")
+@click.option("--student", "--model", "student", default="resnet8", help="Architecture name, or package.module:factory.")
+@click.option("--shards", default=None, help="Distill from this store (the teacher is never loaded).")
+@click.option("--data", default=None, help="Source for supervised or online training (default: the store's).")
+@click.option("--teacher", default=None, help="Online distillation baseline: teacher in memory, same plan.")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML without --shards.")
+@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist", "ce"]), default=None,
+              help="Default: kl with --shards/--teacher, ce otherwise.")
+@click.option("--temperature", "-T", type=float, default=1.0, help="KL/DIST temperature.")
+@click.option("--gamma", type=float, default=0.5, help="TTM/WTTM power.")
+@click.option("--ce-weight", type=float, default=0.0, help="Add CE on (mixed) ground-truth labels.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Global batch, in views.")
+@click.option("--lr", type=float, default=2e-3)
+@click.option("--weight-decay", type=float, default=5e-4)
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.05, help="Warmup, fraction of all steps.")
+@click.option("--clip", type=float, default=1.0, help="Gradient norm clip (0: off).")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Student initialisation seed.")
+@click.option("--weights", default=None, help="Initial student weights file.")
+@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.")
+@click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
+@click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@LIMIT
+@WORKERS
+def train(**kw) -> None:
+    """Train a student: from a store, online from a teacher, or on labels."""
+    from .train import TrainConfig, train as run
+
+    if kw["loss"] is None:
+        kw["loss"] = "kl" if (kw["shards"] or kw["teacher"]) else "ce"
+    kw["eval"] = not kw.pop("no_eval")
+    run(TrainConfig(**kw))
+
+
+@cli.command()
+@click.option("--shards", required=True)
+@click.option("--teacher", required=True, help="The teacher that wrote the store (its digest must match).")
+@click.option("--weights", default=None)
+@click.option("--views", type=click.IntRange(min=1), default=256, help="How many stored views to re-check.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=1.0, help="Fail below this top-1 agreement.")
+def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float) -> None:
+    """Re-render stored views, re-run the teacher, compare; exit 1 when they disagree."""
+    from .verify import verify as run
+
+    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement)
+    click.echo(json.dumps(result, indent=1))
+    if not result["ok"]:
+        click.echo(f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {min_agreement}), "
+                   f"max logit error {result['max_logit_error']:.3g}", err=True)
+        sys.exit(1)
+
+
+@cli.command(name="eval")
+@click.option("--model", required=True, help="Run directory.")
+@click.option("--data", default=None, help="Default: what the model was trained on.")
+@click.option("--split", default="test")
+@click.option("--shards", default=None, help="Store with cached teacher predictions (default: the one trained from).")
+@LIMIT
+@WORKERS
+def eval_(model: str, data: str | None, split: str, shards: str | None, limit: int | None, workers: int) -> None:
+    """Print JSON with top1, top5 and, when cached, agreement with the teacher."""
+    from .evaluate import evaluate
+
+    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers)))
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", help="Where the demo's runs go.")
+@click.option("--shards", default="shards/demo", help="Where the demo's store goes.")
+@click.option("--quick", is_flag=True, help="A tiny version (a few hundred images), for a smoke test.")
+def demo(out: str, shards: str, quick: bool) -> None:
+    """The whole pipeline on Fashion-MNIST, ending with a table of accuracies."""
+    from .demo import run_demo
+
+    run_demo(out, shards, quick)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KdlibError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except FileNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

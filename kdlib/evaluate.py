@@ -1,0 +1,70 @@
+"""Evaluate a model on a split's center views: top-1, top-5, and agreement with the cached teacher.
+
+Agreement needs no teacher: precompute stores the teacher's predictions on the test split, and
+they are used when the store's test source is exactly the source evaluated here (same fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import load_model
+from .plan import center_params
+from .source import open_source
+from .store import open_store
+from .views import ViewBatches, loader, split_range
+
+__all__ = ["evaluate", "predict"]
+
+
+def predict(model: torch.nn.Module, source, size: int, center_fraction: float, batch_size: int = 512,
+            workers: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """float32 logits [N, C] of the model on every image's center view."""
+    device = device or next(model.parameters()).device
+    params = center_params(source.sizes(), np.arange(len(source)), center_fraction)
+    data = ViewBatches(source, split_range(0, len(source), batch_size), size, 1, params=params)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for item in loader(data, workers):
+            out.append(model(item["views"].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model_spec: str, data: str | None = None, split: str = "test", limit: int | None = None,
+             shards: str | None = None, workers: int = 0, batch_size: int = 512) -> dict[str, Any]:
+    """JSON-able metrics of a trained model (a run directory) on `data`'s `split`."""
+    model = load_model(model_spec)
+    cfg: dict[str, Any] = {}
+    cfg_path = Path(model_spec) / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+    trained = cfg.get("trained_from") or {}
+    data = data or trained.get("data")
+    if data is None:
+        raise ValueError(f"--data is needed: {model_spec} does not say what it was trained on")
+    source = open_source(data, split, limit)
+    recipe = cfg.get("recipe") or {}
+    size = int(cfg.get("input_size") or source.sizes()[0].min())
+    logits = predict(model, source, size, float(recipe.get("center_fraction", 1.0)), batch_size, workers)
+    labels = torch.from_numpy(source.labels())
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    result: dict[str, Any] = {
+        "model": str(model_spec), "data": data, "split": split, "images": len(source),
+        "top1": round(float((top5[:, 0] == labels).float().mean()), 6),
+        "top5": round(float((top5 == labels[:, None]).any(1).float().mean()), 6),
+    }
+    shards = shards or trained.get("shards")
+    if shards:
+        store = open_store(shards)
+        test = store.read_test()
+        if test is not None and store.meta.test["source"]["fingerprint"] == source.fingerprint():
+            teacher_top1 = torch.from_numpy(test["ids"][:, 0].astype(np.int64))
+            result["agreement"] = round(float((top5[:, 0] == teacher_top1).float().mean()), 6)
+            result["teacher_top1"] = round(float((teacher_top1 == labels).float().mean()), 6)
+    return result

@@ -1,0 +1,171 @@
+"""The plan: every random choice of one epoch, drawn once, as arrays of view params.
+
+`make_plan(recipe, sizes, epoch)` is a pure function. Its order *is* the training order:
+views come in groups of m images x c crops (slot s = i*c + j is crop j of image i), and
+each slot mixes with slot (s + c) mod g, i.e. the same crop of the next image in the group,
+which is never the same image. All draws come from generators keyed by
+`SeedSequence([seed, epoch, stream])` (never `seed + epoch`), one stream per kind of
+choice, so changing the mix law does not move the crops.
+
+View params (one row per view, the columns the store keeps):
+
+| field   | dtype   | shape | meaning |
+| ------- | ------- | ----- | ------- |
+| image   | uint32  | []    | source id |
+| box     | int32   | [4]   | crop in source pixels: top, left, height, width |
+| flip    | uint8   | []    | 1 = horizontal flip after the crop |
+| partner | uint16  | []    | slot (within the group) this view mixes with |
+| mix     | uint8   | []    | 0 none, 1 mixup, 2 cutmix |
+| lam     | float32 | []    | weight of the view's own pixels (cutmix: its kept area fraction) |
+| cutbox  | int16   | [4]   | cutmix box in output pixels: top, left, height, width (zeros otherwise) |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .recipe import Recipe
+
+__all__ = ["PARAM_FIELDS", "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params",
+           "views_per_epoch", "slice_params"]
+
+PARAM_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "image": ("uint32", ()),
+    "box": ("int32", (4,)),
+    "flip": ("uint8", ()),
+    "partner": ("uint16", ()),
+    "mix": ("uint8", ()),
+    "lam": ("float32", ()),
+    "cutbox": ("int16", (4,)),
+}
+MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
+_STREAM_ORDER, _STREAM_CROP, _STREAM_FLIP, _STREAM_MIX = 0, 1, 2, 3
+_CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times, then falls back to a center crop
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, stream])))
+
+
+def views_per_epoch(recipe: Recipe, num_images: int) -> int:
+    """Whole groups only: the last num_images % m images of each shuffled epoch are left out."""
+    return (num_images // recipe.images_per_group) * recipe.group_size
+
+
+def make_plan(recipe: Recipe, sizes: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+    """Draw all view params of `epoch` for a source whose image sizes are `sizes` [N, 2] (h, w)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = len(sizes)
+    m, c, g = recipe.images_per_group, recipe.crops_per_image, recipe.group_size
+    groups = n // m
+    if groups == 0:
+        raise ValueError(f"source has {n} images, fewer than one group of {m} (recipe {recipe.name!r})")
+    order = _rng(recipe.seed, epoch, _STREAM_ORDER).permutation(n)[: groups * m]
+    image = np.repeat(order, c).astype(np.uint32)  # slot i*c + j is crop j of image i
+    v = len(image)
+    hw = sizes[image]
+
+    if recipe.crop == "inception":
+        box = _inception_boxes(_rng(recipe.seed, epoch, _STREAM_CROP), hw, recipe.scale, recipe.ratio)
+    else:
+        box = _center_boxes(hw, recipe.center_fraction)
+
+    flip = np.zeros(v, np.uint8)
+    if recipe.flip:
+        flip = (_rng(recipe.seed, epoch, _STREAM_FLIP).random(v) < 0.5).astype(np.uint8)
+
+    slot = np.arange(v) % g
+    partner = ((slot + c) % g).astype(np.uint16)
+    mix, lam, cutbox = _draw_mix(_rng(recipe.seed, epoch, _STREAM_MIX), recipe, v)
+    if g == 1:
+        partner[:] = 0
+    return {"image": image, "box": box, "flip": flip, "partner": partner, "mix": mix, "lam": lam, "cutbox": cutbox}
+
+
+def center_params(sizes: np.ndarray, ids: np.ndarray, fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Unmixed, unflipped square center views of `ids` (eval and the teacher's test predictions)."""
+    ids = np.asarray(ids)
+    v = len(ids)
+    return {
+        "image": ids.astype(np.uint32),
+        "box": _center_boxes(np.asarray(sizes, np.int64)[ids], fraction),
+        "flip": np.zeros(v, np.uint8),
+        "partner": np.zeros(v, np.uint16),
+        "mix": np.zeros(v, np.uint8),
+        "lam": np.ones(v, np.float32),
+        "cutbox": np.zeros((v, 4), np.int16),
+    }
+
+
+def slice_params(params: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: a[start:stop] for k, a in params.items() if k in PARAM_FIELDS}
+
+
+def _inception_boxes(rng: np.random.Generator, hw: np.ndarray, scale: tuple[float, float],
+                     ratio: tuple[float, float]) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params, vectorised over views."""
+    v = len(hw)
+    h_img, w_img = hw[:, 0:1].astype(np.float64), hw[:, 1:2].astype(np.float64)
+    area = h_img * w_img
+    target = area * rng.uniform(scale[0], scale[1], size=(v, _CROP_TRIES))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=(v, _CROP_TRIES)))
+    w = np.rint(np.sqrt(target * aspect))
+    h = np.rint(np.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(v)
+    h, w = h[rows, first], w[rows, first]
+    u_top, u_left = rng.random(v), rng.random(v)  # drawn for every view so draws never depend on `ok`
+    top = np.floor(u_top * (h_img[:, 0] - h + 1))
+    left = np.floor(u_left * (w_img[:, 0] - w + 1))
+    box = np.stack([top, left, h, w], axis=1)
+
+    # Fallback (no try fitted): a center crop with the aspect ratio clamped to the range.
+    fallback = ~ok.any(axis=1)
+    if fallback.any():
+        hi, wi = h_img[fallback, 0], w_img[fallback, 0]
+        in_ratio = wi / hi
+        fw = np.where(in_ratio < ratio[0], wi, np.where(in_ratio > ratio[1], np.rint(hi * ratio[1]), wi))
+        fh = np.where(in_ratio < ratio[0], np.rint(wi / ratio[0]), hi)
+        box[fallback] = np.stack([(hi - fh) // 2, (wi - fw) // 2, fh, fw], axis=1)
+    return box.astype(np.int32)
+
+
+def _center_boxes(hw: np.ndarray, fraction: float) -> np.ndarray:
+    side = np.maximum(1, np.rint(np.minimum(hw[:, 0], hw[:, 1]) * fraction)).astype(np.int64)
+    top = (hw[:, 0] - side) // 2
+    left = (hw[:, 1] - side) // 2
+    return np.stack([top, left, side, side], axis=1).astype(np.int32)
+
+
+def _draw_lambda(rng: np.random.Generator, law: str, alpha: float, v: int) -> np.ndarray:
+    if law == "uniform":
+        return rng.random(v)
+    a = rng.beta(alpha, alpha, size=v)
+    return np.maximum(a, 1 - a) if law == "maxbeta" else a
+
+
+def _draw_mix(rng: np.random.Generator, recipe: Recipe, v: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mix = np.zeros(v, np.uint8)
+    lam = np.ones(v, np.float32)
+    cutbox = np.zeros((v, 4), np.int16)
+    if recipe.mix == "none":
+        return mix, lam, cutbox
+    # Every draw is made for every view (then masked), so the stream never depends on earlier outcomes.
+    mixed = rng.random(v) < recipe.mix_prob
+    kind = {"mixup": np.full(v, MIX_MIXUP), "cutmix": np.full(v, MIX_CUTMIX),
+            "both": np.where(rng.random(v) < 0.5, MIX_MIXUP, MIX_CUTMIX)}[recipe.mix]
+    mix = np.where(mixed, kind, MIX_NONE).astype(np.uint8)
+    draw = _draw_lambda(rng, recipe.lam, recipe.alpha, v)
+
+    # CutMix box (timm's rand_bbox): side sqrt(1 - lambda) of the output, center uniform, clipped.
+    s = recipe.size
+    cut = np.rint(s * np.sqrt(1.0 - draw))
+    cy, cx = rng.integers(0, s, size=v), rng.integers(0, s, size=v)
+    y0, y1 = np.clip(cy - cut // 2, 0, s), np.clip(cy + cut // 2, 0, s)
+    x0, x1 = np.clip(cx - cut // 2, 0, s), np.clip(cx + cut // 2, 0, s)
+    is_cut = mix == MIX_CUTMIX
+    cutbox[is_cut] = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)[is_cut].astype(np.int16)
+    cut_lam = 1.0 - (cutbox[:, 2].astype(np.float64) * cutbox[:, 3]) / (s * s)  # the area actually kept
+    lam = np.where(mix == MIX_MIXUP, draw, np.where(is_cut, cut_lam, 1.0)).astype(np.float32)
+    return mix, lam, cutbox

@@ -1,0 +1,136 @@
+"""The recipe: the distribution of views, as plain typed data.
+
+A recipe is what the plan draws from: output size, crop kind and ranges, flip, mix mode and
+its lambda law, group shape, seed. It is JSON-serializable and stored in the store's meta,
+so a store says exactly how its views were made. Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+__all__ = ["Recipe", "load_recipe", "CROPS", "MIXES", "LAMBDA_LAWS"]
+
+CROPS = ("inception", "center")
+MIXES = ("none", "mixup", "cutmix", "both")
+# maxbeta: big_vision distill, lambda = max(a, 1 - a), a ~ Beta(alpha, alpha) (alpha=1: uniform on [0.5, 1]).
+# uniform: the FunMatch TF2 port, lambda ~ U(0, 1).  beta: classic mixup, lambda ~ Beta(alpha, alpha).
+LAMBDA_LAWS = ("maxbeta", "uniform", "beta")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How views are drawn. Plain data; `to_dict`/`from_dict` round-trip exactly."""
+
+    name: str = "default"
+    size: int = 28  # output height = width, pixels
+    crop: str = "inception"  # inception: random-resized crop; center: square center crop
+    scale: tuple[float, float] = (0.25, 1.0)  # crop area fraction (ImageNet recipes use 0.08; small images need more)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w/h
+    center_fraction: float = 1.0  # side of the center crop (crop=center, and eval views) / short side
+    flip: bool = True
+    mix: str = "none"
+    mix_prob: float = 1.0  # probability that a view is mixed at all
+    lam: str = "maxbeta"
+    alpha: float = 1.0
+    images_per_group: int = 2  # m: images decoded once per group
+    crops_per_image: int = 1  # c: views cut from each decoded image
+    seed: int = 0
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> RecipeError:
+            return RecipeError(f"recipe {self.name!r}: {key}={getattr(self, key)!r} {why}")
+
+        if not isinstance(self.size, int) or self.size < 1:
+            raise bad("size", "must be a positive integer")
+        if self.crop not in CROPS:
+            raise bad("crop", f"must be one of {CROPS}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise bad("scale", "must satisfy 0 < min <= max <= 1")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise bad("ratio", "must satisfy 0 < min <= max")
+        if not 0 < self.center_fraction <= 1:
+            raise bad("center_fraction", "must be in (0, 1]")
+        if self.mix not in MIXES:
+            raise bad("mix", f"must be one of {MIXES}")
+        if not 0 <= self.mix_prob <= 1:
+            raise bad("mix_prob", "must be in [0, 1]")
+        if self.lam not in LAMBDA_LAWS:
+            raise bad("lam", f"must be one of {LAMBDA_LAWS}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise bad("alpha", "must be a positive number")
+        if not isinstance(self.images_per_group, int) or self.images_per_group < 1:
+            raise bad("images_per_group", "must be a positive integer")
+        if not isinstance(self.crops_per_image, int) or self.crops_per_image < 1:
+            raise bad("crops_per_image", "must be a positive integer")
+        if self.mix != "none" and self.images_per_group < 2:
+            raise bad("images_per_group", "must be >= 2 when mixing: a view mixes with a different image")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "must be a non-negative integer")
+
+    @property
+    def group_size(self) -> int:
+        """Views per group: m images x c crops."""
+        return self.images_per_group * self.crops_per_image
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "recipe") -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RecipeError(f"{origin}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        d = dict(d)
+        for key in ("scale", "ratio"):
+            if key in d:
+                v = d[key]
+                if not (isinstance(v, (list, tuple)) and len(v) == 2):
+                    raise RecipeError(f"{origin}: {key}={v!r} must be a pair [min, max]")
+                d[key] = (float(v[0]), float(v[1]))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def digest_dict(self) -> dict[str, Any]:
+        """The fields that decide the views (what a store must match); `notes` excluded."""
+        d = self.to_dict()
+        d.pop("notes")
+        return d
+
+
+def load_recipe(path: str | Path | None, **overrides: Any) -> Recipe:
+    """Read a recipe from YAML/JSON (or defaults when `path` is None); flags override the file."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        try:
+            text = p.read_text()
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise RecipeError(f"recipe file {p} is not valid YAML/JSON: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {p} must hold a mapping, got {type(data).__name__}")
+        data.setdefault("name", p.stem)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Recipe.from_dict(data, origin=str(path or "recipe"))

@@ -1,0 +1,133 @@
+"""Soft label: the teacher's answer for a view, stored compactly.
+
+A soft label keeps the top-k class ids (smallest integer type that holds the class count),
+their logits in float16, and the log-sum-exp of *all* logits in float32. From these, the
+top-k probabilities ``exp(l_k - lse)`` are known up to fp16 rounding and so is the mass of
+the tail, ``1 - sum_k exp(l_k - lse)``. :func:`reconstruct` turns a soft label back into a
+dense logit vector whose tail is one constant carrying exactly that mass, so every loss in
+:mod:`kdlib.losses` works from cached data at any temperature.
+
+When the class count is ``<= k`` the soft label holds the full logits (still sorted by
+value, so there is one code path) and reconstruction is exact up to fp16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kdlib.errors import ConfigError
+
+__all__ = ["TAIL_FLOOR", "id_dtype", "torch_id_dtype", "encode", "reconstruct", "tail_mass"]
+
+#: Smallest tail mass :func:`reconstruct` uses, as a fraction of the total mass (1).
+#: fp16 rounding of the stored logits can make ``1 - sum(top-k probs)`` zero or negative for
+#: a nearly one-hot teacher; the floor keeps the tail constant finite (about
+#: ``lse - 18.4 - log(C - k)``), i.e. the tail classes get a negligible but non-zero share.
+TAIL_FLOOR = 1e-8
+
+_NP_TO_TORCH = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.uint16): torch.uint16,
+    np.dtype(np.int32): torch.int32,
+}
+_ID_DTYPES = (torch.uint8, torch.uint16, torch.int32, torch.int64)
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def id_dtype(num_classes: int) -> np.dtype:
+    """Class-id dtype of a store with ``num_classes`` classes: uint8 (<= 256), uint16 (<= 65536), else int32."""
+    c = _check_num_classes(num_classes)
+    if c <= 1 << 8:
+        return np.dtype(np.uint8)
+    if c <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def torch_id_dtype(num_classes: int) -> torch.dtype:
+    """The torch dtype matching :func:`id_dtype`."""
+    return _NP_TO_TORCH[id_dtype(num_classes)]
+
+
+def encode(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Soft labels of a batch of teacher logits ``[N, C]``.
+
+    Returns ``{"ids": [N, k_eff] (id dtype), "logits": [N, k_eff] float16, "lse": [N] float32}``
+    with ``k_eff = min(k, C)``, ids sorted by descending logit. Stays on the logits' device.
+    Raises :class:`ConfigError` for a bad ``k`` or shape, and for logits that are not finite
+    or overflow float16 (|logit| > 65504).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k (number of stored classes) must be a positive integer, got {k!r}")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"teacher logits must be a floating tensor of shape [N, C], got {got}")
+    num_classes = _check_num_classes(logits.shape[1])
+    k_eff = min(int(k), num_classes)
+    with torch.no_grad():
+        x = logits.detach().float()
+        lse = torch.logsumexp(x, dim=-1)
+        values, indices = torch.topk(x, k_eff, dim=-1, largest=True, sorted=True)
+        values16 = values.to(torch.float16)
+        # One sync per batch; the caller copies to the host right after anyway.
+        if not bool(torch.isfinite(values16).all() & torch.isfinite(lse).all()):
+            raise ConfigError(
+                "teacher logits are not finite or overflow float16 (|logit| > 65504); "
+                "a soft label cannot store them"
+            )
+        ids = indices.to(torch_id_dtype(num_classes))
+    return {"ids": ids, "logits": values16, "lse": lse}
+
+
+def _probs_topk(logits16: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return torch.exp(logits16.float() - lse.float().unsqueeze(-1))
+
+
+def tail_mass(logits16: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Probability mass ``[N]`` beyond the stored top-k (clamped at 0), for reporting."""
+    return (1.0 - _probs_topk(logits16, lse).sum(-1)).clamp_min(0.0)
+
+
+def reconstruct(ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense float32 teacher logits ``[N, C]`` from a soft label.
+
+    The stored logits go back in place; every other class gets one constant
+    ``t = lse + log(tail_mass) - log(C - k)``, so that the tail carries exactly the mass
+    ``tail_mass = 1 - sum_k exp(l_k - lse)`` implied by ``lse``. ``tail_mass`` is floored at
+    :data:`TAIL_FLOOR` (fp16 rounding can make it <= 0 for a nearly one-hot teacher) and ``t``
+    is capped at the smallest stored logit, so the stored classes stay the top-k; both guards
+    act only at the level of fp16 rounding. With ``k == C`` there is no tail. Works on the
+    device of ``logits``; ``ids`` may be uint8 / uint16 / int32 / int64.
+    """
+    c = _check_num_classes(num_classes)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _ID_DTYPES:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ConfigError(f"soft-label ids must be a uint8/uint16/int32/int64 tensor, got {got}")
+    if ids.ndim != 2 or logits.shape != ids.shape or lse.shape != ids.shape[:1]:
+        raise ConfigError(
+            f"soft-label shapes disagree: ids {tuple(ids.shape)}, logits {tuple(logits.shape)}, "
+            f"lse {tuple(lse.shape)} (expected [N, k], [N, k], [N])"
+        )
+    n, k = ids.shape
+    if k > c:
+        raise ConfigError(f"soft label holds k={k} classes but num_classes={c}")
+    device = logits.device
+    index = ids.to(device=device, dtype=torch.int64)
+    values = logits.to(torch.float32)
+    if k == c:
+        return torch.zeros((n, c), dtype=torch.float32, device=device).scatter_(1, index, values)
+    lse32 = lse.to(device=device, dtype=torch.float32)
+    mass = (1.0 - _probs_topk(values, lse32).sum(-1)).clamp_min(TAIL_FLOOR)
+    t = lse32 + torch.log(mass) - math.log(c - k)
+    if k > 0:
+        t = torch.minimum(t, values.min(-1).values)
+    out = t.unsqueeze(-1).expand(n, c).contiguous()
+    return out.scatter_(1, index, values)

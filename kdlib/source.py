@@ -1,0 +1,458 @@
+"""Sources: indexed image collections ``id -> (image, label)`` with a fingerprint.
+
+:func:`open_source` picks the kind from its ``data`` argument:
+
+* ``"fashion-mnist"``: the Fashion-MNIST IDX files (grayscale 28x28), found on disk or downloaded.
+* a directory: an ImageFolder, ``<dir>[/<split>]/<class>/**/*.{jpg,jpeg,png}``, decoded to RGB.
+* a ``.npz`` file with ``images`` and ``labels`` arrays; the file is used as-is for every split.
+
+The fingerprint names the data, not where it lives: it hashes the name, image count, classes,
+channels, every image size and label, file names (ImageFolder) and the bytes of ~64 evenly spaced
+images. The same data opened twice or from another path gives the same fingerprint; a change of
+content, order, size or limit gives another one. Split and root are not hashed, so one ``.npz``
+used for two splits has one fingerprint.
+
+Sources hold only paths and numpy arrays (no open files), so they pickle into DataLoader workers.
+Samples are evenly spaced ids, never random draws, so they are the same in every process.
+"""
+
+from __future__ import annotations
+
+import abc
+import gzip
+import hashlib
+import json
+import math
+import operator
+import os
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from kdlib.errors import SourceError
+
+__all__ = [
+    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "Source", "FashionMNISTSource",
+    "ImageFolderSource", "NpzSource", "LimitedSource", "open_source",
+]  # fmt: skip
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+_FINGERPRINT_VERSION = "kdlib-source-fingerprint-1"  # bump if what is hashed changes
+_FINGERPRINT_SAMPLES = 64
+_MEAN_STD_SAMPLES = 2000
+_SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+_ACCEPTED = (
+    "'fashion-mnist', an ImageFolder directory (<dir>[/train|test|val]/<class>/*.jpg|png), "
+    "or a .npz file with 'images' and 'labels' arrays"
+)
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` ids spread evenly over ``range(n)``, first and last included (exact ints)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return np.arange(k, dtype=np.int64) * (n - 1) // max(k - 1, 1)
+
+
+class Source(abc.ABC):
+    """An indexed image collection ``id -> (image, label)`` with a fingerprint."""
+
+    def __init__(self, name: str, split: str, root: str, classes: list[str], channels: int):
+        self.name = name
+        self.split = split
+        self.root = root
+        self.classes = list(classes)
+        self.channels = channels
+        self._fingerprint: str | None = None
+        self._mean_std: tuple[list[float], list[float]] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; labels are in ``range(num_classes)``."""
+        return len(self.classes)
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of images."""
+
+    @abc.abstractmethod
+    def sizes(self) -> np.ndarray:
+        """int32 [N, 2]: (height, width) of every image."""
+
+    @abc.abstractmethod
+    def labels(self) -> np.ndarray:
+        """int64 [N]: the label of every image."""
+
+    @abc.abstractmethod
+    def decode(self, i: int) -> np.ndarray:
+        """uint8 [channels, H, W] pixels of image ``i``; SourceError naming it when unreadable."""
+
+    def _sizes_head(self, n: int) -> np.ndarray:
+        """Sizes of the first ``n`` ids (a limited view need not read every header)."""
+        return self.sizes()[:n]
+
+    def _content(self, i: int) -> bytes:
+        """The bytes that stand for image ``i`` in the fingerprint (default: its pixels)."""
+        return self.decode(i).tobytes()
+
+    def _names(self) -> list[str] | None:
+        """Per-id names that pin the order (file paths), or None where ids have no names."""
+        return None
+
+    def _check_id(self, i: int) -> int:
+        try:
+            j = operator.index(i)
+        except TypeError:
+            raise SourceError(f"image id must be an int, got {i!r}") from None
+        if not 0 <= j < len(self):
+            raise SourceError(f"image id {j} out of range: {self.name} {self.split} has {len(self)} images")
+        return j
+
+    def fingerprint(self) -> str:
+        """Hex sha256 of the data (see the module docstring for what goes in); cached."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            header = {"format": _FINGERPRINT_VERSION, "name": self.name, "num_images": len(self),
+                      "classes": self.classes, "channels": self.channels}  # fmt: skip
+            h.update(json.dumps(header, sort_keys=True).encode())
+            h.update(np.ascontiguousarray(self.sizes(), dtype="<i4").tobytes())
+            h.update(np.ascontiguousarray(self.labels(), dtype="<i8").tobytes())
+            names = self._names()
+            if names is not None:
+                h.update(json.dumps(names).encode())
+            for i in _evenly_spaced(len(self), _FINGERPRINT_SAMPLES).tolist():
+                data = self._content(i)
+                h.update(struct.pack("<QQ", i, len(data)))  # framing: samples cannot run together
+                h.update(data)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel pixel mean and std in [0, 1] over up to 2000 evenly spaced images; cached."""
+        if self._mean_std is None:
+            total = np.zeros(self.channels)
+            squares = np.zeros(self.channels)
+            count = 0
+            for i in _evenly_spaced(len(self), _MEAN_STD_SAMPLES).tolist():
+                x = self.decode(i).reshape(self.channels, -1).astype(np.float64) / 255.0
+                total += x.sum(axis=1)
+                squares += np.square(x).sum(axis=1)
+                count += x.shape[1]
+            mean = total / count
+            std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))  # clamp float rounding below 0
+            self._mean_std = (mean.tolist(), std.tolist())
+        return list(self._mean_std[0]), list(self._mean_std[1])
+
+    def describe(self) -> dict:
+        """JSON-able summary: name, split, root, sizes of things, classes, fingerprint."""
+        return {"name": self.name, "split": self.split, "root": self.root, "num_images": len(self),
+                "num_classes": self.num_classes, "channels": self.channels,
+                "classes": list(self.classes), "fingerprint": self.fingerprint()}  # fmt: skip
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        return f"{kind}({self.name!r}, split={self.split!r}, n={len(self)}, root={self.root!r})"
+
+
+class _ArraySource(Source):
+    """Images held in memory: uint8 [N, H, W] (1 channel) or [N, H, W, 3] (RGB), labels int64 [N]."""
+
+    def __init__(self, name: str, split: str, root: str, classes: list[str], images: np.ndarray,
+                 labels: np.ndarray):  # fmt: skip
+        super().__init__(name, split, root, classes, 1 if images.ndim == 3 else 3)
+        self._images = np.ascontiguousarray(images)
+        self._labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def sizes(self) -> np.ndarray:
+        return np.tile(np.array(self._images.shape[1:3], np.int32), (len(self), 1))
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def decode(self, i: int) -> np.ndarray:
+        image = self._images[self._check_id(i)]
+        if self.channels == 1:
+            return image[None].copy()  # copy: callers may write into it
+        return np.ascontiguousarray(image.transpose(2, 0, 1))  # HWC -> CHW (copies)
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """A uint8 IDX array with ``ndim`` dims (magic 0x000008<ndim>), from a plain or .gz file."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise SourceError(f"cannot read IDX file {path}: {e}") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
+        want = f"000008{ndim:02x} (uint8, {ndim} dims)"
+        raise SourceError(f"bad IDX magic {raw[:4].hex()} in {path}: want {want}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    size = math.prod(dims)
+    if len(raw) - header != size:
+        have = len(raw) - header
+        raise SourceError(f"IDX file {path} is truncated or too long: {list(dims)} need {size} bytes, has {have}")
+    return np.frombuffer(raw, np.uint8, count=size, offset=header).reshape(dims)
+
+
+def _idx_files(directory: str, split: str) -> tuple[str, str] | None:
+    """(images, labels) paths of a split in ``directory``, or None if either is missing."""
+    if split not in ("train", "test"):
+        raise SourceError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        paths = [os.path.join(directory, stem + ext) for ext in ("", ".gz")]  # plain first: faster
+        found += [p for p in paths if os.path.isfile(p)][:1]
+    return (found[0], found[1]) if len(found) == 2 else None
+
+
+class FashionMNISTSource(_ArraySource):
+    """Fashion-MNIST from IDX files in ``root``; the split is held in memory as uint8 [N, 28, 28]."""
+
+    def __init__(self, root: str, split: str = "train"):
+        files = _idx_files(root, split)
+        if files is None:
+            raise SourceError(f"no Fashion-MNIST {split} IDX files in {root}")
+        images, labels = _read_idx(files[0], 3), _read_idx(files[1], 1)
+        if len(labels) != len(images):
+            raise SourceError(f"{files[1]}: {len(labels)} labels for {len(images)} images in {files[0]}")
+        if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise SourceError(f"{files[1]}: label {labels.max()} outside 0..9")
+        super().__init__("fashion-mnist", split, os.path.abspath(root), FASHION_MNIST_CLASSES, images, labels)
+
+
+def _cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "kdlib")
+
+
+def _download_fashion_mnist(root: str, split: str) -> None:
+    import torchvision  # imported here: slow to import and only needed without local files
+
+    torchvision.datasets.FashionMNIST(root=root, train=split == "train", download=True)
+
+
+def _open_fashion_mnist(split: str) -> FashionMNISTSource:
+    places = []
+    if os.environ.get("KDLIB_DATA"):
+        env = os.path.expanduser(os.environ["KDLIB_DATA"])
+        places += [env, os.path.join(env, "FashionMNIST", "raw")]
+    cache_raw = os.path.join(_cache_dir(), "FashionMNIST", "raw")
+    places += [_SYSTEM_FASHION_MNIST, cache_raw]
+    for directory in places:
+        if _idx_files(directory, split):
+            return FashionMNISTSource(directory, split)
+    try:
+        _download_fashion_mnist(_cache_dir(), split)
+    except Exception as e:  # offline: URLError, RuntimeError, ... depending on where it fails
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        if _idx_files(cache_raw, split):
+            return FashionMNISTSource(cache_raw, split)
+        reason = f"no IDX files in {cache_raw} after download"
+    raise SourceError(
+        f"Fashion-MNIST {split} IDX files not found; looked in: {', '.join(places)}; "
+        f"download into {_cache_dir()} failed ({reason}). Install them with "
+        "`apt-get install dataset-fashion-mnist`, or set KDLIB_DATA to a directory holding "
+        "the IDX files (or a torchvision root with FashionMNIST/raw)."
+    )
+
+
+def _split_dir(path: str, split: str) -> str:
+    """The folder holding the class folders of ``split`` under ``path``."""
+    names = [split] + (["val"] if split == "test" else [])
+    for name in names:
+        if os.path.isdir(os.path.join(path, name)):
+            return os.path.join(path, name)
+    if split == "train":
+        # A root with test/ or val/ but no train/ would turn split folders into classes.
+        if any(os.path.isdir(os.path.join(path, n)) for n in ("test", "val")):
+            raise SourceError(f"{path} has test/ or val/ but no train/ folder for split 'train'")
+        return path
+    raise SourceError(f"no {' or '.join(n + '/' for n in names)} folder in {path} for split {split!r}")
+
+
+class ImageFolderSource(Source):
+    """``<root>[/<split>]/<class>/**/*.{jpg,jpeg,png}``, every image decoded to RGB.
+
+    Classes are the sorted class folder names; files are sorted by path within a class; hidden
+    files and folders (``.x``, e.g. macOS ``._x.jpg``) are skipped. EXIF orientation is ignored,
+    as in torchvision's ImageFolder: pixels are taken as stored.
+    """
+
+    def __init__(self, path: str, split: str = "train"):
+        root = os.path.abspath(_split_dir(path, split))
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        files: list[str] = []
+        labels: list[int] = []
+        for label, cls in enumerate(classes):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                          for f in filenames
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]  # fmt: skip
+            found.sort()  # os.walk order depends on the file system
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            what = "no class folders" if not classes else "no .jpg/.jpeg/.png files in its class folders"
+            raise SourceError(f"empty ImageFolder {root}: {what}")
+        super().__init__("imagefolder", split, root, classes, 3)
+        self._files = files  # relative to root, '/'-separated: the fingerprint must not see root
+        self._labels = np.array(labels, np.int64)
+        self._sizes: np.ndarray | None = None
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.root, self._files[i])
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def _read_sizes(self, n: int) -> np.ndarray:
+        sizes = np.empty((n, 2), np.int32)
+        for i in range(n):
+            path = self._path(i)
+            try:
+                with Image.open(path) as im:  # reads the header only; pixels stay undecoded
+                    width, height = im.size
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+                raise SourceError(f"cannot read image header of {path}: {e!r}") from e
+            sizes[i] = height, width
+        return sizes
+
+    def sizes(self) -> np.ndarray:
+        if self._sizes is None:
+            self._sizes = self._read_sizes(len(self))
+        return self._sizes.copy()
+
+    def _sizes_head(self, n: int) -> np.ndarray:
+        return self._sizes[:n].copy() if self._sizes is not None else self._read_sizes(n)
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def decode(self, i: int) -> np.ndarray:
+        path = self._path(self._check_id(i))
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:  # see _read_sizes
+            raise SourceError(f"cannot decode image {path}: {e!r}") from e
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+    def _content(self, i: int) -> bytes:
+        # The encoded file, not decoded pixels: a JPEG decoder update must not change the fingerprint.
+        path = self._path(i)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise SourceError(f"cannot read image {path}: {e}") from e
+
+    def _names(self) -> list[str]:
+        return self._files
+
+
+class NpzSource(_ArraySource):
+    """Arrays in a ``.npz``: ``images`` uint8 [N,H,W] (1 channel) or [N,H,W,3] (RGB), ``labels`` int [N],
+    optional ``classes`` strings (else "0".."C-1", C = max label + 1). Used as-is for every split."""
+
+    def __init__(self, path: str, split: str = "train"):
+        path = os.path.abspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:  # no pickle: a data file must not run code
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile, OSError, ValueError (object arrays), ...
+            raise SourceError(f"cannot read npz file {path}: {e!r}") from e
+        if missing := {"images", "labels"} - arrays.keys():
+            raise SourceError(f"npz file {path} lacks {sorted(missing)}; it has {sorted(arrays)}")
+        images, labels = arrays["images"], arrays["labels"]
+        shape = f"{images.dtype} {list(images.shape)}"
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] not in ((), (3,)):
+            raise SourceError(f"{path}: 'images' must be uint8 [N,H,W] or [N,H,W,3], got {shape}")
+        if len(images) == 0 or labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
+            raise SourceError(f"{path}: want N > 0 images and int labels [N], got {shape} and {labels.dtype} "
+                              f"{list(labels.shape)}")  # fmt: skip
+        names = arrays["classes"] if "classes" in arrays else np.arange(labels.max() + 1).astype(str)
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise SourceError(f"{path}: 'classes' must be a 1-d string array, got {names.dtype}")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names.tolist()]
+        if labels.min() < 0 or labels.max() >= len(classes):
+            span = f"{labels.min()}..{labels.max()}"
+            raise SourceError(f"{path}: labels {span} outside 0..{len(classes) - 1} ({len(classes)} classes)")
+        super().__init__("npz", split, path, classes, images, labels)
+
+
+class LimitedSource(Source):
+    """The first ``limit`` ids of another source; nothing is copied."""
+
+    def __init__(self, source: Source, limit: int):
+        super().__init__(source.name, source.split, source.root, source.classes, source.channels)
+        self.source = source
+        self.limit = min(int(limit), len(source))
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def sizes(self) -> np.ndarray:
+        return self.source._sizes_head(self.limit)
+
+    def labels(self) -> np.ndarray:
+        return self.source.labels()[: self.limit]
+
+    def decode(self, i: int) -> np.ndarray:
+        return self.source.decode(self._check_id(i))
+
+    def _content(self, i: int) -> bytes:
+        return self.source._content(i)
+
+    def _names(self) -> list[str] | None:
+        names = self.source._names()
+        return None if names is None else names[: self.limit]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "limit": self.limit}
+
+
+def open_source(data: str, split: str = "train", limit: int | None = None) -> Source:
+    """Open ``data`` ("fashion-mnist", an ImageFolder directory or a ``.npz`` file) for ``split``.
+
+    ``limit`` keeps the first ``limit`` ids (own fingerprint, ``describe()["limit"]``); a limit of
+    at least the source's size gives the whole source itself. "fashion-mnist" is the dataset even
+    if a directory of that name exists.
+    """
+    if not isinstance(split, str) or not split:
+        raise SourceError(f"split must be a non-empty string, got {split!r}")
+    # Checked before opening, so a bad flag fails fast rather than after reading the data.
+    is_int = isinstance(limit, (int, np.integer)) and not isinstance(limit, bool)
+    if limit is not None and not (is_int and limit > 0):
+        raise SourceError(f"limit must be a positive int or None, got {limit!r}")
+    if not isinstance(data, (str, os.PathLike)):
+        raise SourceError(f"data must be a string or path, got {data!r}; accepted: {_ACCEPTED}")
+    if data == "fashion-mnist":
+        source: Source = _open_fashion_mnist(split)
+    else:
+        path = os.path.expanduser(os.fspath(data))
+        if os.path.isdir(path):
+            source = ImageFolderSource(path, split)
+        elif path.lower().endswith(".npz") and os.path.isfile(path):
+            source = NpzSource(path, split)
+        elif path.lower().endswith(".npz"):
+            raise SourceError(f"npz file {path} does not exist")
+        else:
+            raise SourceError(f"unknown data {os.fspath(data)!r}: not a dataset name, a directory or a .npz "
+                              f"file; accepted: {_ACCEPTED}")  # fmt: skip
+    if limit is not None and limit < len(source):
+        source = LimitedSource(source, int(limit))
+    return source

@@ -1,0 +1,137 @@
+"""The on-disk store format, as one frozen, versioned dataclass (`shards/README.md` is its prose).
+
+I/O lives in the backends; this module only says what a store's `meta.json` holds, checks
+each field once, and decides whether a store may be used for a given command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import StoreError, StoreMismatchError, StoreVersionError
+from ..plan import PARAM_FIELDS
+
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
+           "check_compatible"]
+
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)
+BACKENDS = ("zarr", "wds")
+ID_DTYPES = ("uint8", "uint16", "int32")
+
+
+def label_fields(k: int, id_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Soft label columns: top-k ids and logits (sorted by logit), log-sum-exp of all logits."""
+    return {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
+
+
+def view_fields(k: int, id_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every column of an epoch: view params (see `kdlib.plan`) then soft labels."""
+    return {**PARAM_FIELDS, **label_fields(k, id_dtype)}
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Contents of `meta.json`. `epochs_done` counts epochs whose every chunk is committed."""
+
+    format_version: int
+    backend: str
+    recipe: dict[str, Any]
+    source: dict[str, Any]  # Source.describe() of the train split (fingerprint decides)
+    teacher: dict[str, Any]  # {"id", "digest", "arch"}
+    num_classes: int
+    k: int  # labels kept per view (min(k asked, num_classes))
+    id_dtype: str
+    views_per_epoch: int
+    group_size: int
+    chunk_views: int  # views per chunk, the unit of writing, checksumming and resuming
+    epochs_done: int = 0
+    test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
+    kdlib_version: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise StoreError(f"meta.json: {key}={getattr(self, key)!r} {why}")
+
+        _check_version(self.format_version)
+        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
+        need(isinstance(self.recipe, dict), "recipe", "must be a mapping")
+        need(isinstance(self.source, dict) and "fingerprint" in self.source, "source", "must hold a fingerprint")
+        need(isinstance(self.teacher, dict) and "digest" in self.teacher, "teacher", "must hold a digest")
+        need(isinstance(self.num_classes, int) and self.num_classes >= 2, "num_classes", "must be an int >= 2")
+        need(isinstance(self.k, int) and 1 <= self.k <= self.num_classes, "k", "must be in [1, num_classes]")
+        need(self.id_dtype in ID_DTYPES, "id_dtype", f"must be one of {ID_DTYPES}")
+        need(isinstance(self.group_size, int) and self.group_size >= 1, "group_size", "must be a positive int")
+        need(isinstance(self.views_per_epoch, int) and self.views_per_epoch > 0
+             and self.views_per_epoch % self.group_size == 0, "views_per_epoch", "must be a positive multiple of group_size")
+        need(isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
+             "chunk_views", "must be a positive multiple of group_size")
+        need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return -(-self.views_per_epoch // self.chunk_views)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_views
+        return start, min(start + self.chunk_views, self.views_per_epoch)
+
+    @property
+    def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return view_fields(self.k, self.id_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "meta.json") -> "StoreMeta":
+        if not isinstance(d, dict) or "format_version" not in d:
+            raise StoreVersionError(f"{origin}: no format_version; not a kdlib store (readable versions "
+                                    f"{list(READABLE_VERSIONS)})")
+        _check_version(d["format_version"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in d and f.default is dataclasses.MISSING)
+        if unknown or missing:
+            raise StoreError(f"{origin}: unknown keys {unknown} / missing keys {missing} for format "
+                             f"version {d['format_version']}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "StoreMeta":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_version(version: Any) -> None:
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise StoreVersionError(f"store format version {version!r} found; this kdlib reads versions "
+                                f"{list(READABLE_VERSIONS)}" + (" (written by a newer kdlib: upgrade)" if newer else ""))
+
+
+def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
+    """Refuse to extend or read `found` for a command that would write `wanted`: name every difference."""
+    diffs = []
+    checks = [
+        ("source fingerprint", found.source.get("fingerprint"), wanted.source.get("fingerprint")),
+        ("teacher weights digest", found.teacher.get("digest"), wanted.teacher.get("digest")),
+        ("recipe", found.recipe, wanted.recipe),
+        ("k", found.k, wanted.k),
+        ("num_classes", found.num_classes, wanted.num_classes),
+        ("backend", found.backend, wanted.backend),
+        ("chunk_views", found.chunk_views, wanted.chunk_views),
+    ]
+    for name, a, b in checks:
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                a = {k: a.get(k) for k in keys}
+                b = {k: b.get(k) for k in keys}
+            diffs.append(f"  {name}: store has {a!r}, this command has {b!r}")
+    if diffs:
+        raise StoreMismatchError(f"store {where} was written for something else; nothing was written:\n"
+                                 + "\n".join(diffs)
+                                 + "\nUse a new --out directory, or the same source/teacher/recipe/k.")

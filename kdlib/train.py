@@ -1,0 +1,301 @@
+"""Train a student: from a store (distillation, no teacher), online (teacher in memory), or on labels.
+
+One readable loop, three sources of targets for the same views:
+
+- `--shards S`: views and soft labels replayed from the store; the teacher is never loaded.
+- `--teacher T`: the same plan rendered on the fly and the teacher run on it (the baseline
+  users would otherwise run; per-step losses match the cached run up to fp16 storage).
+- neither: plain supervised training on (mixed) ground-truth labels, `--loss ce`.
+
+Steps: 1. prepare (source, recipe, epochs of params, student, optimizer), 2. loop over epochs of
+global batches (each rank renders only its slice of each batch), 3. save (model, config,
+metrics) and evaluate on the test split. Multi-process with `accelerate launch -m kdlib train`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .evaluate import evaluate
+from .losses import get_loss, mixed_label_targets, soft_cross_entropy
+from .models import Classifier, build_model, load_model, save_model
+from .plan import make_plan, views_per_epoch
+from .precompute import teacher_logits
+from .recipe import Recipe, load_recipe
+from .softlabel import reconstruct
+from .source import Source, open_source
+from .store import Store, open_store, open_store_source
+from .views import ViewBatches, loader, rank_slice, split_range
+
+__all__ = ["TrainConfig", "train"]
+
+KD_LOSSES = ("kl", "ttm", "wttm", "dist")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    student: str = "resnet8"
+    shards: str | None = None
+    data: str | None = None
+    teacher: str | None = None
+    recipe: str | None = None
+    loss: str = "kl"
+    temperature: float = 1.0
+    gamma: float = 0.5
+    ce_weight: float = 0.0
+    epochs: int = 1
+    batch_size: int = 128  # global, in views, over all processes
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup: float = 0.05  # fraction of all steps
+    clip: float = 1.0
+    mixed_precision: str = "no"
+    workers: int = 2
+    limit: int | None = None
+    seed: int = 0  # student init (the views' seed is the recipe's)
+    weights: str | None = None
+    resume: bool = False
+    eval: bool = True
+    cpu: bool = False
+
+
+# -- 1. prepare ----------------------------------------------------------------------------
+class _Targets:
+    """Where the views' params come from and what the student matches on them."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
+        self.store: Store | None = None
+        self.teacher: Classifier | None = None
+        if cfg.shards:
+            if cfg.teacher:
+                raise ConfigError("give --shards (cached teacher) or --teacher (online), not both")
+            self.store = open_store(cfg.shards)
+            meta = self.store.meta
+            if meta.epochs_done == 0:
+                raise ConfigError(f"store {cfg.shards} has no complete epoch yet; finish `kdlib precompute` first")
+            self.recipe = Recipe.from_dict(meta.recipe, origin=f"{cfg.shards}/meta.json")
+            self.source = open_store_source(self.store, cfg.data, cfg.limit)
+            self.num_classes = meta.num_classes
+            self.views = meta.views_per_epoch
+            if cfg.loss == "ce":
+                raise ConfigError("--loss ce trains on labels; drop --shards, or pick a distillation loss")
+        else:
+            if not cfg.data:
+                raise ConfigError("give --shards (distill from a store) or --data (labels, or --teacher online)")
+            self.recipe = load_recipe(cfg.recipe)
+            self.source = open_source(cfg.data, "train", cfg.limit)
+            self.num_classes = self.source.num_classes
+            self.views = views_per_epoch(self.recipe, len(self.source))
+            if cfg.teacher:
+                self.teacher = load_model(cfg.teacher, num_classes=self.source.num_classes,
+                                          in_channels=self.source.channels)
+                self.teacher.eval().to(accelerator.device)
+            elif cfg.loss != "ce":
+                raise ConfigError(f"--loss {cfg.loss} needs soft labels: give --shards or --teacher, or use --loss ce")
+
+    @property
+    def stored_epochs(self) -> int | None:
+        return self.store.meta.epochs_done if self.store else None
+
+    def dataset(self, epoch: int, ranges: list[tuple[int, int]]) -> ViewBatches:
+        r = self.recipe
+        if self.store is not None:
+            return ViewBatches(self.source, ranges, r.size, r.group_size, store=self.store,
+                               epoch=epoch % self.store.meta.epochs_done)
+        return ViewBatches(self.source, ranges, r.size, r.group_size,
+                           params=make_plan(r, self.source.sizes(), epoch))
+
+    def teacher_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+        if self.store is not None:
+            return reconstruct(item["ids"].to(device), item["logits"].to(device), item["lse"].to(device),
+                               self.num_classes)
+        if self.teacher is not None:
+            return teacher_logits(self.teacher, item["views"], device)
+        return None
+
+
+def _loss_fn(cfg: TrainConfig, num_classes: int) -> Callable[..., torch.Tensor]:
+    if cfg.loss == "ce":
+        kd = None
+    else:
+        params = {"kl": {"temperature": cfg.temperature}, "dist": {"temperature": cfg.temperature},
+                  "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma}}.get(cfg.loss)
+        if params is None:
+            raise ConfigError(f"--loss {cfg.loss!r} is unknown; choose one of {('ce',) + KD_LOSSES}")
+        kd = get_loss(cfg.loss, **params)
+    ce_weight = 1.0 if kd is None else cfg.ce_weight
+
+    def loss(student: torch.Tensor, teacher: torch.Tensor | None, item: dict[str, Any]) -> torch.Tensor:
+        total = student.new_zeros(())
+        if kd is not None:
+            total = total + kd(student.float(), teacher)
+        if ce_weight:
+            target = mixed_label_targets(item["label"].to(student.device), item["partner_label"].to(student.device),
+                                         item["lam"].to(student.device), num_classes)
+            total = total + ce_weight * soft_cross_entropy(student.float(), target)
+        return total
+
+    return loss
+
+
+def _warmup_cosine(total: int, warmup: float) -> Callable[[int], float]:
+    w = max(1, int(round(total * warmup)))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+    return f
+
+
+def _views_digest(image_ids: torch.Tensor, start: int) -> str:
+    return hashlib.sha256(np.int64(start).tobytes() + image_ids.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# -- 2. loop, 3. save ----------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    out = Path(cfg.out)
+    set_seed(cfg.seed)  # student init only; views never come from here
+    targets = _Targets(cfg, accelerator)
+    source, recipe = targets.source, targets.recipe
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    if cfg.batch_size % (recipe.group_size * world):
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of group size {recipe.group_size} "
+                          f"x processes {world}, so every process gets whole groups")
+    steps_per_epoch = targets.views // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than an epoch ({targets.views} views)")
+    total_steps = steps_per_epoch * cfg.epochs
+    if targets.stored_epochs is not None and cfg.epochs > targets.stored_epochs:
+        accelerator.print(f"notice: training {cfg.epochs} epochs from a store holding {targets.stored_epochs}; "
+                          f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
+
+    mean, std = source.mean_std()
+    student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
+                          mean=mean, std=std, weights=cfg.weights)
+    if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, cfg.warmup))
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    loss_fn = _loss_fn(cfg, targets.num_classes)
+
+    ckpt = out / "checkpoint"
+    start_step = 0
+    if cfg.resume and (ckpt / "progress.json").exists():
+        accelerator.load_state(str(ckpt))
+        start_step = json.loads((ckpt / "progress.json").read_text())["step"]
+        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(
+            {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
+        if start_step == 0:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                (out / name).unlink(missing_ok=True)
+
+    step = start_step
+    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+        model.train()
+        first = step - epoch * steps_per_epoch
+        batches = split_range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size)[first:]
+        mine = [rank_slice(a, b, rank, world, recipe.group_size) for a, b in batches]
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        bar = tqdm(loader(targets.dataset(epoch, mine), cfg.workers), total=len(mine), unit="step",
+                   desc=f"train epoch {epoch}", disable=not accelerator.is_local_main_process)
+        for item in bar:
+            views = item["views"].to(accelerator.device, non_blocking=True)
+            teacher = targets.teacher_logits(item, accelerator.device)
+            with accelerator.autocast():
+                logits = model(views)
+            loss = loss_fn(logits, teacher, item)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            ids = accelerator.gather(item["image"].to(accelerator.device))
+            loss_sum += mean_loss
+            seen += 1
+            if accelerator.is_main_process:
+                with open(out / "steps.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss,
+                                        "lr": scheduler.get_last_lr()[0],
+                                        "views": _views_digest(ids, item["start"]), "world_size": world}) + "\n")
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        bar.close()
+        dt = time.time() - t0
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(ckpt))
+        if accelerator.is_main_process:
+            (ckpt / "progress.json").write_text(json.dumps({"step": step}))
+            rec = {"epoch": epoch, "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
+                   "steps": seen, "loss": loss_sum / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+                   "seconds": round(dt, 3), "views_per_s": round(seen * cfg.batch_size / max(dt, 1e-9), 1),
+                   "world_size": world}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s")
+
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"out": str(out), "world_size": world, "steps": step}
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if world > 1:
+            final = _revert_sync_batchnorm(final)
+        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size,
+                 "trained_from": {"shards": os.path.abspath(cfg.shards) if cfg.shards else None,
+                                  "teacher": cfg.teacher, "loss": cfg.loss, "data": cfg.data or
+                                  (targets.store.meta.source.get("data") if targets.store else None)}}
+        save_model(final, out, extra=extra)
+        if cfg.eval:
+            result["eval"] = evaluate(str(out), data=_data_arg(cfg, targets), split="test",
+                                      limit=cfg.limit if cfg.limit is not None else _store_limit(targets),
+                                      shards=cfg.shards, workers=cfg.workers)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"final_eval": result["eval"]}) + "\n")
+            accelerator.print(json.dumps(result["eval"]))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
+    return cfg.data or targets.store.meta.source.get("data")
+
+
+def _store_limit(targets: _Targets) -> int | None:
+    return targets.store.meta.source.get("limit") if targets.store else None
+
+
+def _revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm back to BatchNorm2d so the saved model is a plain single-process model."""
+    out = module
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        out = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+    for name, child in module.named_children():
+        out.add_module(name, _revert_sync_batchnorm(child))
+    return out
