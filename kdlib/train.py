@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
 from .evaluate import evaluate
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy
@@ -192,10 +193,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
                           mean=mean, std=std, weights=cfg.weights)
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
-        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        student = convert_batchnorm(student, accelerator.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, cfg.warmup))
-    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process per step, and the
+    # schedule must not depend on the world size. It is still saved and restored with the state.
+    model, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     loss_fn = _loss_fn(cfg, targets.num_classes)
 
     ckpt = out / "checkpoint"
@@ -263,7 +267,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if world > 1:
-            final = _revert_sync_batchnorm(final)
+            final = revert_batchnorm(final)
         extra = {"recipe": recipe.to_dict(), "input_size": recipe.size,
                  "trained_from": {"shards": os.path.abspath(cfg.shards) if cfg.shards else None,
                                   "teacher": cfg.teacher, "loss": cfg.loss, "data": cfg.data or
@@ -287,15 +291,3 @@ def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
 
 def _store_limit(targets: _Targets) -> int | None:
     return targets.store.meta.source.get("limit") if targets.store else None
-
-
-def _revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """SyncBatchNorm back to BatchNorm2d so the saved model is a plain single-process model."""
-    out = module
-    if isinstance(module, torch.nn.SyncBatchNorm):
-        out = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
-        out.load_state_dict(module.state_dict())
-    for name, child in module.named_children():
-        out.add_module(name, _revert_sync_batchnorm(child))
-    return out

@@ -1,0 +1,130 @@
+"""Session fixtures shared by the suite: a tiny trained teacher (and a second one from another
+seed), a small zarr store precomputed from the first, and tiny RGB sources of non-square images.
+
+Everything is made with the library API on real Fashion-MNIST (256 images), so the whole set
+costs a few seconds once per session. Tests that change a store copy it first (`store_copy`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_RECIPE = str(REPO / "precompute" / "fmnist.yaml")
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+LIMIT = 256  # images of the train split used everywhere
+STORE_EPOCHS = 2
+STORE_K = 3  # < 10 classes: truncation (tail reconstruction) is exercised
+CHUNK_VIEWS = 64
+
+if not os.path.isfile(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) and not os.path.isfile(
+        os.path.join(FMNIST_DIR, "train-images-idx3-ubyte")):
+    pytest.exit(f"Fashion-MNIST not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)", returncode=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_kdlib_data():
+    """A KDLIB_DATA from the caller's shell must not change what the suite opens."""
+    old = os.environ.pop("KDLIB_DATA", None)
+    yield
+    if old is not None:
+        os.environ["KDLIB_DATA"] = old
+
+
+@pytest.fixture(scope="session")
+def kd_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kd")
+
+
+def _train_teacher(out: Path, seed: int) -> str:
+    from kdlib.train import TrainConfig, train
+
+    train(TrainConfig(out=str(out), student="resnet8", data="fashion-mnist", loss="ce", epochs=1,
+                      limit=LIMIT, workers=0, eval=False, cpu=True, seed=seed))
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(kd_root) -> str:
+    """Run dir of a resnet8 trained 1 epoch on 256 Fashion-MNIST images (seed 0)."""
+    return _train_teacher(kd_root / "teacher", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_teacher_dir(kd_root) -> str:
+    """Same architecture and data, another init seed: other weights, other digest."""
+    return _train_teacher(kd_root / "teacher_seed1", seed=1)
+
+
+@pytest.fixture(scope="session")
+def store_dir(kd_root, teacher_dir) -> str:
+    """A zarr store: fmnist recipe, 2 epochs x 512 views, k=3, chunks of 64 views (8 per epoch)."""
+    from kdlib.precompute import PrecomputeConfig, precompute
+
+    out = kd_root / "store"
+    precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
+                                epochs=STORE_EPOCHS, k=STORE_K, limit=LIMIT, chunk_views=CHUNK_VIEWS, workers=0))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def store(store_dir):
+    from kdlib.store import open_store
+
+    return open_store(store_dir)
+
+
+@pytest.fixture(scope="session")
+def train_source():
+    from kdlib.source import open_source
+
+    return open_source("fashion-mnist", "train", LIMIT)
+
+
+@pytest.fixture
+def store_copy(store_dir, tmp_path) -> str:
+    """A private copy of the fixture store, free to be damaged."""
+    dst = tmp_path / "store_copy"
+    shutil.copytree(store_dir, dst)
+    return str(dst)
+
+
+def snapshot(root: str | Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root` (what "nothing changed" compares)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- tiny RGB sources of non-square images ------------------------------------------------
+RGB_SIZES = [(20, 32), (32, 20), (17, 45), (40, 24), (24, 40), (31, 29), (12, 50), (50, 12)]  # (h, w)
+
+
+@pytest.fixture(scope="session")
+def rgb_npz(tmp_path_factory) -> str:
+    """8 RGB images of 20x32 (h x w) in an .npz, 4 classes."""
+    rng = np.random.default_rng(123)
+    path = tmp_path_factory.mktemp("npz") / "rgb8.npz"
+    np.savez(path, images=rng.integers(0, 256, size=(8, 20, 32, 3), dtype=np.uint8),
+             labels=np.arange(8) % 4)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def rgb_folder(tmp_path_factory) -> str:
+    """An ImageFolder of 8 lossless RGB PNGs of 8 different non-square sizes, 2 classes."""
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("folder")
+    for i, (h, w) in enumerate(RGB_SIZES):
+        d = root / f"class{i % 2}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+    return str(root)
