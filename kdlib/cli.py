@@ -29,7 +29,8 @@ def cli() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Epochs of views to store (more extends a store).")
 @click.option("--out", required=True, help="Store directory or fsspec URL, e.g. shards/run.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=10, help="Top-k logits kept per view (all when classes <= k).")
-@click.option("--format", "backend", type=click.Choice(["zarr"]), default="zarr", help="Store backend.")
+@click.option("--format", "backend", type=click.Choice(["zarr", "wds"]), default="zarr",
+              help="Store backend: zarr (random access, fsspec URLs) or wds (webdataset tars, streaming).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Teacher batch, in views.")
 @click.option("--chunk-views", type=click.IntRange(min=1), default=4096, help="Views per chunk (write/resume unit).")
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
@@ -67,7 +68,8 @@ def precompute(**kw) -> None:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Student initialisation seed.")
 @click.option("--weights", default=None, help="Initial student weights file.")
-@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (written by this kdlib; loads its pickled RNG/optimizer state).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
 @LIMIT

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class TrainConfig:
     seed: int = 0  # student init (the views' seed is the recipe's)
     weights: str | None = None
     resume: bool = False
+    checkpoint_every: int = 100  # steps; a checkpoint is also written at every epoch end
     eval: bool = True
     cpu: bool = False
 
@@ -204,17 +206,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     ckpt = out / "checkpoint"
     start_step = 0
-    if cfg.resume and (ckpt / "progress.json").exists():
-        accelerator.load_state(str(ckpt))
-        start_step = json.loads((ckpt / "progress.json").read_text())["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+    if cfg.resume:
+        if not ckpt.exists() and (ckpt.with_name(ckpt.name + ".old") / "progress.json").exists():
+            ckpt = ckpt.with_name(ckpt.name + ".old")  # killed between the two renames of a swap
+        if (ckpt / "progress.json").exists():
+            accelerator.load_state(str(ckpt))
+            start_step = json.loads((ckpt / "progress.json").read_text())["step"]
+            accelerator.print(f"resumed from {ckpt} at step {start_step} of {total_steps}")
+            ckpt = out / "checkpoint"
+        else:
+            accelerator.print(f"notice: --resume given but {ckpt} holds no checkpoint; starting from step 0")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(
             {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
-        if start_step == 0:
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                (out / name).unlink(missing_ok=True)
+        _truncate_logs(out, start_step)  # forget steps logged after the checkpoint we resume from
 
     step = start_step
     for epoch in range(start_step // steps_per_epoch, cfg.epochs):
@@ -248,12 +254,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                         "lr": scheduler.get_last_lr()[0],
                                         "views": _views_digest(ids, item["start"]), "world_size": world}) + "\n")
             bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                _save_checkpoint(accelerator, ckpt, step)
         bar.close()
         dt = time.time() - t0
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt))
+        _save_checkpoint(accelerator, ckpt, step)
         if accelerator.is_main_process:
-            (ckpt / "progress.json").write_text(json.dumps({"step": step}))
             rec = {"epoch": epoch, "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
                    "steps": seen, "loss": loss_sum / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                    "seconds": round(dt, 3), "views_per_s": round(seen * cfg.batch_size / max(dt, 1e-9), 1),
@@ -291,3 +297,39 @@ def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
 
 def _store_limit(targets: _Targets) -> int | None:
     return targets.store.meta.source.get("limit") if targets.store else None
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt: Path, step: int) -> None:
+    """save_state into a temp dir, then swap it in: a kill mid-save leaves the previous checkpoint."""
+    accelerator.wait_for_everyone()
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step}))
+        old = ckpt.with_name(ckpt.name + ".old")
+        if ckpt.exists():
+            ckpt.rename(old)
+        tmp.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_logs(out: Path, step: int) -> None:
+    steps, metrics = out / "steps.jsonl", out / "metrics.jsonl"
+    if step == 0:
+        steps.unlink(missing_ok=True)
+        metrics.unlink(missing_ok=True)
+        return
+    for path, key in ((steps, "step"), (metrics, None)):
+        if not path.exists():
+            continue
+        keep = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if key and rec[key] > step:
+                continue
+            if key is None and "final_eval" in rec:
+                continue
+            keep.append(line)
+        path.write_text("".join(k + "\n" for k in keep))

@@ -274,3 +274,20 @@ def test_create_store_names_every_difference(store_copy):
         create_store(store_copy, wanted)
     assert "k:" in str(err.value) and "teacher weights digest:" in str(err.value)
     assert "source fingerprint" not in str(err.value)
+
+
+# -- resume after a kill while an epoch was being prepared ------------------------------------------
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_resume_after_kill_inside_prepare_epoch(kind, tmp_path):
+    meta = _meta()
+    store = create_store(_store_url(kind, tmp_path), meta)
+    # what a process killed half-way through prepare_epoch(0) leaves: the group and its first 3 arrays
+    store._root_group().require_group("e00000")
+    for name, (dtype, trail) in list(meta.fields.items())[:3]:
+        store._create("e00000", name, dtype, trail, meta.views_per_epoch, meta.chunk_views)
+    resumed = open_store(store.url)
+    resumed.prepare_epoch(0)  # what precompute calls again on resume
+    cols = _random_chunk(meta, 16, 5)
+    resumed.write_chunk(0, 0, cols)
+    got = open_store(store.url).read_chunk(0, 0)
+    assert all(got[k].tobytes() == a.tobytes() for k, a in cols.items())

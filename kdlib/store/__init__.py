@@ -19,6 +19,10 @@ __all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "FORMAT_VERSION", "open_
 def _backend(name: str) -> type[Store]:
     if name == "zarr":
         return ZarrStore
+    if name == "wds":
+        from .wds_backend import WdsStore
+
+        return WdsStore
     raise ConfigError(f"store format {name!r} is not available; choose one of {BACKENDS}")
 
 

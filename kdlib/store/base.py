@@ -10,6 +10,7 @@ their crc32 is reported as corrupt, never returned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
@@ -122,8 +123,20 @@ class Store:
         for name, a in cols.items():
             if crc32(a) != record["crc32"].get(name):
                 raise CorruptStoreError(f"{where}: checksum mismatch in column {name!r} "
-                                        f"({self._describe_file(epoch, name)}); the store is corrupt")
+                                        f"({self._describe_file(epoch, chunk, name)}); the store is corrupt")
         return cols
+
+    def content_digest(self) -> str:
+        """sha256 of every complete epoch's params and soft labels in a canonical order (epoch, chunk,
+        column): the same content gives the same digest whichever backend or world size wrote it."""
+        h = hashlib.sha256()
+        for epoch in range(self.meta.epochs_done):
+            for chunk in range(self.meta.chunks_per_epoch):
+                cols = self.read_chunk(epoch, chunk)
+                for name in self.meta.fields:
+                    h.update(name.encode())
+                    h.update(np.ascontiguousarray(cols[name]).tobytes())
+        return h.hexdigest()
 
     # -- teacher predictions on the test split --------------------------------------------
     def write_test(self, arrays: Chunk, source: dict[str, Any]) -> None:
@@ -161,8 +174,8 @@ class Store:
     def _read_named(self, name: str, fields: dict, n: int) -> Chunk:
         raise NotImplementedError
 
-    def _describe_file(self, epoch: int, column: str) -> str:
-        return f"epoch {epoch} column {column}"
+    def _describe_file(self, epoch: int, chunk: int, column: str) -> str:
+        return f"epoch {epoch} chunk {chunk} column {column}"
 
     def prepare_epoch(self, epoch: int) -> None:
         """Create whatever an epoch needs before ranks write chunks into it (rank 0 only)."""

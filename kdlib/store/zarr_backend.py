@@ -27,6 +27,8 @@ class ZarrStore(Store):
     def __init__(self, url: str, meta: StoreMeta) -> None:
         super().__init__(url, meta)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        # zarr opens file:// URLs through fsspec without auto_mkdir; a plain path uses its LocalStore.
+        self._zarr_url = self.root if self.fs.protocol in ("file", ("file", "local")) else url
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen arrays lazily
         state = self.__dict__.copy()
@@ -37,34 +39,34 @@ class ZarrStore(Store):
         return f"e{epoch:05d}"
 
     def _root_group(self) -> zarr.Group:
-        return zarr.open_group(store=self.url, mode="a")
+        return zarr.open_group(store=self._zarr_url, mode="a")
 
     def _create(self, group: str, name: str, dtype: str, trail: tuple[int, ...], n: int, shard: int) -> zarr.Array:
         inner = min(shard, INNER_VIEWS)
         while shard % inner:  # inner chunks must tile the shard
             inner -= 1
         return zarr.create_array(
-            store=self.url, name=f"{group}/{name}", shape=(n, *trail), dtype=dtype,
+            store=self._zarr_url, name=f"{group}/{name}", shape=(n, *trail), dtype=dtype,
             chunks=(inner, *trail), shards=(shard, *trail), compressors=ZstdCodec(level=3),
             fill_value=0, overwrite=False)
 
     def prepare_epoch(self, epoch: int) -> None:
+        """Create the epoch's group and every column array that is missing (a kill may have left some)."""
         group = self._group_path(epoch)
-        if self.fs.exists(self._path(group, "zarr.json")):
-            return
         self._root_group().require_group(group)
         for name, (dtype, trail) in self.meta.fields.items():
-            self._create(group, name, dtype, trail, self.meta.views_per_epoch, self.meta.chunk_views)
+            if not self.fs.exists(self._path(group, name, "zarr.json")):
+                self._create(group, name, dtype, trail, self.meta.views_per_epoch, self.meta.chunk_views)
 
     def _array(self, group: str, name: str) -> zarr.Array:
         key = (group, name)
         if key not in self._arrays:
-            self._arrays[key] = zarr.open_array(store=self.url, path=f"{group}/{name}", mode="r+")
+            self._arrays[key] = zarr.open_array(store=self._zarr_url, path=f"{group}/{name}", mode="r+")
         return self._arrays[key]
 
     def _write_arrays(self, epoch: int, chunk: int, start: int, stop: int, cols: Chunk) -> None:
         group = self._group_path(epoch)
-        if not self.fs.exists(self._path(group, "image", "zarr.json")):
+        if not all(self.fs.exists(self._path(group, n, "zarr.json")) for n in cols):
             self.prepare_epoch(epoch)
         for name, a in cols.items():
             self._array(group, name)[start:stop] = a
@@ -83,8 +85,8 @@ class ZarrStore(Store):
     def _read_named(self, name: str, fields: dict, n: int) -> Chunk:
         return {col: np.asarray(self._array(name, col)[:n]) for col in fields}
 
-    def _describe_file(self, epoch: int, column: str) -> str:
-        return posixpath.join(self.url, self._group_path(epoch), column)
+    def _describe_file(self, epoch: int, chunk: int, column: str) -> str:
+        return posixpath.join(self.url, self._group_path(epoch), column, "c", str(chunk))
 
     def bytes_on_disk(self) -> dict[str, int]:
         out: dict[str, int] = {}
