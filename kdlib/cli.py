@@ -43,8 +43,11 @@ def precompute(**kw) -> None:
     test = not kw.pop("no_test")
     store = run(PrecomputeConfig(**kw, test=test))
     m = store.meta
-    click.echo(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
-               f"teacher {m.teacher['id']}")
+    from ._dist import process_state
+
+    if process_state().is_main_process:
+        click.echo(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
+                   f"teacher {m.teacher['id']}")
 
 
 @cli.command()

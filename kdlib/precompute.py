@@ -26,6 +26,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._dist import process_state
 from .errors import ConfigError
 from .models import Classifier, load_model, model_id, weights_digest
 from .plan import center_params, make_plan, views_per_epoch
@@ -77,7 +78,7 @@ def _check_teacher(teacher: Classifier, source: Source, spec: str) -> None:
 
 
 def precompute(cfg: PrecomputeConfig) -> Store:
-    state = PartialState()
+    state = process_state()
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
     mean, std = source.mean_std()

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
 from .evaluate import evaluate
@@ -174,6 +175,7 @@ def _views_digest(image_ids: torch.Tensor, start: int) -> str:
 # -- 2. loop, 3. save ----------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    check_world(accelerator.num_processes)
     out = Path(cfg.out)
     set_seed(cfg.seed)  # student init only; views never come from here
     targets = _Targets(cfg, accelerator)
