@@ -15,6 +15,7 @@ chunks c with c % world == rank, so the store is the same whatever the world siz
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class PrecomputeConfig:
     weights: str | None = None
     seed: int | None = None
     test: bool = True
+    full_sample: float = 0.01  # fraction of views (the first of each chunk) that also keep full logits
 
 
 def teacher_logits(teacher: Classifier, views: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -95,7 +97,10 @@ def precompute(cfg: PrecomputeConfig) -> Store:
                  "config": teacher.config},
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
-        chunk_views=_round_to_groups(cfg.chunk_views, g, "chunk_views"), kdlib_version=__version__)
+        chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
+        sample_views=min(chunk_views, math.ceil(chunk_views * cfg.full_sample)), kdlib_version=__version__)
+    if not 0 <= cfg.full_sample <= 1:
+        raise ConfigError(f"full_sample={cfg.full_sample} must be a fraction in [0, 1]")
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
     if state.is_main_process:
@@ -151,10 +156,15 @@ def _run_epoch(store: Store, teacher: Classifier, source: Source, recipe: Recipe
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=1) as writer:
         for item, c in zip(loader(data, workers), owner):
-            labels = encode(teacher_logits(teacher, item["views"], state.device), store.meta.k)
-            pending.setdefault(c, []).append({k: v.cpu() for k, v in labels.items()})
-            bar.update(item["stop"] - item["start"])
+            logits = teacher_logits(teacher, item["views"], state.device)
+            labels = {k: v.cpu() for k, v in encode(logits, store.meta.k).items()}
             a, b = store.meta.chunk_range(c)
+            # the first sample_views views of each chunk also keep every logit (fp16), so that
+            # `kdlib inspect` measures what top-k truncation costs instead of guessing
+            keep = max(0, min(a + store.meta.sample_views, item["stop"]) - item["start"])
+            labels["full"] = logits[:keep].clamp(-65504, 65504).half().cpu()
+            pending.setdefault(c, []).append(labels)
+            bar.update(item["stop"] - item["start"])
             if item["stop"] == b:  # the chunk's last batch: hand it to the writer
                 parts = pending.pop(c)
                 cols: dict[str, Any] = {k: v[a:b] for k, v in params.items()}

@@ -108,8 +108,9 @@ def test_arrays_without_commit_record_do_not_count(kind, tmp_path):
     store.write_chunk(0, 0, _random_chunk(meta, 16, 0))
     # a killed writer: chunk 1's arrays are on disk, its commit record never came
     store.prepare_epoch(0)
-    store._write_arrays(0, 1, 16, 32, {k: np.ascontiguousarray(v, dtype=meta.fields[k][0])
-                                       for k, v in _random_chunk(meta, 16, 1).items()})
+    store._write_arrays(0, 1, {k: np.ascontiguousarray(v, dtype=meta.fields[k][0])
+                               for k, v in _random_chunk(meta, 16, 1).items()},
+                        {k: (16, 32) for k in meta.fields})
     # ... and chunk 2's commit record was being put (temp name) when the process died
     store.fs.pipe_file(store._path("commits/e00000/c000002.json.tmp-deadbeef"), b'{"epoch": 0')
     reopened = open_store(store.url)

@@ -126,7 +126,7 @@ def test_bytes_without_commit_record_do_not_count(backend, tmp_path):
     cols = _epoch(0)
     store.prepare_epoch(0)
     a, b = store.meta.chunk_range(1)
-    store._write_arrays(0, 1, a, b, _rows(cols, a, b))  # what a kill before the commit leaves
+    store._write_arrays(0, 1, _rows(cols, a, b), {k: (a, b) for k in store.meta.fields})  # a kill before the commit
     reopened = open_store(store.url)
     assert reopened.committed_chunks(0) == set() and not reopened.epoch_complete(0)
     with pytest.raises(StoreError, match="not committed"):

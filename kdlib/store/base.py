@@ -89,16 +89,16 @@ class Store:
     def write_chunk(self, epoch: int, chunk: int, arrays: Chunk) -> None:
         """Write one chunk's columns, then commit it (the commit is what makes it exist)."""
         start, stop = self.meta.chunk_range(chunk)
-        fields = self.meta.fields
-        cols = {}
-        for name, (dtype, trail) in fields.items():
+        cols, ranges = {}, {}
+        for name, (dtype, trail) in self.meta.columns.items():
             if name not in arrays:
                 raise StoreError(f"write_chunk: column {name!r} missing for epoch {epoch} chunk {chunk}")
             a = np.ascontiguousarray(arrays[name], dtype=dtype)
-            if a.shape != (stop - start, *trail):
-                raise StoreError(f"write_chunk: column {name!r} has shape {a.shape}, expected {(stop - start, *trail)}")
+            lo, hi = ranges[name] = self.meta.rows(name, chunk)
+            if a.shape != (hi - lo, *trail):
+                raise StoreError(f"write_chunk: column {name!r} has shape {a.shape}, expected {(hi - lo, *trail)}")
             cols[name] = a
-        self._write_arrays(epoch, chunk, start, stop, cols)
+        self._write_arrays(epoch, chunk, cols, ranges)
         record = {"epoch": epoch, "chunk": chunk, "views": [start, stop],
                   "crc32": {k: crc32(a) for k, a in cols.items()}}
         self._put_atomic(self._commit_rel(epoch, chunk), json.dumps(record).encode())
@@ -113,9 +113,9 @@ class Store:
             raise StoreError(f"{where}: not committed (no {rel}); was precompute interrupted? rerun it to resume") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(f"{where}: commit record {rel} is corrupt: {exc}") from exc
-        start, stop = self.meta.chunk_range(chunk)
+        ranges = {name: self.meta.rows(name, chunk) for name in self.meta.columns}
         try:
-            cols = self._read_arrays(epoch, chunk, start, stop)
+            cols = self._read_arrays(epoch, chunk, ranges)
         except CorruptStoreError:
             raise
         except Exception as exc:  # a codec or a truncated file: name the place, never a bare traceback
@@ -162,10 +162,11 @@ class Store:
         return cols
 
     # -- what a backend implements --------------------------------------------------------
-    def _write_arrays(self, epoch: int, chunk: int, start: int, stop: int, cols: Chunk) -> None:
+    def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
+        """Write each column's rows ranges[name] of the epoch (view columns: the chunk's views)."""
         raise NotImplementedError
 
-    def _read_arrays(self, epoch: int, chunk: int, start: int, stop: int) -> Chunk:
+    def _read_arrays(self, epoch: int, chunk: int, ranges: dict[str, tuple[int, int]]) -> Chunk:
         raise NotImplementedError
 
     def _write_named(self, name: str, cols: Chunk) -> None:

@@ -48,6 +48,7 @@ class StoreMeta:
     group_size: int
     chunk_views: int  # views per chunk, the unit of writing, checksumming and resuming
     epochs_done: int = 0
+    sample_views: int = 0  # the first views of every chunk also keep their full logits (fp16)
     test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
     kdlib_version: str = field(default="", compare=False)
 
@@ -70,6 +71,8 @@ class StoreMeta:
         need(isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
              "chunk_views", "must be a positive multiple of group_size")
         need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
+        need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
+             "must be an int in [0, chunk_views]")
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -81,7 +84,31 @@ class StoreMeta:
 
     @property
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """One row per view: params and soft labels."""
         return view_fields(self.k, self.id_dtype)
+
+    @property
+    def sample_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Full logits of the first `sample_views` views of each chunk (measures the cost of top-k)."""
+        return {"full": ("float16", (self.num_classes,))} if self.sample_views else {}
+
+    @property
+    def columns(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {**self.fields, **self.sample_fields}
+
+    def rows(self, column: str, chunk: int) -> tuple[int, int]:
+        """Rows [a, b) of `column`'s epoch array that belong to `chunk`."""
+        start, stop = self.chunk_range(chunk)
+        if column in self.fields:
+            return start, stop
+        a = chunk * self.sample_views
+        return a, a + min(self.sample_views, stop - start)
+
+    def epoch_rows(self, column: str) -> tuple[int, int]:
+        """(rows per epoch, rows per chunk) of `column`: the array shape and its shard size."""
+        if column in self.fields:
+            return self.views_per_epoch, self.chunk_views
+        return self.chunks_per_epoch * self.sample_views, self.sample_views
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +150,7 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("num_classes", found.num_classes, wanted.num_classes),
         ("backend", found.backend, wanted.backend),
         ("chunk_views", found.chunk_views, wanted.chunk_views),
+        ("sample_views (full-logit sample per chunk)", found.sample_views, wanted.sample_views),
     ]
     for name, a, b in checks:
         if a != b:

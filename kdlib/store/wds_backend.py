@@ -94,8 +94,8 @@ def tar_bytes(key: str, cols: Chunk) -> bytes:
     return out.getvalue()
 
 
-def _read_tar(data: bytes, key: str, fields: dict, n: int, where: str) -> Chunk:
-    """Columns `fields` of sample `key` (n rows each) from tar bytes; raises on anything missing or odd."""
+def _read_tar(data: bytes, key: str, fields: dict, n: int | dict[str, int], where: str) -> Chunk:
+    """Columns `fields` of sample `key` (n rows each, or n[column]) from tar bytes; raises on anything odd."""
     found: dict[str, bytes] = {}
     end = 0
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -113,8 +113,9 @@ def _read_tar(data: bytes, key: str, fields: dict, n: int, where: str) -> Chunk:
         if name not in found:
             raise tarfile.ReadError(f"{where} has no member {name} (truncated)")
         a = np.load(io.BytesIO(found[name]), allow_pickle=False)
-        if a.dtype != np.dtype(dtype) or a.shape != (n, *trail):
-            raise ValueError(f"{where} member {name} is {a.dtype}{list(a.shape)}, expected {dtype}{[n, *trail]}")
+        rows = n[col] if isinstance(n, dict) else n
+        if a.dtype != np.dtype(dtype) or a.shape != (rows, *trail):
+            raise ValueError(f"{where} member {name} is {a.dtype}{list(a.shape)}, expected {dtype}{[rows, *trail]}")
         cols[col] = a
     return cols
 
@@ -140,14 +141,15 @@ class WdsStore(Store):
     def prepare_epoch(self, epoch: int) -> None:
         self.fs.makedirs(self._path(DIR), exist_ok=True)
 
-    def _write_arrays(self, epoch: int, chunk: int, start: int, stop: int, cols: Chunk) -> None:
+    def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
         key = _key(epoch, chunk)
         self._put_tar(key, tar_bytes(key, cols))
 
-    def _read_arrays(self, epoch: int, chunk: int, start: int, stop: int) -> Chunk:
+    def _read_arrays(self, epoch: int, chunk: int, ranges: dict[str, tuple[int, int]]) -> Chunk:
         key = _key(epoch, chunk)
         path = self.tar_path(epoch, chunk)
-        return _read_tar(self.fs.cat_file(path), key, self.meta.fields, stop - start, path)
+        rows = {name: hi - lo for name, (lo, hi) in ranges.items()}
+        return _read_tar(self.fs.cat_file(path), key, self.meta.columns, rows, path)
 
     def _write_named(self, name: str, cols: Chunk) -> None:
         self._put_tar(name, tar_bytes(name, cols))

@@ -54,9 +54,9 @@ class ZarrStore(Store):
         """Create the epoch's group and every column array that is missing (a kill may have left some)."""
         group = self._group_path(epoch)
         self._root_group().require_group(group)
-        for name, (dtype, trail) in self.meta.fields.items():
+        for name, (dtype, trail) in self.meta.columns.items():
             if not self.fs.exists(self._path(group, name, "zarr.json")):
-                self._create(group, name, dtype, trail, self.meta.views_per_epoch, self.meta.chunk_views)
+                self._create(group, name, dtype, trail, *self.meta.epoch_rows(name))
 
     def _array(self, group: str, name: str) -> zarr.Array:
         key = (group, name)
@@ -64,16 +64,17 @@ class ZarrStore(Store):
             self._arrays[key] = zarr.open_array(store=self._zarr_url, path=f"{group}/{name}", mode="r+")
         return self._arrays[key]
 
-    def _write_arrays(self, epoch: int, chunk: int, start: int, stop: int, cols: Chunk) -> None:
+    def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
         group = self._group_path(epoch)
         if not all(self.fs.exists(self._path(group, n, "zarr.json")) for n in cols):
             self.prepare_epoch(epoch)
         for name, a in cols.items():
-            self._array(group, name)[start:stop] = a
+            lo, hi = ranges[name]
+            self._array(group, name)[lo:hi] = a
 
-    def _read_arrays(self, epoch: int, chunk: int, start: int, stop: int) -> Chunk:
+    def _read_arrays(self, epoch: int, chunk: int, ranges: dict[str, tuple[int, int]]) -> Chunk:
         group = self._group_path(epoch)
-        return {name: np.asarray(self._array(group, name)[start:stop]) for name in self.meta.fields}
+        return {name: np.asarray(self._array(group, name)[lo:hi]) for name, (lo, hi) in ranges.items()}
 
     def _write_named(self, name: str, cols: Chunk) -> None:
         n = len(next(iter(cols.values())))
