@@ -53,6 +53,8 @@ def precompute(**kw) -> None:
 
 
 @cli.command()
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Train config YAML (see train/); flags given on the command line override it.")
 @click.option("--out", required=True, help="Run directory for model.safetensors, config.json, metrics.jsonl.")
 @click.option("--student", "--model", "student", default="resnet8", help="Architecture name, or package.module:factory.")
 @click.option("--shards", default=None, help="Distill from this store (the teacher is never loaded).")
@@ -79,14 +81,16 @@ def precompute(**kw) -> None:
 @click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
 @LIMIT
 @WORKERS
-def train(**kw) -> None:
+def train(config_file: str | None, **kw) -> None:
     """Train a student: from a store, online from a teacher, or on labels."""
-    from .train import TrainConfig, train as run
+    from .train import resolve_config, train as run
 
-    if kw["loss"] is None:
-        kw["loss"] = "kl" if (kw["shards"] or kw["teacher"]) else "ce"
+    ctx = click.get_current_context()
+    given = {k for k in kw if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     kw["eval"] = not kw.pop("no_eval")
-    run(TrainConfig(**kw))
+    if "no_eval" in given:
+        given.add("eval")
+    run(resolve_config(kw, given, config_file))
 
 
 @cli.command()
@@ -119,6 +123,23 @@ def eval_(model: str, data: str | None, split: str, shards: str | None, limit: i
     from .evaluate import evaluate
 
     click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers)))
+
+
+@cli.command()
+@click.argument("shards")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--temperature", "-T", type=float, default=1.0, help="KL/DIST temperature the target error is measured at.")
+@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist"]), default="kl",
+              help="Loss whose teacher target the full-logit sample is compared at.")
+@click.option("--gamma", type=float, default=0.5, help="TTM/WTTM power the target error is measured at.")
+@click.option("--max-chunks", type=click.IntRange(min=1), default=None,
+              help="Label statistics from the first N chunks of each epoch only (the digest reads everything).")
+def inspect(shards: str, as_json: bool, temperature: float, loss: str, gamma: float, max_chunks: int | None) -> None:
+    """Format, size per view, digest, label statistics and the cost of top-k of a store."""
+    from .inspect import format_report, inspect_store
+
+    report = inspect_store(shards, temperature=temperature, loss=loss, gamma=gamma, max_chunks=max_chunks)
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report), nl=as_json)
 
 
 @cli.command()

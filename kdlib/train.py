@@ -20,12 +20,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -76,6 +77,26 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps; a checkpoint is also written at every epoch end
     eval: bool = True
     cpu: bool = False
+
+
+def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | None) -> TrainConfig:
+    """Flags override the config file, the file overrides defaults; unknown keys are errors."""
+    values = dict(flags)
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"train config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"train config {path} must hold a mapping")
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"train config {path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        values.update({k: v for k, v in data.items() if k not in given})
+    if values.get("loss") is None:
+        values["loss"] = "kl" if (values.get("shards") or values.get("teacher")) else "ce"
+    return TrainConfig(**values)
 
 
 # -- 1. prepare ----------------------------------------------------------------------------
@@ -177,7 +198,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     check_world(accelerator.num_processes)
     out = Path(cfg.out)
-    set_seed(cfg.seed)  # student init only; views never come from here
+    set_seed(cfg.seed)  # nothing in the loop draws; views never come from here
     targets = _Targets(cfg, accelerator)
     source, recipe = targets.source, targets.recipe
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -194,8 +215,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
 
     mean, std = source.mean_std()
-    student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
-                          mean=mean, std=std, weights=cfg.weights)
+    with torch.random.fork_rng(devices=[]):  # the init depends on --seed only, not on what was built before
+        torch.manual_seed(cfg.seed)
+        student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
+                              mean=mean, std=std, weights=cfg.weights)
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,342 @@
+"""`kdlib inspect`: what a store holds, what it costs on disk, and what top-k truncation costs.
+
+`inspect_store(url)` returns a JSON-able report; `format_report(report)` renders it as text.
+The report reads the store chunk by chunk (never the whole store at once):
+
+- meta: format and version, teacher, source, recipe summary, k, id dtype, chunk layout;
+- size: bytes on disk per view, split into view params, soft labels and the full-logit sample;
+- `digest`: `Store.content_digest()`, identical for identical content whichever backend or
+  world size wrote it;
+- label statistics over the stored views: mean tail mass beyond top-k, mean entropy of the
+  reconstructed distribution, the teacher's top-1 class histogram;
+- `truncation`, when the store keeps a full-logit sample (`precompute --full-sample`): KL(full ||
+  reconstructed) at T = 1, and `losses.target_error` at the loss / temperature / gamma the user
+  trains with (the tail is invented, so its error grows with T > 1 or gamma < 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import losses
+from .errors import ConfigError
+from .plan import PARAM_FIELDS
+from .softlabel import reconstruct, tail_mass
+from .store import open_store
+from .store.format import label_fields
+
+__all__ = ["inspect_store", "format_report"]
+
+NO_SAMPLE = "no full-logit sample in this store (precompute --full-sample > 0 keeps one)"
+_BLOCK_ELEMS = 1 << 22  # rows x classes reconstructed at once (16 MiB of float32)
+
+
+def _loss_params(loss: str, temperature: float, gamma: float) -> dict[str, float]:
+    """The parameters that shape a loss's teacher target (DIST's `gamma` is a term weight, not a target setting)."""
+    if loss not in losses.LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; valid losses: {', '.join(sorted(losses.LOSSES))}")
+    params = {"gamma": gamma} if loss in ("ttm", "wttm") else {"temperature": temperature}
+    losses.get_loss(loss, **params)  # checks the values (positive, finite) before any reading
+    return params
+
+
+class _LabelStats:
+    """Running sums over soft labels: tail mass, entropy and top-1 probability of the reconstruction, top-1 counts."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.c = num_classes
+        self.n = 0
+        self.tail_sum = 0.0
+        self.tail_max = 0.0
+        self.entropy_sum = 0.0
+        self.top1_prob_sum = 0.0
+        self.counts = np.zeros(num_classes, np.int64)
+
+    def add(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray) -> None:
+        n = len(lse)
+        if n == 0:
+            return
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        logits_t = torch.from_numpy(np.ascontiguousarray(logits))
+        lse_t = torch.from_numpy(np.ascontiguousarray(lse))
+        tm = tail_mass(logits_t, lse_t).double()
+        self.tail_sum += float(tm.sum())
+        self.tail_max = max(self.tail_max, float(tm.max()))
+        block = max(1, _BLOCK_ELEMS // self.c)
+        for a in range(0, n, block):
+            dense = reconstruct(ids_t[a:a + block], logits_t[a:a + block], lse_t[a:a + block], self.c)
+            log_p = torch.log_softmax(dense, dim=-1)
+            p = log_p.exp()
+            self.entropy_sum += float(-(p * log_p).sum(-1).double().sum())
+            self.top1_prob_sum += float(p.max(-1).values.double().sum())
+        self.counts += np.bincount(ids[:, 0].astype(np.int64), minlength=self.c)[:self.c]
+        self.n += n
+
+    def summary(self, classes: list[str] | None) -> dict[str, Any]:
+        n = max(self.n, 1)
+        return {
+            "views": self.n,
+            "tail_mass_mean": self.tail_sum / n if self.n else None,
+            "tail_mass_max": self.tail_max if self.n else None,
+            "entropy_mean": self.entropy_sum / n if self.n else None,
+            "top1_prob_mean": self.top1_prob_sum / n if self.n else None,
+            "top1_histogram": {"counts": self.counts.tolist(), "classes": classes},
+        }
+
+
+class _ErrorStats:
+    """Row-weighted means and maxima of `losses.target_error` over chunks."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums = {"kl_mean": 0.0, "kl_mean_scaled": 0.0}
+        self.maxes = {"kl_max": 0.0, "max_abs_prob_error": 0.0}
+        self.head: dict[str, Any] = {}
+
+    def add(self, result: dict[str, Any], rows: int) -> None:
+        self.head = {"loss": result["loss"], "params": result["params"]}
+        for key in self.sums:
+            self.sums[key] += result[key] * rows
+        for key in self.maxes:
+            self.maxes[key] = max(self.maxes[key], result[key])
+        self.n += rows
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        return {**self.head, **{k: v / n for k, v in self.sums.items()}, **self.maxes}
+
+
+def _classes(meta_source: dict[str, Any], num_classes: int) -> list[str] | None:
+    classes = meta_source.get("classes")
+    if isinstance(classes, list) and len(classes) == num_classes:
+        return [str(c) for c in classes]
+    return None
+
+
+def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
+    m, c = r.get("images_per_group", 1), r.get("crops_per_image", 1)
+    crop = r.get("crop")
+    crop_text = f"{crop} (scale {r.get('scale')}, ratio {[round(x, 3) for x in r.get('ratio', [])]})" \
+        if crop == "inception" else f"{crop} (fraction {r.get('center_fraction')})"
+    mix = r.get("mix", "none")
+    mix_text = "none" if mix == "none" else (f"{mix} (p={r.get('mix_prob')}, lambda {r.get('lam')}"
+                                             f"{'' if r.get('lam') == 'uniform' else ', alpha=' + str(r.get('alpha'))})")
+    return {
+        "name": r.get("name"), "size": r.get("size"), "crop": crop, "scale": r.get("scale"),
+        "ratio": r.get("ratio"), "center_fraction": r.get("center_fraction"), "flip": r.get("flip"),
+        "mix": mix, "mix_prob": r.get("mix_prob"), "lam": r.get("lam"), "alpha": r.get("alpha"),
+        "group": [m, c], "seed": r.get("seed"),
+        "summary": f"{r.get('size')}px, crop {crop_text}, flip {'on' if r.get('flip') else 'off'}, mix {mix_text}, "
+                   f"groups of {m} images x {c} crop{'s' if c != 1 else ''}, seed {r.get('seed')}",
+    }
+
+
+def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: float = 0.5,
+                  max_chunks: int | None = None) -> dict:
+    """A JSON-able report on the store at `url` (see the module docstring).
+
+    Label statistics and the truncation measurement read every chunk of every done epoch, or the
+    first `max_chunks` chunks of each when given; `digest` always covers the whole store.
+    `loss` / `temperature` / `gamma` choose the setting at which `truncation.target_error` is
+    measured (`temperature` for kl and dist, `gamma` for ttm and wttm).
+    """
+    params = _loss_params(loss, temperature, gamma)
+    if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1):
+        raise ConfigError(f"max_chunks must be a positive int or None, got {max_chunks!r}")
+    store = open_store(str(url))
+    meta = store.meta
+    notes: list[str] = []
+
+    # -- layout and size ------------------------------------------------------------------
+    total_views = meta.views_per_epoch * meta.epochs_done
+    partial = None
+    done = store.committed_chunks(meta.epochs_done)  # chunks of the first epoch that is not done
+    if done:
+        partial = {"epoch": meta.epochs_done, "committed_chunks": len(done), "of": meta.chunks_per_epoch}
+        notes.append(f"epoch {meta.epochs_done} is partly written ({len(done)} of {meta.chunks_per_epoch} "
+                     f"chunks committed; rerun precompute to finish it); its bytes count in bytes_on_disk "
+                     f"but not its views")
+    on_disk = {k: int(v) for k, v in sorted(store.bytes_on_disk().items())}
+    label_cols = set(label_fields(meta.k, meta.id_dtype))
+    groups = {
+        "params": sum(v for k, v in on_disk.items() if k in PARAM_FIELDS),
+        "labels": sum(v for k, v in on_disk.items() if k in label_cols),
+        "sample": sum(v for k, v in on_disk.items() if k == "full"),
+        "total": sum(on_disk.values()),
+    }
+    per_view = {k: (v / total_views if total_views else None) for k, v in groups.items()}
+
+    classes = _classes(meta.source, meta.num_classes)
+    report: dict[str, Any] = {
+        "url": store.url,
+        "format": meta.backend,
+        "version": meta.format_version,
+        "kdlib_version": meta.kdlib_version,
+        "teacher": {"id": meta.teacher.get("id"), "arch": meta.teacher.get("arch"),
+                    "digest": meta.teacher.get("digest")},
+        "source": {"name": meta.source.get("name"), "data": meta.source.get("data"),
+                   "limit": meta.source.get("limit"), "images": meta.source.get("num_images"),
+                   "fingerprint": meta.source.get("fingerprint")},
+        "recipe": _recipe_summary(meta.recipe),
+        "num_classes": meta.num_classes,
+        "k": meta.k,
+        "id_dtype": meta.id_dtype,
+        "epochs": meta.epochs_done,
+        "views": {"per_epoch": meta.views_per_epoch, "total": total_views, "group_size": meta.group_size},
+        "chunks": {"chunk_views": meta.chunk_views, "chunks_per_epoch": meta.chunks_per_epoch,
+                   "sample_views_per_chunk": meta.sample_views, "partial_epoch": partial},
+        "bytes_on_disk": {"columns": on_disk, **groups},
+        "bytes_per_view": per_view,
+        "dense_fp16_bytes_per_view": 2 * meta.num_classes,
+        "digest": store.content_digest(),
+    }
+
+    # -- label statistics and truncation, one chunk at a time -----------------------------
+    per_epoch = meta.chunks_per_epoch if max_chunks is None else min(max_chunks, meta.chunks_per_epoch)
+    stats = _LabelStats(meta.num_classes)
+    trunc, target = _ErrorStats(), _ErrorStats()
+    for epoch in range(meta.epochs_done):
+        for chunk in range(per_epoch):
+            cols = store.read_chunk(epoch, chunk)
+            stats.add(cols["ids"], cols["logits"], cols["lse"])
+            full = cols.get("full")
+            if full is None or len(full) == 0:
+                continue
+            s = len(full)  # the sample rows are the chunk's first views
+            full_t = torch.from_numpy(np.ascontiguousarray(full)).float()
+            recon = reconstruct(torch.from_numpy(cols["ids"][:s].astype(np.int64)),
+                                torch.from_numpy(np.ascontiguousarray(cols["logits"][:s])),
+                                torch.from_numpy(np.ascontiguousarray(cols["lse"][:s])), meta.num_classes)
+            trunc.add(losses.target_error(full_t, recon, "kl", temperature=1.0), s)
+            target.add(losses.target_error(full_t, recon, loss, **params), s)
+    report["labels"] = {**stats.summary(classes), "epochs": meta.epochs_done, "chunks_per_epoch_read": per_epoch,
+                        "complete": per_epoch == meta.chunks_per_epoch}
+    if meta.sample_views == 0:
+        report["truncation"] = None
+        notes.append(NO_SAMPLE)
+    elif trunc.n == 0:
+        report["truncation"] = None
+        notes.append("the store keeps a full-logit sample, but no done epoch holds any of it yet")
+    else:
+        t1 = trunc.summary()
+        report["truncation"] = {
+            "sample_views": trunc.n,
+            "kl_mean": t1["kl_mean"], "kl_max": t1["kl_max"], "max_abs_prob_error": t1["max_abs_prob_error"],
+            "target_error": target.summary(),
+        }
+    if meta.k == meta.num_classes:
+        notes.append(f"k = {meta.k} = classes: the soft labels hold every logit (fp16); the tail mass is fp16 "
+                     f"rounding only")
+
+    # -- teacher predictions on the test split --------------------------------------------
+    test = store.read_test()
+    if test is None:
+        report["test"] = None
+    else:
+        ts = _LabelStats(meta.num_classes)
+        ts.add(test["ids"], test["logits"], test["lse"])
+        src = (meta.test or {}).get("source", {})
+        report["test"] = {"source": {"name": src.get("name"), "split": src.get("split"),
+                                     "images": src.get("num_images"), "fingerprint": src.get("fingerprint")},
+                          **ts.summary(classes)}
+    report["notes"] = notes
+    return report
+
+
+# -- text -----------------------------------------------------------------------------------
+def _f(x: Any, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _section(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(k) for k, _ in rows), default=0)
+    return [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows] + [""]
+
+
+def _histogram(hist: dict[str, Any], total: int, top: int = 20) -> list[str]:
+    counts = hist["counts"]
+    classes = hist.get("classes")
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    shown = order if len(counts) <= top else order[:top]
+    names = [f"{i}" + (f" {classes[i]}" if classes else "") for i in shown]
+    width = max((len(n) for n in names), default=0)
+    biggest = max(counts, default=0) or 1
+    lines = []
+    for i, name in zip(shown, names):
+        frac = counts[i] / total if total else 0.0
+        lines.append(f"  {name.ljust(width)}  {counts[i]:>9d}  {100 * frac:5.1f}%  {'#' * round(30 * counts[i] / biggest)}".rstrip())
+    if len(shown) < len(counts):
+        never = sum(1 for c in counts if c == 0)
+        lines.append(f"  ... {len(counts) - len(shown)} more classes ({never} never top-1)")
+    return lines
+
+
+def format_report(report: dict) -> str:
+    """Human-readable text of an `inspect_store` report."""
+    r = report
+    out: list[str] = [f"kdlib store {r['url']}", ""]
+    out += _section("format", [
+        ("backend", str(r["format"])),
+        ("version", f"{r['version']}" + (f" (written by kdlib {r['kdlib_version']})" if r.get("kdlib_version") else "")),
+        ("digest", str(r["digest"])),
+    ])
+    t, s = r["teacher"], r["source"]
+    out += _section("teacher / source", [
+        ("teacher", f"{t['id']} (arch {t['arch']}, weights sha256 {str(t['digest'])[:16]})"),
+        ("source", f"{s['name']} (data {s['data']}, limit {s['limit']}, {s['images']} images)"),
+        ("fingerprint", str(s["fingerprint"])),
+        ("recipe", f"{r['recipe']['name']}: {r['recipe']['summary']}"),
+    ])
+    v, c = r["views"], r["chunks"]
+    layout = [
+        ("epochs done", str(r["epochs"])),
+        ("views", f"{v['per_epoch']} per epoch, {v['total']} in all (groups of {v['group_size']})"),
+        ("classes / k", f"{r['num_classes']} / {r['k']} (ids {r['id_dtype']})"),
+        ("chunks", f"{c['chunks_per_epoch']} per epoch of {c['chunk_views']} views; "
+                   f"full logits kept for the first {c['sample_views_per_chunk']} views of each"),
+    ]
+    if c.get("partial_epoch"):
+        p = c["partial_epoch"]
+        layout.append(("partial epoch", f"epoch {p['epoch']}: {p['committed_chunks']} of {p['of']} chunks committed"))
+    out += _section("layout", layout)
+    b, bv = r["bytes_on_disk"], r["bytes_per_view"]
+    out += _section("size on disk", [
+        (name, f"{_f(bv[name], '8.2f')} B/view  {b[name]:>12d} B")
+        for name in ("params", "labels", "sample", "total")
+    ] + [("dense fp16", f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, "
+                        f"for comparison)")])
+    lab = r["labels"]
+    scope = "all chunks" if lab["complete"] else f"first {lab['chunks_per_epoch_read']} chunks per epoch"
+    out += _section(f"soft labels ({lab['views']} views, {scope})", [
+        ("tail mass beyond top-k", f"mean {_f(lab['tail_mass_mean'])}, max {_f(lab['tail_mass_max'])}"),
+        ("entropy (nats)", f"mean {_f(lab['entropy_mean'])} (uniform: {math.log(r['num_classes']):.4g})"),
+        ("top-1 probability", f"mean {_f(lab['top1_prob_mean'])}"),
+    ])
+    out += ["teacher top-1 histogram"] + _histogram(lab["top1_histogram"], lab["views"]) + [""]
+    tr = r.get("truncation")
+    if tr is None:
+        out += _section("truncation (top-k vs full logits)", [("sample", NO_SAMPLE if NO_SAMPLE in r["notes"]
+                                                                else "nothing measured")])
+    else:
+        te = tr["target_error"]
+        setting = ", ".join(f"{k}={v:g}" for k, v in te["params"].items() if k in ("temperature", "gamma"))
+        out += _section(f"truncation (top-k vs full logits, {tr['sample_views']} sample views)", [
+            ("KL(full||stored) T=1", f"mean {_f(tr['kl_mean'])}, max {_f(tr['kl_max'])}, "
+                                     f"max |prob error| {_f(tr['max_abs_prob_error'])}"),
+            (f"{te['loss']} target ({setting})", f"KL mean {_f(te['kl_mean'])}, in loss units {_f(te['kl_mean_scaled'])}, "
+                                                f"max {_f(te['kl_max'])}, max |prob error| {_f(te['max_abs_prob_error'])}"),
+        ])
+    ts = r.get("test")
+    if ts is not None:
+        src = ts["source"]
+        out += _section("test-split predictions", [
+            ("views", f"{ts['views']} ({src['name']} {src['split']}, {src['images']} images)"),
+            ("tail mass / entropy", f"mean {_f(ts['tail_mass_mean'])} / {_f(ts['entropy_mean'])} nats"),
+        ])
+    if r.get("notes"):
+        out += ["notes"] + [f"  - {n}" for n in r["notes"]] + [""]
+    return "\n".join(out).rstrip() + "\n"
