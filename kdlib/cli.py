@@ -78,6 +78,7 @@ def precompute(**kw) -> None:
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (written by this kdlib; loads its pickled RNG/optimizer state).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
 @click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
 @LIMIT
 @WORKERS

@@ -19,7 +19,7 @@ from .source import open_source
 from .store import open_store
 from .views import ViewBatches, loader, split_range
 
-__all__ = ["evaluate", "predict"]
+__all__ = ["evaluate", "evaluate_model", "predict"]
 
 
 def predict(model: torch.nn.Module, source, size: int, center_fraction: float, batch_size: int = 512,
@@ -51,15 +51,24 @@ def evaluate(model_spec: str, data: str | None = None, split: str = "test", limi
     source = open_source(data, split, limit)
     recipe = cfg.get("recipe") or {}
     size = int(cfg.get("input_size") or source.sizes()[0].min())
-    logits = predict(model, source, size, float(recipe.get("center_fraction", 1.0)), batch_size, workers)
+    result = evaluate_model(model, source, size, float(recipe.get("center_fraction", 1.0)),
+                            shards or trained.get("shards"), workers, batch_size)
+    return {"model": str(model_spec), "data": data, "split": split, **result}
+
+
+def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: float = 1.0,
+                   shards: str | None = None, workers: int = 0, batch_size: int = 512) -> dict[str, Any]:
+    """top1/top5 on `source`'s center views; agreement when `shards` cached the teacher on this source."""
+    was_training = model.training
+    logits = predict(model, source, size, center_fraction, batch_size, workers)
+    model.train(was_training)
     labels = torch.from_numpy(source.labels())
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     result: dict[str, Any] = {
-        "model": str(model_spec), "data": data, "split": split, "images": len(source),
+        "images": len(source),
         "top1": round(float((top5[:, 0] == labels).float().mean()), 6),
         "top5": round(float((top5 == labels[:, None]).any(1).float().mean()), 6),
     }
-    shards = shards or trained.get("shards")
     if shards:
         store = open_store(shards)
         test = store.read_test()

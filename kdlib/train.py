@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_model
+from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy
 from .models import Classifier, build_model, load_model, save_model
 from .plan import make_plan, views_per_epoch
@@ -76,6 +77,7 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 100  # steps; a checkpoint is also written at every epoch end
     eval: bool = True
+    eval_every: int = 0  # epochs between test-split evaluations during training (0: at the end only)
     cpu: bool = False
 
 
@@ -289,9 +291,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    "steps": seen, "loss": loss_sum / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                    "seconds": round(dt, 3), "views_per_s": round(seen * cfg.batch_size / max(dt, 1e-9), 1),
                    "world_size": world}
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                # the bare module: a DDP wrapper would wait for the other ranks in forward
+                rec["eval"] = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets),
+                                             recipe.size, recipe.center_fraction, cfg.shards, cfg.workers)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s")
+            accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
+                              + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else ""))
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"out": str(out), "world_size": world, "steps": step}
@@ -311,9 +318,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"final_eval": result["eval"]}) + "\n")
             accelerator.print(json.dumps(result["eval"]))
+        save_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _test_source(cfg: TrainConfig, targets: _Targets):
+    if not hasattr(targets, "_test"):
+        limit = cfg.limit if cfg.limit is not None else _store_limit(targets)
+        targets._test = open_source(_data_arg(cfg, targets), "test", limit)
+    return targets._test
 
 
 def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
