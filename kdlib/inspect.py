@@ -160,6 +160,8 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         notes.append(f"epoch {meta.epochs_done} is partly written ({len(done)} of {meta.chunks_per_epoch} "
                      f"chunks committed; rerun precompute to finish it); its bytes count in bytes_on_disk "
                      f"but not its views")
+    if meta.epochs_done == 0:
+        notes.append("no epoch is complete yet: nothing to measure (run or finish `kdlib precompute`)")
     on_disk = {k: int(v) for k, v in sorted(store.bytes_on_disk().items())}
     label_cols = set(label_fields(meta.k, meta.id_dtype))
     groups = {
@@ -218,9 +220,8 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     if meta.sample_views == 0:
         report["truncation"] = None
         notes.append(NO_SAMPLE)
-    elif trunc.n == 0:
+    elif trunc.n == 0:  # no done epoch yet
         report["truncation"] = None
-        notes.append("the store keeps a full-logit sample, but no done epoch holds any of it yet")
     else:
         t1 = trunc.summary()
         report["truncation"] = {
@@ -305,7 +306,7 @@ def format_report(report: dict) -> str:
     out += _section("layout", layout)
     b, bv = r["bytes_on_disk"], r["bytes_per_view"]
     out += _section("size on disk", [
-        (name, f"{_f(bv[name], '8.2f')} B/view  {b[name]:>12d} B")
+        (name, f"{_f(bv[name], '.2f'):>8} B/view  {b[name]:>12d} B")
         for name in ("params", "labels", "sample", "total")
     ] + [("dense fp16", f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, "
                         f"for comparison)")])

@@ -36,7 +36,7 @@ from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
 from .evaluate import evaluate, evaluate_model
 from .plots import save_curves
-from .losses import get_loss, mixed_label_targets, soft_cross_entropy
+from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
 from .models import Classifier, build_model, load_model, save_model
 from .plan import make_plan, views_per_epoch
 from .precompute import teacher_logits
@@ -180,6 +180,35 @@ def _loss_fn(cfg: TrainConfig, num_classes: int) -> Callable[..., torch.Tensor]:
     return loss
 
 
+TARGET_KL_WARN = 0.02  # nats (in the loss's units): above this the top-k tail visibly changes the target
+
+
+def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator, chunks: int = 8) -> None:
+    """Say so when the stored top-k target is far from the full one at this loss's temperature/gamma."""
+    meta = store.meta
+    if meta.k >= meta.num_classes:
+        return
+    if not meta.sample_views:
+        accelerator.print(f"note: store keeps top-{meta.k} of {meta.num_classes} classes and no full-logit sample; "
+                          "the error of the stored target at this temperature is unmeasured")
+        return
+    full, rec = [], []
+    for chunk in range(min(chunks, meta.chunks_per_epoch)):
+        cols = store.read_chunk(0, chunk)
+        n = len(cols["full"])
+        full.append(torch.from_numpy(cols["full"]).float())
+        rec.append(reconstruct(torch.from_numpy(cols["ids"][:n].astype(np.int64)), torch.from_numpy(cols["logits"][:n]),
+                               torch.from_numpy(cols["lse"][:n]), meta.num_classes))
+    params = {"kl": {"temperature": cfg.temperature}, "dist": {"temperature": cfg.temperature},
+              "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma}}[cfg.loss]
+    err = target_error(torch.cat(full), torch.cat(rec), cfg.loss, **params)
+    if err["kl_mean_scaled"] > TARGET_KL_WARN:
+        accelerator.print(
+            f"warning: at {cfg.loss} {params} the top-{meta.k} target differs from the full teacher by "
+            f"KL {err['kl_mean_scaled']:.4f} (measured on {sum(len(f) for f in full)} stored full-logit views); "
+            f"the invented tail matters here: precompute with a larger --k (or --k {meta.num_classes}: full logits)")
+
+
 def _warmup_cosine(total: int, warmup: float) -> Callable[[int], float]:
     w = max(1, int(round(total * warmup)))
 
@@ -230,6 +259,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = _loss_fn(cfg, targets.num_classes)
+    if targets.store is not None and cfg.loss != "ce" and accelerator.is_main_process:
+        _warn_target_error(targets.store, cfg, accelerator)
 
     ckpt = out / "checkpoint"
     start_step = 0
