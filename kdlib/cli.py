@@ -75,6 +75,8 @@ def precompute(**kw) -> None:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Student initialisation seed.")
 @click.option("--weights", default=None, help="Initial student weights file.")
+@click.option("--stored-epochs", type=click.IntRange(min=1), default=None,
+              help="Cycle only the first N stored epochs (default: all the store holds).")
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (written by this kdlib; loads its pickled RNG/optimizer state).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")

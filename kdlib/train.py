@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0  # student init (the views' seed is the recipe's)
     weights: str | None = None
     resume: bool = False
+    stored_epochs: int | None = None  # use only the first N stored epochs (cycled); default: all
     checkpoint_every: int = 100  # steps; a checkpoint is also written at every epoch end
     eval: bool = True
     eval_every: int = 0  # epochs between test-split evaluations during training (0: at the end only)
@@ -107,6 +108,7 @@ class _Targets:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         self.store: Store | None = None
+        self.max_stored = cfg.stored_epochs
         self.teacher: Classifier | None = None
         if cfg.shards:
             if cfg.teacher:
@@ -137,13 +139,15 @@ class _Targets:
 
     @property
     def stored_epochs(self) -> int | None:
-        return self.store.meta.epochs_done if self.store else None
+        if self.store is None:
+            return None
+        return min(self.store.meta.epochs_done, self.max_stored or self.store.meta.epochs_done)
 
     def dataset(self, epoch: int, ranges: list[tuple[int, int]]) -> ViewBatches:
         r = self.recipe
         if self.store is not None:
             return ViewBatches(self.source, ranges, r.size, r.group_size, store=self.store,
-                               epoch=epoch % self.store.meta.epochs_done)
+                               epoch=epoch % self.stored_epochs)
         return ViewBatches(self.source, ranges, r.size, r.group_size,
                            params=make_plan(r, self.source.sizes(), epoch))
 
@@ -242,7 +246,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than an epoch ({targets.views} views)")
     total_steps = steps_per_epoch * cfg.epochs
     if targets.stored_epochs is not None and cfg.epochs > targets.stored_epochs:
-        accelerator.print(f"notice: training {cfg.epochs} epochs from a store holding {targets.stored_epochs}; "
+        accelerator.print(f"notice: training {cfg.epochs} epochs from {targets.stored_epochs} stored epoch(s) "
+                          f"(the store holds {targets.store.meta.epochs_done}); "
                           f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
 
     mean, std = source.mean_std()
