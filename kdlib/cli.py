@@ -33,6 +33,10 @@ def cli() -> None:
               help="Store backend: zarr (random access, fsspec URLs) or wds (webdataset tars, streaming).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Teacher batch, in views.")
 @click.option("--chunk-views", type=click.IntRange(min=1), default=4096, help="Views per chunk (write/resume unit).")
+@click.option("--params", "param_packing", type=click.Choice(["none", "packed"]), default="none",
+              help="packed: uint16 boxes and lambda on a 1/65535 grid, 24 -> 16 bytes of params per view.")
+@click.option("--logits", "logit_codec", type=click.Choice(["fp16", "q8"]), default="fp16",
+              help="How top-k logits are stored: fp16, or q8 (8-bit, 1/16 nat steps below the top-1).")
 @click.option("--full-sample", type=click.FloatRange(0, 1), default=0.01,
               help="Fraction of views that also keep all logits (fp16), to measure what top-k costs.")
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")

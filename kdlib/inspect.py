@@ -26,8 +26,7 @@ from . import losses
 from .errors import ConfigError
 from .plan import PARAM_FIELDS
 from .softlabel import reconstruct, tail_mass
-from .store import open_store
-from .store.format import label_fields
+from .store import decoded, open_store
 
 __all__ = ["inspect_store", "format_report"]
 
@@ -163,7 +162,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     if meta.epochs_done == 0:
         notes.append("no epoch is complete yet: nothing to measure (run or finish `kdlib precompute`)")
     on_disk = {k: int(v) for k, v in sorted(store.bytes_on_disk().items())}
-    label_cols = set(label_fields(meta.k, meta.id_dtype))
+    label_cols = set(meta.label_fields)
     groups = {
         "params": sum(v for k, v in on_disk.items() if k in PARAM_FIELDS),
         "labels": sum(v for k, v in on_disk.items() if k in label_cols),
@@ -203,7 +202,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     trunc, target = _ErrorStats(), _ErrorStats()
     for epoch in range(meta.epochs_done):
         for chunk in range(per_epoch):
-            cols = store.read_chunk(epoch, chunk)
+            cols = decoded(store.read_chunk(epoch, chunk), meta)
             stats.add(cols["ids"], cols["logits"], cols["lse"])
             full = cols.get("full")
             if full is None or len(full) == 0:
@@ -235,6 +234,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
 
     # -- teacher predictions on the test split --------------------------------------------
     test = store.read_test()
+    test = decoded(test, meta) if test is not None else None
     if test is None:
         report["test"] = None
     else:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .recipe import Recipe
 
-__all__ = ["PARAM_FIELDS", "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params",
+__all__ = ["PARAM_FIELDS", "PACKED_FIELDS", "PACKINGS", "param_fields", "pack_params", "unpack_params", "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params",
            "views_per_epoch", "slice_params"]
 
 PARAM_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -38,6 +38,20 @@ PARAM_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
     "lam": ("float32", ()),
     "cutbox": ("int16", (4,)),
 }
+# `--params packed`: the same params in fewer bytes (24 -> 16 B/view): boxes as uint16, cutmix boxes
+# and partner slots as uint8, lambda on a 1/65535 grid as uint16. The plan is quantized *before*
+# anything is rendered, so the packed value is the truth for both stages and costs no consistency.
+PACKED_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "image": ("uint32", ()),
+    "box": ("uint16", (4,)),
+    "flip": ("uint8", ()),
+    "partner": ("uint8", ()),
+    "mix": ("uint8", ()),
+    "lam": ("uint16", ()),
+    "cutbox": ("uint8", (4,)),
+}
+PACKINGS = ("none", "packed")
+LAM_STEPS = 65535
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 _STREAM_ORDER, _STREAM_CROP, _STREAM_FLIP, _STREAM_MIX = 0, 1, 2, 3
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times, then falls back to a center crop
@@ -95,6 +109,34 @@ def center_params(sizes: np.ndarray, ids: np.ndarray, fraction: float = 1.0) -> 
         "lam": np.ones(v, np.float32),
         "cutbox": np.zeros((v, 4), np.int16),
     }
+
+
+def param_fields(packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
+    return PACKED_FIELDS if packing == "packed" else PARAM_FIELDS
+
+
+def pack_params(params: dict[str, np.ndarray], packing: str) -> dict[str, np.ndarray]:
+    """Params in the store's dtypes; raises ValueError naming a value that does not fit."""
+    if packing == "none":
+        return params
+    out = dict(params)
+    for name, limit in (("box", 65535), ("cutbox", 255), ("partner", 255)):
+        if params[name].size and int(params[name].max()) > limit:
+            raise ValueError(f"--params packed: {name} value {int(params[name].max())} exceeds {limit}; use --params none")
+        out[name] = params[name].astype(PACKED_FIELDS[name][0])
+    out["lam"] = np.rint(params["lam"].astype(np.float64) * LAM_STEPS).astype(np.uint16)
+    return out
+
+
+def unpack_params(params: dict[str, np.ndarray], packing: str) -> dict[str, np.ndarray]:
+    """Packed params back in the plan's dtypes (exactly what render was given at precompute)."""
+    if packing == "none" or "lam" not in params:  # (test predictions carry no params)
+        return params
+    out = dict(params)
+    for name in ("box", "cutbox", "partner"):
+        out[name] = params[name].astype(PARAM_FIELDS[name][0])
+    out["lam"] = (params["lam"].astype(np.float64) / LAM_STEPS).astype(np.float32)
+    return out
 
 
 def slice_params(params: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:

@@ -30,9 +30,9 @@ from . import __version__
 from ._dist import process_state
 from .errors import ConfigError
 from .models import Classifier, load_model, model_id, weights_digest
-from .plan import center_params, make_plan, views_per_epoch
+from .plan import center_params, make_plan, pack_params, unpack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
-from .softlabel import encode, id_dtype
+from .softlabel import encode, id_dtype, to_codec
 from .source import Source, open_source
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
 from .views import ViewBatches, loader, split_range
@@ -56,6 +56,8 @@ class PrecomputeConfig:
     weights: str | None = None
     seed: int | None = None
     test: bool = True
+    param_packing: str = "none"  # or packed: uint16 boxes, lambda on a 1/65535 grid (24 -> 16 B/view)
+    logit_codec: str = "fp16"  # or q8: 8-bit top-k logits (half the label bytes at k = 10)
     full_sample: float = 0.01  # fraction of views (the first of each chunk) that also keep full logits
 
 
@@ -98,7 +100,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
-        sample_views=min(chunk_views, math.ceil(chunk_views * cfg.full_sample)), kdlib_version=__version__)
+        logit_codec=cfg.logit_codec, param_packing=cfg.param_packing, sample_views=min(chunk_views, math.ceil(chunk_views * cfg.full_sample)), kdlib_version=__version__)
     if not 0 <= cfg.full_sample <= 1:
         raise ConfigError(f"full_sample={cfg.full_sample} must be a fraction in [0, 1]")
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
@@ -122,7 +124,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         mine = [c for c in range(meta.chunks_per_epoch) if c % state.num_processes == state.process_index]
         todo = [c for c in mine if c not in done]
         if todo:
-            params = make_plan(recipe, sizes, epoch)
+            # packed params are quantized before rendering: the stored value is what the teacher saw
+            params = unpack_params(pack_params(make_plan(recipe, sizes, epoch), meta.param_packing), meta.param_packing)
             _run_epoch(store, teacher, source, recipe, params, epoch, todo, batch, cfg.workers, state, log_path,
                        skipped=len(mine) - len(todo))
         state.wait_for_everyone()
@@ -157,7 +160,7 @@ def _run_epoch(store: Store, teacher: Classifier, source: Source, recipe: Recipe
     with ThreadPoolExecutor(max_workers=1) as writer:
         for item, c in zip(loader(data, workers), owner):
             logits = teacher_logits(teacher, item["views"], state.device)
-            labels = {k: v.cpu() for k, v in encode(logits, store.meta.k).items()}
+            labels = {k: v.cpu() for k, v in to_codec(encode(logits, store.meta.k), store.meta.logit_codec).items()}
             a, b = store.meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing
@@ -167,7 +170,7 @@ def _run_epoch(store: Store, teacher: Classifier, source: Source, recipe: Recipe
             bar.update(item["stop"] - item["start"])
             if item["stop"] == b:  # the chunk's last batch: hand it to the writer
                 parts = pending.pop(c)
-                cols: dict[str, Any] = {k: v[a:b] for k, v in params.items()}
+                cols: dict[str, Any] = pack_params({k: v[a:b] for k, v in params.items()}, store.meta.param_packing)
                 cols.update({k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]})
                 while len(writes) >= 2:  # bound memory: at most two chunks in flight
                     writes.pop(0).result()
@@ -200,5 +203,6 @@ def _store_test_predictions(store: Store, teacher: Classifier, cfg: PrecomputeCo
     data = ViewBatches(test, split_range(0, len(test), batch), recipe.size, 1, params=params)
     parts = []
     for item in tqdm(loader(data, cfg.workers), desc="teacher on test split", unit="batch"):
-        parts.append({k: v.cpu() for k, v in encode(teacher_logits(teacher, item["views"], device), store.meta.k).items()})
+        labels = encode(teacher_logits(teacher, item["views"], device), store.meta.k)
+        parts.append({k: v.cpu() for k, v in to_codec(labels, store.meta.logit_codec).items()})
     store.write_test({k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}, test.describe())

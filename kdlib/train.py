@@ -43,7 +43,7 @@ from .precompute import teacher_logits
 from .recipe import Recipe, load_recipe
 from .softlabel import reconstruct
 from .source import Source, open_source
-from .store import Store, open_store, open_store_source
+from .store import Store, decoded, open_store, open_store_source
 from .views import ViewBatches, loader, rank_slice, split_range
 
 __all__ = ["TrainConfig", "train"]
@@ -198,7 +198,7 @@ def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator,
         return
     full, rec = [], []
     for chunk in range(min(chunks, meta.chunks_per_epoch)):
-        cols = store.read_chunk(0, chunk)
+        cols = decoded(store.read_chunk(0, chunk), meta)
         n = len(cols["full"])
         full.append(torch.from_numpy(cols["full"]).float())
         rec.append(reconstruct(torch.from_numpy(cols["ids"][:n].astype(np.int64)), torch.from_numpy(cols["logits"][:n]),

@@ -1,7 +1,7 @@
 """Verify: re-render stored views, re-run the teacher, and compare with what the store says.
 
-On the machine that wrote the store, agreement must be total and the logit error within fp16
-storage rounding (invariant 3). Views are whole groups spread evenly over every stored epoch.
+On the machine that wrote the store, agreement must be total and the logit error within the
+storage rounding of the store's logit codec (fp16, or q8's 1/32 nat) (invariant 3). Views are whole groups spread evenly over every stored epoch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .models import load_model, weights_digest
 from .plan import PARAM_FIELDS
 from .precompute import teacher_logits
 from .render import render_views
-from .softlabel import reconstruct
+from .softlabel import Q8_STEPS_PER_NAT, reconstruct
 from .store import ChunkCache, open_store, open_store_source
 
 __all__ = ["verify", "FP16_RTOL"]
@@ -65,11 +65,15 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     agree = (ids[:, 0] == full.argmax(1)).float().mean().item()
     recomputed = full.gather(1, ids)
     err = (stored - recomputed).abs()
-    within = bool((err <= ABS_TOL + FP16_RTOL * recomputed.abs()).all())
+    if meta.logit_codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
+        tol = ABS_TOL + 0.5 / Q8_STEPS_PER_NAT + FP16_RTOL * (recomputed - lse[:, None]).abs()
+    else:
+        tol = ABS_TOL + FP16_RTOL * recomputed.abs()
+    within = bool((err <= tol).all())
     lse_err = (lse - torch.logsumexp(full, 1)).abs().max().item()
     rec = reconstruct(ids, torch.from_numpy(cols["logits"]), lse, meta.num_classes)
     kl = F.kl_div(F.log_softmax(rec, 1), F.log_softmax(full, 1), log_target=True, reduction="batchmean").item()
     ok = agree >= min_agreement and within and lse_err <= ABS_TOL + FP16_RTOL * float(lse.abs().max())
     return {"store": shards, "views": int(len(ids)), "epochs": meta.epochs_done, "top1_agreement": round(agree, 6),
             "max_logit_error": float(err.max()), "max_lse_error": lse_err, "mean_kl": kl,
-            "logits_within_fp16": within, "min_agreement": min_agreement, "ok": bool(ok)}
+            "logits_within_tolerance": within, "logit_codec": meta.logit_codec, "min_agreement": min_agreement, "ok": bool(ok)}

@@ -8,11 +8,11 @@ anything else with a `StoreMismatchError`.
 from __future__ import annotations
 
 from ..errors import ConfigError, StoreNotFoundError
-from .base import Chunk, ChunkCache, Store
+from .base import Chunk, ChunkCache, Store, decoded
 from .format import BACKENDS, FORMAT_VERSION, StoreMeta, check_compatible
 from .zarr_backend import ZarrStore
 
-__all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "FORMAT_VERSION", "open_store", "create_store",
+__all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "decoded", "FORMAT_VERSION", "open_store", "create_store",
            "open_store_source"]
 
 

@@ -21,9 +21,9 @@ import fsspec
 import numpy as np
 
 from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
-from .format import StoreMeta, label_fields
+from .format import StoreMeta
 
-__all__ = ["Store", "Chunk", "ChunkCache"]
+__all__ = ["Store", "Chunk", "ChunkCache", "decoded"]
 
 Chunk = dict[str, np.ndarray]
 META = "meta.json"
@@ -140,7 +140,7 @@ class Store:
 
     # -- teacher predictions on the test split --------------------------------------------
     def write_test(self, arrays: Chunk, source: dict[str, Any]) -> None:
-        fields = label_fields(self.meta.k, self.meta.id_dtype)
+        fields = self.meta.label_fields
         cols = {k: np.ascontiguousarray(arrays[k], dtype=dt) for k, (dt, _) in fields.items()}
         self._write_named("test", cols)
         record = {"crc32": {k: crc32(a) for k, a in cols.items()}, "views": len(cols["lse"])}
@@ -151,7 +151,7 @@ class Store:
         if self.meta.test is None:
             return None
         record = json.loads(self.fs.cat_file(self._path("commits/test.json")))
-        fields = label_fields(self.meta.k, self.meta.id_dtype)
+        fields = self.meta.label_fields
         try:
             cols = self._read_named("test", fields, record["views"])
         except Exception as exc:
@@ -186,6 +186,18 @@ class Store:
         raise NotImplementedError
 
 
+def decoded(cols: Chunk, meta: StoreMeta) -> Chunk:
+    """Columns in the plan's dtypes and `logits` as float top-k logits, whatever the store's codecs."""
+    from ..plan import unpack_params
+    from ..softlabel import decode_logits
+
+    out = unpack_params(cols, meta.param_packing)
+    if meta.logit_codec != "fp16":
+        out = {k: v for k, v in out.items() if k != "top"}
+        out["logits"] = decode_logits(cols, meta.logit_codec)
+    return out
+
+
 class ChunkCache:
     """Reads views [start, stop) of an epoch through whole checked chunks, keeping the last few.
 
@@ -214,5 +226,5 @@ class ChunkCache:
         if key not in self._cache:
             if len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = self.store.read_chunk(epoch, chunk)
+            self._cache[key] = decoded(self.store.read_chunk(epoch, chunk), self.store.meta)
         return self._cache[key]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreVersionError
-from ..plan import PARAM_FIELDS
+from ..plan import PACKINGS, param_fields
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
            "check_compatible"]
@@ -19,17 +19,24 @@ __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "labe
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)
 BACKENDS = ("zarr", "wds")
+CODECS = ("fp16", "q8")
 ID_DTYPES = ("uint8", "uint16", "int32")
 
 
-def label_fields(k: int, id_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Soft label columns: top-k ids and logits (sorted by logit), log-sum-exp of all logits."""
+def label_fields(k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Soft label columns: top-k ids and logits (sorted by logit), log-sum-exp of all logits.
+
+    codec q8 stores the logits as uint8 distances below the top-1 plus the top-1 log-probability
+    `top` (see `kdlib.softlabel.to_codec`); readers get float logits back from `decode_logits`.
+    """
+    if codec == "q8":
+        return {"ids": (id_dtype, (k,)), "logits": ("uint8", (k,)), "top": ("float16", ()), "lse": ("float32", ())}
     return {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
 
 
-def view_fields(k: int, id_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def view_fields(k: int, id_dtype: str, codec: str = "fp16", packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every column of an epoch: view params (see `kdlib.plan`) then soft labels."""
-    return {**PARAM_FIELDS, **label_fields(k, id_dtype)}
+    return {**param_fields(packing), **label_fields(k, id_dtype, codec)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class StoreMeta:
     chunk_views: int  # views per chunk, the unit of writing, checksumming and resuming
     epochs_done: int = 0
     sample_views: int = 0  # the first views of every chunk also keep their full logits (fp16)
+    logit_codec: str = "fp16"  # fp16, or q8 (8-bit distances below the top-1 logit)
+    param_packing: str = "none"  # none, or packed (uint16 boxes, lambda on a 1/65535 grid)
     test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
     kdlib_version: str = field(default="", compare=False)
 
@@ -71,6 +80,8 @@ class StoreMeta:
         need(isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
              "chunk_views", "must be a positive multiple of group_size")
         need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
+        need(self.logit_codec in CODECS, "logit_codec", f"must be one of {CODECS}")
+        need(self.param_packing in PACKINGS, "param_packing", f"must be one of {PACKINGS}")
         need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
              "must be an int in [0, chunk_views]")
 
@@ -85,7 +96,11 @@ class StoreMeta:
     @property
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """One row per view: params and soft labels."""
-        return view_fields(self.k, self.id_dtype)
+        return view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing)
+
+    @property
+    def label_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return label_fields(self.k, self.id_dtype, self.logit_codec)
 
     @property
     def sample_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -147,6 +162,8 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("teacher weights digest", found.teacher.get("digest"), wanted.teacher.get("digest")),
         ("recipe", found.recipe, wanted.recipe),
         ("k", found.k, wanted.k),
+        ("logit codec", found.logit_codec, wanted.logit_codec),
+        ("param packing", found.param_packing, wanted.param_packing),
         ("num_classes", found.num_classes, wanted.num_classes),
         ("backend", found.backend, wanted.backend),
         ("chunk_views", found.chunk_views, wanted.chunk_views),
