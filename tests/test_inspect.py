@@ -93,7 +93,7 @@ def test_report_describes_the_store(report, store):
     assert report["source"]["fingerprint"] == m.source["fingerprint"] and report["source"]["images"] == LIMIT
     assert report["source"]["limit"] == LIMIT and report["source"]["data"] == "fashion-mnist"
     assert report["recipe"]["group"] == [4, 1] and report["recipe"]["mix"] == "mixup"
-    assert report["recipe"]["scale"] == [0.35, 1.0] and report["recipe"]["seed"] == 0
+    assert report["recipe"]["scale"] == list(m.recipe["scale"]) and report["recipe"]["seed"] == m.recipe["seed"]
     assert report["chunks"] == {"chunk_views": CHUNK_VIEWS, "chunks_per_epoch": m.chunks_per_epoch,
                                 "sample_views_per_chunk": 1, "partial_epoch": None}
     assert report["digest"] == store.content_digest()
