@@ -36,7 +36,7 @@ def _last_json(text: str) -> dict:
 
 
 def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = False) -> None:
-    limit, epochs, teacher_epochs = ("512", "2", "2") if quick else ("20000", "4", "3")
+    limit, epochs, teacher_epochs = ("512", "2", "2") if quick else ("12000", "4", "3")
     common = ["--data", "fashion-mnist", "--limit", limit]
     teacher, student, control = f"{out}/teacher", f"{out}/student", f"{out}/student-ce"
     recipe = str(Path(__file__).resolve().parent.parent / RECIPE) if not Path(RECIPE).exists() else RECIPE
