@@ -65,11 +65,21 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "kdlib")),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_pressure_at_start": cpu_pressure(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def cpu_pressure() -> str | None:
+    """Linux PSI line 'some avg10=.. avg60=..': share of time runnable tasks waited for a CPU
+    (other jobs on a shared machine show up here)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def device_label(info: dict[str, Any]) -> str:
@@ -85,8 +95,11 @@ def write_result(name: str, machine: dict[str, Any], config: dict[str, Any], res
                  table: str, out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    machine = {**machine, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    doc = {"benchmark": name, "date": now_utc(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    machine = {**machine, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+               "cpu_pressure_at_end": cpu_pressure()}
+    exe = Path(sys.executable)
+    exe_s = os.path.relpath(exe, REPO) if str(exe).startswith(str(REPO)) else exe.name
+    doc = {"benchmark": name, "date": now_utc(), "command": " ".join([exe_s, *sys.argv]),
            "machine": machine, "config": config, "results": results, "table_markdown": table}
     path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     return path
@@ -148,6 +161,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def dir_bytes(root: str | Path) -> int:
+    """Bytes of every file under `root` (what `du --apparent-size` counts)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
 def tmpdir(keep: str | None, prefix: str) -> Path:
     if keep:
         p = Path(keep)
@@ -170,6 +188,77 @@ def epoch_rate(run_dir: Path, batch_size: int) -> dict[str, Any]:
     seconds = sum(r["seconds"] for r in epochs)
     return {"views": views, "seconds": seconds, "views_per_s": views / seconds,
             "per_epoch_views_per_s": [r["views_per_s"] for r in epochs]}
+
+
+@contextlib.contextmanager
+def step_clock() -> Iterator[list[list[float]]]:
+    """Timestamps of every step of `kdlib.train`'s loop, without changing the loop.
+
+    The progress bar class kdlib.train uses (whatever `tqdm` it imported) is replaced by a
+    subclass of itself that records `perf_counter()` when each batch is handed to the loop body
+    and once when the loader is exhausted: one list per epoch, n + 1 stamps for n steps. It
+    behaves exactly like the class it wraps (same __init__, same iteration underneath).
+    """
+    import kdlib.train as train_mod
+
+    base = train_mod.tqdm
+    stamps: list[list[float]] = []
+
+    class Clocked(base):  # type: ignore[misc, valid-type]
+        def __iter__(self):
+            run: list[float] = []
+            stamps.append(run)
+            for obj in super().__iter__():
+                run.append(time.perf_counter())
+                yield obj
+            run.append(time.perf_counter())
+
+    train_mod.tqdm = Clocked
+    try:
+        yield stamps
+    finally:
+        train_mod.tqdm = base
+
+
+@contextlib.contextmanager
+def update_clock() -> Iterator[list[list[float]]]:
+    """Timestamps of `kdlib.precompute`'s progress-bar updates (one per teacher batch done), one
+    list per bar: the same trick as `step_clock`, for precompute's loop, which updates its bar by
+    hand after each batch's teacher forward and top-k."""
+    import kdlib.precompute as pre_mod
+
+    base = pre_mod.tqdm
+    stamps: list[list[float]] = []
+
+    class Clocked(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._stamps: list[float] = []
+            stamps.append(self._stamps)
+
+        def update(self, n=1):
+            self._stamps.append(time.perf_counter())
+            return super().update(n)
+
+    pre_mod.tqdm = Clocked
+    try:
+        yield stamps
+    finally:
+        pre_mod.tqdm = base
+
+
+def steady_rate(stamps: list[list[float]], batch_size: int, skip: int = 2) -> float:
+    """Views/s over every epoch's steps after the first `skip` (worker start-up, first batch, warm-up);
+    an epoch of `skip` steps or fewer keeps its last step only."""
+    views, seconds = 0, 0.0
+    for run in stamps:
+        steps = len(run) - 1
+        if steps < 1:
+            continue
+        s = min(skip, steps - 1)
+        views += (steps - s) * batch_size
+        seconds += run[-1] - run[s]
+    return views / seconds
 
 
 def write_recipe(path: Path, base: str | None = None, **overrides: Any) -> str:
@@ -219,6 +308,28 @@ def synthetic_jpeg_folder(root: Path, n: int, size: int, num_classes: int = 10, 
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:06d}.jpg", quality=quality)
     return str(root)
+
+
+def add_data_flags(ap) -> None:
+    """--data/--recipe plus the synthetic-JPEG mode used for GPU runs (ImageNet-like input)."""
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--recipe", default=FMNIST_RECIPE)
+    ap.add_argument("--jpeg-size", type=int, default=0,
+                    help="if > 0: make an ImageFolder of --limit synthetic JPEGs of this size and use it as --data")
+    ap.add_argument("--size", type=int, default=0,
+                    help="views' output size (0: the recipe's; with --jpeg-size: 224, inception scale 0.08-1)")
+
+
+def prepare_data(args, work: Path) -> tuple[str, str]:
+    """(data, recipe) for a run: the given ones, or synthetic JPEGs and an ImageNet-like recipe."""
+    if args.jpeg_size:
+        data = synthetic_jpeg_folder(work / "jpegs", args.limit, args.jpeg_size)
+        recipe = write_recipe(work / "recipe.json", args.recipe, size=args.size or 224, scale=(0.08, 1.0),
+                              name=f"jpeg{args.jpeg_size}-{args.size or 224}")
+        return data, recipe
+    if args.size:
+        return args.data, write_recipe(work / "recipe.json", args.recipe, size=args.size)
+    return args.data, args.recipe
 
 
 def parse_rate(text: str, pattern: str = r"epoch \d+: .*?([\d.]+) views/s") -> float | None:

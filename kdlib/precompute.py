@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
 from . import __version__
 from ._dist import process_state
@@ -100,7 +100,10 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
-        logit_codec=cfg.logit_codec, param_packing=cfg.param_packing, sample_views=min(chunk_views, math.ceil(chunk_views * cfg.full_sample)), kdlib_version=__version__)
+        logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
+        # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
+        sample_views=0 if cfg.k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * cfg.full_sample)),
+        kdlib_version=__version__)
     if not 0 <= cfg.full_sample <= 1:
         raise ConfigError(f"full_sample={cfg.full_sample} must be a fraction in [0, 1]")
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")

@@ -29,7 +29,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
 from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
