@@ -335,3 +335,15 @@ def prepare_data(args, work: Path) -> tuple[str, str]:
 def parse_rate(text: str, pattern: str = r"epoch \d+: .*?([\d.]+) views/s") -> float | None:
     found = re.findall(pattern, text)
     return float(found[-1]) if found else None
+
+
+def timed_train(train: Callable[[Any], Any], config: Any, out: Path, batch_size: int, skip: int) -> dict[str, Any]:
+    """One training run, quiet: its whole-epoch rate (metrics.jsonl) and its steady-state rate; `out` removed."""
+    import shutil
+
+    with quiet(), step_clock() as stamps:
+        train(config)
+    rate = epoch_rate(out, batch_size)
+    rate["steady_views_per_s"] = steady_rate(stamps, batch_size, skip)
+    shutil.rmtree(out, ignore_errors=True)
+    return rate

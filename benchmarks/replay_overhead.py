@@ -69,12 +69,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name in C.order(r, list(sides)):
             out = work / f"{name}-{r}"
-            with C.quiet(), C.step_clock() as stamps:
-                train(sides[name](str(out)))
-            rate = C.epoch_rate(out, args.batch_size)
-            rate["steady_views_per_s"] = C.steady_rate(stamps, args.batch_size, args.skip)
+            rate = C.timed_train(train, sides[name](str(out)), out, args.batch_size, args.skip)
             runs[name].append(rate)
-            shutil.rmtree(out, ignore_errors=True)
             print(f"round {r} {name:>6}: {rate['steady_views_per_s']:.0f} views/s steady, "
                   f"{rate['views_per_s']:.0f} views/s whole epoch ({rate['views']} views in {rate['seconds']:.1f} s)",
                   flush=True)
