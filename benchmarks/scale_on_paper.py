@@ -68,10 +68,11 @@ def main() -> None:
         bpv = r["bytes_per_view"]
         pl = bpv["params"] + bpv["labels"]
         with_sample = r["total_columns_bytes_per_view"]
-        k = "full" if r["k"] >= classes else r["k"]
+        codec = r.get("codec", "fp16")
+        k = "full" if r["k"] >= classes else f"{r['k']}" + ("" if codec == "fp16" else f", {codec}")
         sizes = {e: pl * views_epoch * e for e in epochs}
         sizes_all = {e: with_sample * views_epoch * e for e in epochs}
-        out_rows.append({"k": r["k"], "bytes_per_view_params_labels": pl, "bytes_per_view_all_columns": with_sample,
+        out_rows.append({"k": r["k"], "codec": codec, "bytes_per_view_params_labels": pl, "bytes_per_view_all_columns": with_sample,
                          "store_bytes": sizes, "store_bytes_all_columns": sizes_all})
         rows.append([k, f"{pl:.1f} / {with_sample:.1f}"] +
                     [f"{human(sizes[e])} / {human(sizes_all[e])}" for e in epochs])
@@ -91,10 +92,10 @@ def main() -> None:
     ]
     ref_table = C.md_table(["published", "what is stored", "size", "where it appears"], refs)
     print(f"ImageNet-1k on paper: {args.images:,} images x {args.views_per_image} view(s) per epoch, bytes/view "
-          f"measured by storage.py ({storage['date']}, {args.backend}, {classes} classes, fp16)\n")
+          f"measured by storage.py ({storage['date']}, {args.backend}, {classes} classes)\n")
     print(table)
     overhead = max(r["all_files_bytes_per_view"] - r["total_columns_bytes_per_view"] for r in rows_in) * rows_in[0]["views"]
-    notes = ("store size = bytes/view x views, as 'params+labels / with precompute's default 1% full-logit sample'; "
+    notes = ("store size = bytes/view x views, as 'params+labels / with precompute's default full-logit sample'; "
              f"meta.json, zarr.json, commit records and logs are left out (at most {overhead / 1e3:.0f} kB for the "
              f"whole 1-epoch, {rows_in[0]['views']}-view store of the storage run: a cost per store, epoch and chunk, "
              "not per view). "

@@ -37,8 +37,9 @@ def cli() -> None:
               help="packed: uint16 boxes and lambda on a 1/65535 grid, 24 -> 16 bytes of params per view.")
 @click.option("--logits", "logit_codec", type=click.Choice(["fp16", "q8"]), default="fp16",
               help="How top-k logits are stored: fp16, or q8 (8-bit, 1/16 nat steps below the top-1).")
-@click.option("--full-sample", type=click.FloatRange(0, 1), default=0.01,
-              help="Fraction of views that also keep all logits (fp16), to measure what top-k costs.")
+@click.option("--full-sample", type=click.FloatRange(0, 1), default=None,
+              help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
+                   "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].")
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
 @LIMIT
 @WORKERS

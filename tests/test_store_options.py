@@ -70,3 +70,21 @@ def test_codec_mismatch_is_refused(small_store, teacher_dir):
         precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(small_store),
                                     recipe=FMNIST_RECIPE, epochs=1, k=10, limit=LIMIT, chunk_views=CHUNK_VIEWS,
                                     workers=0, logit_codec="fp16", param_packing="packed", full_sample=0.25))
+
+
+@pytest.mark.parametrize("full_sample, sample_views", [(None, 3), (0.01, 41), (0.0, 0)])
+def test_full_logit_sample_shrinks_with_many_classes(tmp_path, full_sample, sample_views):
+    """1000 classes, k = 5: by default the sample keeps 0.05 % of views (a tenth of the top-k bytes),
+    not the 1 % that would cost more than the labels themselves; an explicit fraction is kept."""
+    from kdlib.precompute import PrecomputeConfig, precompute
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "c1000.npz"
+    np.savez(data, images=rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8), labels=np.arange(16) * 61,
+             classes=np.array([f"c{i}" for i in range(1000)]))
+    store = precompute(PrecomputeConfig(teacher="resnet8", data=str(data), out=str(tmp_path / "s"),
+                                        recipe=FMNIST_RECIPE, k=5, chunk_views=4096, workers=0, test=False,
+                                        full_sample=full_sample))
+    assert store.meta.num_classes == 1000 and store.meta.sample_views == sample_views
+    full = store.read_chunk(0, 0).get("full")
+    assert (full is None) if sample_views == 0 else full.shape == (min(sample_views, 16), 1000)
