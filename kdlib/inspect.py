@@ -16,6 +16,7 @@ The report reads the store chunk by chunk (never the whole store at once):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -193,16 +194,21 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         "bytes_on_disk": {"columns": on_disk, **groups},
         "bytes_per_view": per_view,
         "dense_fp16_bytes_per_view": 2 * meta.num_classes,
-        "digest": store.content_digest(),
+        "digest": None,  # filled by the one pass over the chunks below
     }
 
-    # -- label statistics and truncation, one chunk at a time -----------------------------
+    # -- digest, label statistics and truncation: one read of each chunk -----------------
     per_epoch = meta.chunks_per_epoch if max_chunks is None else min(max_chunks, meta.chunks_per_epoch)
     stats = _LabelStats(meta.num_classes)
     trunc, target = _ErrorStats(), _ErrorStats()
+    digest = hashlib.sha256()
     for epoch in range(meta.epochs_done):
-        for chunk in range(per_epoch):
-            cols = decoded(store.read_chunk(epoch, chunk), meta)
+        for chunk in range(meta.chunks_per_epoch):
+            raw = store.read_chunk(epoch, chunk)
+            store.digest_update(digest, raw)
+            if chunk >= per_epoch:
+                continue
+            cols = decoded(raw, meta)
             stats.add(cols["ids"], cols["logits"], cols["lse"])
             full = cols.get("full")
             if full is None or len(full) == 0:
@@ -214,6 +220,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
                                 torch.from_numpy(np.ascontiguousarray(cols["lse"][:s])), meta.num_classes)
             trunc.add(losses.target_error(full_t, recon, "kl", temperature=1.0), s)
             target.add(losses.target_error(full_t, recon, loss, **params), s)
+    report["digest"] = digest.hexdigest()
     report["labels"] = {**stats.summary(classes), "epochs": meta.epochs_done, "chunks_per_epoch_read": per_epoch,
                         "complete": per_epoch == meta.chunks_per_epoch}
     if meta.sample_views == 0:

@@ -254,3 +254,17 @@ def test_cli_json_and_text(store_dir, report, tmp_path):
 
     res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nothing"), "--json"])
     assert res.exit_code != 0 and "no store" in str(res.exception)
+
+
+@pytest.mark.parametrize("max_chunks", [None, 1])
+def test_inspect_reads_each_chunk_once_and_digests_the_whole_store(store_dir, monkeypatch, max_chunks):
+    from kdlib.store.base import Store
+
+    reads = []
+    real = Store.read_chunk
+    monkeypatch.setattr(Store, "read_chunk", lambda self, e, c: reads.append((e, c)) or real(self, e, c))
+    r = inspect_store(store_dir, max_chunks=max_chunks)
+    m = open_store(store_dir).meta
+    assert sorted(reads) == [(e, c) for e in range(m.epochs_done) for c in range(m.chunks_per_epoch)]
+    monkeypatch.setattr(Store, "read_chunk", real)
+    assert r["digest"] == open_store(store_dir).content_digest()

@@ -132,11 +132,14 @@ class Store:
         h = hashlib.sha256()
         for epoch in range(self.meta.epochs_done):
             for chunk in range(self.meta.chunks_per_epoch):
-                cols = self.read_chunk(epoch, chunk)
-                for name in self.meta.fields:
-                    h.update(name.encode())
-                    h.update(np.ascontiguousarray(cols[name]).tobytes())
+                self.digest_update(h, self.read_chunk(epoch, chunk))
         return h.hexdigest()
+
+    def digest_update(self, h: Any, cols: Chunk) -> None:
+        """Feed one chunk to `h` as `content_digest` does (for readers that also use the chunk)."""
+        for name in self.meta.fields:
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(cols[name]).tobytes())
 
     # -- teacher predictions on the test split --------------------------------------------
     def write_test(self, arrays: Chunk, source: dict[str, Any]) -> None:
