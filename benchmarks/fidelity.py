@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/fidelity.py --limit 5000    # the README's numbers (2 seeds, ~40 min on 2 quiet CPU cores)
     .venv/bin/python benchmarks/fidelity.py --quick         # a smoke run (1 seed, tiny)
+    .venv/bin/python benchmarks/fidelity.py --limit 60000 --teacher-epochs 2 --epochs 2 --seeds 1 --long 0 \
+        --result fidelity-full                              # rows 1-3 on the full train split (~45 min)
 
 On Fashion-MNIST (first --limit training images; every run scored on the full 10,000-image test
 split, agreement = same top-1 as the teacher on the same center views), a teacher clearly
@@ -62,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=4, help="schedule of configs 1-3")
-    ap.add_argument("--long", type=int, default=16, help="schedule of configs 4-5 (and stored epochs of the long store)")
+    ap.add_argument("--long", type=int, default=16, help="schedule of configs 4-5 (and stored epochs of the long store); 0 skips them")
     ap.add_argument("--teacher-epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--teacher", default="resnet20x2")
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="work dir (default: a temp dir)")
+    ap.add_argument("--result", default=None, help="name of the JSON in benchmarks/results (default: fidelity)")
     a = ap.parse_args()
     if a.quick:
         a.limit, a.epochs, a.long, a.teacher_epochs, a.seeds = 512, 1, 4, 1, 1
@@ -91,12 +94,14 @@ def main() -> None:
     precompute(PrecomputeConfig(teacher=str(work / "teacher"), data="fashion-mnist", out=str(work / "s_fmnist"),
                                 recipe=FMNIST, epochs=a.epochs, limit=a.limit, workers=a.workers))
     timings["precompute_fmnist_s"] = time.time() - t0
-    t0 = time.time()
-    long_store = precompute(PrecomputeConfig(teacher=str(work / "teacher"), data="fashion-mnist",
-                                             out=str(work / "s_funmatch"), recipe=FUNMATCH, epochs=a.long,
-                                             limit=a.limit, workers=a.workers))
-    timings["precompute_funmatch_s"] = time.time() - t0
-    store_bytes = sum(long_store.bytes_on_disk().values())
+    store_bytes = 0
+    if a.long:
+        t0 = time.time()
+        long_store = precompute(PrecomputeConfig(teacher=str(work / "teacher"), data="fashion-mnist",
+                                                 out=str(work / "s_funmatch"), recipe=FUNMATCH, epochs=a.long,
+                                                 limit=a.limit, workers=a.workers))
+        timings["precompute_funmatch_s"] = time.time() - t0
+        store_bytes = sum(long_store.bytes_on_disk().values())
 
     for seed in range(a.seeds):
         ep = dict(epochs=a.epochs, test=test, teacher_top1=teacher_top1, **common)
@@ -111,8 +116,9 @@ def main() -> None:
                 else f"5. {a.long} epochs from {n} stored epoch{'s' if n > 1 else ''} (cycled)"
             _run(name, rows, seed, out=str(work / f"fm{n}_{seed}"), shards=str(work / "s_funmatch"),
                  stored_epochs=n, **lp)
-        _run(f"5. {a.long} epochs online (fresh views every epoch)", rows, seed, out=str(work / f"fmonline{seed}"),
-             data="fashion-mnist", teacher=str(work / "teacher"), recipe=FUNMATCH, **lp)
+        if a.long:
+            _run(f"5. {a.long} epochs online (fresh views every epoch)", rows, seed, out=str(work / f"fmonline{seed}"),
+                 data="fashion-mnist", teacher=str(work / "teacher"), recipe=FUNMATCH, **lp)
 
     def stat(xs):
         xs = [x for x in xs if x is not None]
@@ -120,13 +126,13 @@ def main() -> None:
             return "-"
         return f"{statistics.mean(xs):.4f} ± {(max(xs) - min(xs)) / 2:.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
-    per_epoch = store_bytes / a.long
+    per_epoch = store_bytes / a.long if a.long else None
     lines = [f"teacher {a.teacher}: top-1 {teacher_eval['top1']:.4f} ({a.teacher_epochs} epochs, "
              f"{timings['teacher_train_s']:.0f} s); student {a.student}; first {a.limit} training images, "
              f"full test split ({len(test)} images); {a.seeds} seed(s), mean ± half-range. "
              f"Precompute (paid once, not in the cached rows' wall time): {a.epochs}-epoch fmnist store "
-             f"{timings['precompute_fmnist_s']:.0f} s, {a.long}-epoch funmatch store "
-             f"{timings['precompute_funmatch_s']:.0f} s.",
+             f"{timings['precompute_fmnist_s']:.0f} s"
+             + (f", {a.long}-epoch funmatch store {timings['precompute_funmatch_s']:.0f} s." if a.long else "."),
              "", "| run | test top-1 | agreement with teacher | wall time (s) | store bytes |",
              "| --- | --- | --- | --- | --- |"]
     for name, rs in rows.items():
@@ -141,7 +147,7 @@ def main() -> None:
               "store_bytes_per_epoch": per_epoch, "table": table,
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
-    out = REPO / "benchmarks/results" / ("fidelity-quick.json" if a.quick else "fidelity.json")
+    out = REPO / "benchmarks/results" / f"{a.result or ('fidelity-quick' if a.quick else 'fidelity')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}; runs in {work}")
