@@ -26,8 +26,8 @@ import numpy as np
 
 from .recipe import Recipe
 
-__all__ = ["PARAM_FIELDS", "PACKED_FIELDS", "PACKINGS", "param_fields", "pack_params", "unpack_params", "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params",
-           "views_per_epoch", "slice_params"]
+__all__ = ["PARAM_FIELDS", "PACKED_FIELDS", "PACKINGS", "param_fields", "pack_params", "unpack_params",
+           "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params", "views_per_epoch", "slice_params"]
 
 PARAM_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
     "image": ("uint32", ()),

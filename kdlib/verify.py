@@ -1,7 +1,8 @@
 """Verify: re-render stored views, re-run the teacher, and compare with what the store says.
 
 On the machine that wrote the store, agreement must be total and the logit error within the
-storage rounding of the store's logit codec (fp16, or q8's 1/32 nat) (invariant 3). Views are whole groups spread evenly over every stored epoch.
+storage rounding of the store's logit codec, fp16 or q8's 1/32 nat (invariant 3). Views are
+whole groups spread evenly over every stored epoch.
 """
 
 from __future__ import annotations

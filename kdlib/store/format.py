@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreVersionError
 from ..plan import PACKINGS, param_fields
+from ..softlabel import CODECS
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
            "check_compatible"]
@@ -19,7 +20,6 @@ __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "labe
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (1,)
 BACKENDS = ("zarr", "wds")
-CODECS = ("fp16", "q8")
 ID_DTYPES = ("uint8", "uint16", "int32")
 
 
