@@ -12,7 +12,12 @@ from .errors import KdlibError
 LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each split (quick tries, tests).")
 WORKERS = click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-                       help="DataLoader worker processes that decode and render.")
+                       help="DataLoader worker processes that read and decode (and render, on a CPU-only machine).")
+RENDER = click.option("--render", type=click.Choice(["auto", "device", "workers"]), default="auto",
+                      help="Where views are rendered: on the model's device (default with a GPU) or in the "
+                           "DataLoader workers (default on a CPU-only machine); same pixels on one kind of device.")
+PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default="auto",
+                         help="Teacher forward: auto is bf16 + channels_last on CUDA, fp32 on the CPU.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -41,6 +46,11 @@ def cli() -> None:
               help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
                    "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].")
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
+@click.option("--decode", type=click.Choice(["pil", "pil-draft"]), default="pil",
+              help="pil-draft: decode a JPEG 2-8x smaller in the DCT domain when all its boxes shrink that much "
+                   "(fast for photos; changes pixels, so it is recorded and replayed).")
+@PRECISION
+@RENDER
 @LIMIT
 @WORKERS
 def precompute(**kw) -> None:
@@ -77,7 +87,12 @@ def precompute(**kw) -> None:
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--warmup", type=click.FloatRange(0, 1), default=0.05, help="Warmup, fraction of all steps.")
 @click.option("--clip", type=float, default=1.0, help="Gradient norm clip (0: off).")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
+              help="Student autocast [default: what accelerate's config says, else no].")
+@PRECISION
+@RENDER
+@click.option("--log-every", type=click.IntRange(min=1), default=50,
+              help="Steps between reads of the loss on the host (steps.jsonl still has every step).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Student initialisation seed.")
 @click.option("--weights", default=None, help="Initial student weights file.")
 @click.option("--stored-epochs", type=click.IntRange(min=1), default=None,
@@ -106,16 +121,23 @@ def train(config_file: str | None, **kw) -> None:
 @click.option("--teacher", required=True, help="The teacher that wrote the store (its digest must match).")
 @click.option("--weights", default=None)
 @click.option("--views", type=click.IntRange(min=1), default=256, help="How many stored views to re-check.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=1.0, help="Fail below this top-1 agreement.")
-def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float) -> None:
-    """Re-render stored views, re-run the teacher, compare; exit 1 when they disagree."""
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="Fail below this top-1 agreement [default: 1.0 on the kind of device and in fp32 that wrote the "
+                   "store, else 0.99].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when there is one.")
+def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float | None,
+           device: str | None) -> None:
+    """Re-render stored views, re-run the teacher, compare pixels and logits; exit 1 when they disagree."""
     from .verify import verify as run
 
-    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement)
+    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement, device=device)
     click.echo(json.dumps(result, indent=1))
     if not result["ok"]:
-        click.echo(f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {min_agreement}), "
-                   f"max logit error {result['max_logit_error']:.3g}", err=True)
+        pixels = result.get("pixels")
+        click.echo(f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {result['min_agreement']}), "
+                   f"max logit error {result['max_logit_error']:.3g}"
+                   + (f", pixels: max difference {pixels['max_pixel_diff']} on {pixels['pixels_differing']:.4%}"
+                      if pixels else ""), err=True)
         sys.exit(1)
 
 

@@ -13,33 +13,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from .feed import Feed
 from .models import load_model
 from .plan import center_params
 from .source import open_source
 from .store import open_store
-from .views import ViewBatches, loader, split_range
+from .teacher import precision_context
+from .views import Batch, FixedParams, ViewBatches, split_range
 
 __all__ = ["evaluate", "evaluate_model", "predict"]
 
 
 def predict(model: torch.nn.Module, source, size: int, center_fraction: float, batch_size: int = 512,
-            workers: int = 0, device: torch.device | None = None) -> torch.Tensor:
-    """float32 logits [N, C] of the model on every image's center view."""
-    device = device or next(model.parameters()).device
-    params = center_params(source.sizes(), np.arange(len(source)), center_fraction)
-    data = ViewBatches(source, split_range(0, len(source), batch_size), size, 1, params=params)
+            workers: int = 0, device: torch.device | None = None, accelerator: Any = None,
+            precision: str = "fp32") -> torch.Tensor:
+    """float32 logits [N, C] of the model on every image's center view.
+
+    With an `accelerator` of N processes, each rank predicts a contiguous share of the images on
+    its device and every rank gets all N shares back, in order."""
+    device = device or (accelerator.device if accelerator is not None else next(model.parameters()).device)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    n = len(source)
+    share = -(-n // world)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    params = FixedParams(center_params(source.sizes(), np.arange(n), center_fraction))
+    batches = [Batch(0, a, b) for a, b in split_range(lo, hi, batch_size)]
     model.eval()
     out = []
-    with torch.inference_mode():
-        for item in loader(data, workers):
-            out.append(model(item["views"].to(device)).float().cpu())
-    return torch.cat(out)
+    with torch.inference_mode(), precision_context(precision, device):
+        for item in Feed(ViewBatches(source, batches, size, 1, params), device, workers):
+            out.append(model(item["views"]).float())
+    classes = out[0].shape[1] if out else int(getattr(model, "num_classes", 0))
+    logits = torch.cat(out) if out else torch.zeros((0, classes), device=device)
+    if world > 1:  # equal shares for the gather: pad the last one, then cut the padding off
+        padded = torch.zeros((share, logits.shape[1]), device=logits.device)
+        padded[: len(logits)] = logits
+        logits = accelerator.gather(padded)[:n]
+    return logits.cpu()
 
 
 def evaluate(model_spec: str, data: str | None = None, split: str = "test", limit: int | None = None,
              shards: str | None = None, workers: int = 0, batch_size: int = 512) -> dict[str, Any]:
     """JSON-able metrics of a trained model (a run directory) on `data`'s `split`."""
-    model = load_model(model_spec)
+    model = load_model(model_spec).to("cuda" if torch.cuda.is_available() else "cpu")
     cfg: dict[str, Any] = {}
     cfg_path = Path(model_spec) / "config.json"
     if cfg_path.is_file():
@@ -57,10 +73,13 @@ def evaluate(model_spec: str, data: str | None = None, split: str = "test", limi
 
 
 def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: float = 1.0,
-                   shards: str | None = None, workers: int = 0, batch_size: int = 512) -> dict[str, Any]:
-    """top1/top5 on `source`'s center views; agreement when `shards` cached the teacher on this source."""
+                   shards: str | None = None, workers: int = 0, batch_size: int = 512,
+                   accelerator: Any = None) -> dict[str, Any]:
+    """top1/top5 on `source`'s center views; agreement when `shards` cached the teacher on this source.
+
+    With an `accelerator`, every rank must call it: each predicts its share on its device."""
     was_training = model.training
-    logits = predict(model, source, size, center_fraction, batch_size, workers)
+    logits = predict(model, source, size, center_fraction, batch_size, workers, accelerator=accelerator)
     model.train(was_training)
     labels = torch.from_numpy(source.labels())
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -19,6 +19,7 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,15 +30,20 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from . import __version__
 from ._dist import process_state
 from .errors import ConfigError
+from .feed import Feed
 from .models import Classifier, load_model, model_id, weights_digest
-from .plan import center_params, make_plan, pack_params, unpack_params, views_per_epoch
+from .plan import center_params, pack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
+from .render import DECODERS, RENDERER
 from .softlabel import encode, id_dtype, to_codec
 from .source import Source, open_source
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
-from .views import ViewBatches, loader, split_range
+from .teacher import check_precision, prepare_model, teacher_logits
+from .views import Batch, FixedParams, PlanParams, ViewBatches, split_range
 
-__all__ = ["PrecomputeConfig", "auto_full_sample", "precompute", "teacher_logits"]
+__all__ = ["PrecomputeConfig", "auto_full_sample", "precompute", "teacher_logits", "PIXEL_SAMPLE"]
+
+PIXEL_SAMPLE = 8  # rendered views of epoch 0 kept in the store, so verify can measure pixel parity
 
 
 @dataclass
@@ -60,18 +66,15 @@ class PrecomputeConfig:
     logit_codec: str = "fp16"  # or q8: 8-bit top-k logits (half the label bytes at k = 10)
     full_sample: float | None = None  # fraction of views (the first of each chunk) that also keep full logits;
     # None: auto_full_sample(k, classes)
+    precision: str | None = None  # teacher forward: fp32, tf32 or bf16; None: bf16 on CUDA, fp32 on the CPU
+    decode: str = "pil"  # or pil-draft: JPEGs shrunk 2-8x in the DCT domain when every box allows it
+    render: str = "auto"  # where views are rendered: device, workers, auto (see kdlib.feed)
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
     """Default share of views that keep all logits: 1 %, less with many classes, so that the sample
     costs at most a tenth of the top-k values (ImageNet, k = 10: 0.1 %, 2 B/view instead of 20)."""
     return min(0.01, 0.1 * k / num_classes)
-
-
-def teacher_logits(teacher: Classifier, views: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """float32 logits of uint8 views; the one way every stage runs a teacher."""
-    with torch.inference_mode():
-        return teacher(views.to(device, non_blocking=True)).float()
 
 
 def _round_to_groups(n: int, group_size: int, what: str) -> int:
@@ -90,13 +93,17 @@ def _check_teacher(teacher: Classifier, source: Source, spec: str) -> None:
 
 def precompute(cfg: PrecomputeConfig) -> Store:
     state = process_state()
+    device = state.device
+    if cfg.decode not in DECODERS:
+        raise ConfigError(f"--decode {cfg.decode!r} is unknown; choose one of {DECODERS}")
+    precision = check_precision(cfg.precision, device)
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
     mean, std = source.mean_std()
     teacher = load_model(cfg.teacher, num_classes=source.num_classes, in_channels=source.channels,
                          mean=mean, std=std, weights=cfg.weights)
     _check_teacher(teacher, source, cfg.teacher)
-    teacher.eval().to(state.device)
+    teacher = prepare_model(teacher.eval(), device)
     g = recipe.group_size
     k = min(cfg.k, source.num_classes)
     full_sample = auto_full_sample(k, source.num_classes) if cfg.full_sample is None else cfg.full_sample
@@ -106,13 +113,14 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         format_version=FORMAT_VERSION, backend=cfg.backend, recipe=recipe.digest_dict(),
         source={**source.describe(), "data": cfg.data, "limit": cfg.limit},
         teacher={"id": model_id(cfg.teacher), "digest": weights_digest(teacher), "arch": teacher.config["arch"],
-                 "config": teacher.config},
+                 "config": teacher.config, "precision": precision},
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
         logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
+        render={"device": device.type, "decoder": cfg.decode, "renderer": RENDERER},
         kdlib_version=__version__)
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
@@ -124,21 +132,23 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     log_path = f"{store.root}/logs/precompute-rank{state.process_index}.jsonl"
     store.fs.makedirs(f"{store.root}/logs", exist_ok=True)
 
-    sizes = source.sizes()
-    for epoch in range(cfg.epochs):
-        if epoch < store.meta.epochs_done:
-            continue
-        if state.is_main_process:
+    # Every batch this rank still owes, over all remaining epochs: one feed (one set of workers) for the run.
+    epochs = list(range(store.meta.epochs_done, cfg.epochs))
+    if state.is_main_process:
+        for epoch in epochs:
             store.prepare_epoch(epoch)
-        state.wait_for_everyone()
-        done = store.committed_chunks(epoch)
-        mine = [c for c in range(meta.chunks_per_epoch) if c % state.num_processes == state.process_index]
-        todo = [c for c in mine if c not in done]
-        if todo:
-            # packed params are quantized before rendering: the stored value is what the teacher saw
-            params = unpack_params(pack_params(make_plan(recipe, sizes, epoch), meta.param_packing), meta.param_packing)
-            _run_epoch(store, teacher, source, recipe, params, epoch, todo, batch, cfg.workers, state, log_path,
-                       skipped=len(mine) - len(todo))
+    state.wait_for_everyone()
+    mine = [c for c in range(meta.chunks_per_epoch) if c % state.num_processes == state.process_index]
+    todo = {e: [c for c in mine if c not in store.committed_chunks(e)] for e in epochs}
+    batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
+    plan = PlanParams(recipe, source.sizes(), meta.param_packing)  # packed params are quantized before rendering
+    feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft"), device,
+                cfg.workers, cfg.render)
+    items = iter(feed)
+    for epoch in epochs:
+        if todo[epoch]:
+            _run_epoch(store, teacher, precision, items, plan.epoch(epoch), epoch, todo[epoch], batch, state,
+                       log_path, skipped=len(mine) - len(todo[epoch]))
         state.wait_for_everyone()
         if state.is_main_process:
             if not store.epoch_complete(epoch):
@@ -148,60 +158,62 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         store.meta = Store.read_meta(cfg.out)
 
     if cfg.test and state.is_main_process:
-        _store_test_predictions(store, teacher, cfg, recipe, state.device, batch)
+        _store_test_predictions(store, teacher, precision, cfg, recipe, device, batch)
     state.wait_for_everyone()
     return open_store(cfg.out)
 
 
-def _run_epoch(store: Store, teacher: Classifier, source: Source, recipe: Recipe, params: dict[str, np.ndarray],
-               epoch: int, chunks: list[int], batch: int, workers: int, state: PartialState, log_path: str,
-               skipped: int) -> None:
-    ranges, owner = [], []
-    for c in chunks:
-        a, b = store.meta.chunk_range(c)
-        for r in split_range(a, b, batch):
-            ranges.append(r)
-            owner.append(c)
-    data = ViewBatches(source, ranges, recipe.size, recipe.group_size, params=params)
+def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterator[dict[str, Any]],
+               params: dict[str, np.ndarray], epoch: int, chunks: list[int], batch: int, state: PartialState,
+               log_path: str, skipped: int) -> None:
+    meta = store.meta
+    total = sum(b - a for a, b in (meta.chunk_range(c) for c in chunks))
     pending: dict[int, list[dict[str, torch.Tensor]]] = {}
     writes: list[Future] = []
     desc = f"precompute epoch {epoch}" + (f" (resuming: {skipped} chunks already done)" if skipped else "")
-    bar = tqdm(total=sum(b - a for a, b in ranges), desc=desc, unit="view", disable=not state.is_local_main_process)
-    t0 = time.time()
+    bar = tqdm(total=total, desc=desc, unit="view", disable=not state.is_local_main_process)
+    t0, seen = time.time(), 0
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for item, c in zip(loader(data, workers), owner):
-            logits = teacher_logits(teacher, item["views"], state.device)
-            labels = {k: v.cpu() for k, v in to_codec(encode(logits, store.meta.k), store.meta.logit_codec).items()}
-            a, b = store.meta.chunk_range(c)
+        while seen < total:
+            item = next(items)
+            start, stop = item["start"], item["stop"]
+            c = start // meta.chunk_views
+            logits = teacher_logits(teacher, item["views"], state.device, precision)
+            labels = to_codec(encode(logits, meta.k), meta.logit_codec)  # on the device; the writer copies
+            a, b = meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing
-            keep = max(0, min(a + store.meta.sample_views, item["stop"]) - item["start"])
-            labels["full"] = logits[:keep].clamp(-65504, 65504).half().cpu()
+            keep = max(0, min(a + meta.sample_views, stop) - start)
+            labels["full"] = logits[:keep].clamp(-65504, 65504).half()
+            if epoch == 0 and start == 0 and state.is_main_process:
+                store.write_pixels(item["views"][:PIXEL_SAMPLE].cpu().numpy(), epoch=0, start=0)
             pending.setdefault(c, []).append(labels)
-            bar.update(item["stop"] - item["start"])
-            if item["stop"] == b:  # the chunk's last batch: hand it to the writer
+            seen += stop - start
+            bar.update(stop - start)
+            if stop == b:  # the chunk's last batch: hand it to the writer
                 parts = pending.pop(c)
-                cols: dict[str, Any] = pack_params({k: v[a:b] for k, v in params.items()}, store.meta.param_packing)
-                cols.update({k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]})
+                cols: dict[str, Any] = pack_params({k: v[a:b] for k, v in params.items()}, meta.param_packing)
                 while len(writes) >= 2:  # bound memory: at most two chunks in flight
                     writes.pop(0).result()
-                writes.append(writer.submit(_write_and_log, store, epoch, c, cols, log_path, len(parts)))
+                writes.append(writer.submit(_write_and_log, store, epoch, c, cols, parts, log_path))
         for f in writes:
             f.result()
     bar.close()
     if state.is_local_main_process:
-        rate = sum(b - a for a, b in ranges) / max(time.time() - t0, 1e-9)
+        rate = total / max(time.time() - t0, 1e-9)
         tqdm.write(f"epoch {epoch}: {len(chunks)} chunks, {rate:.0f} views/s on rank {state.process_index}")
 
 
-def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, np.ndarray], log_path: str,
-                   batches: int) -> None:
+def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], parts: list[dict[str, torch.Tensor]],
+                   log_path: str) -> None:
+    """In the writer thread: the device-to-host copy of the chunk's labels, the write, the commit."""
+    cols.update({k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]})
     store.write_chunk(epoch, chunk, cols)
     with store.fs.open(log_path, "a") as f:
-        f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": batches, "time": time.time()}) + "\n")
+        f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()}) + "\n")
 
 
-def _store_test_predictions(store: Store, teacher: Classifier, cfg: PrecomputeConfig, recipe: Recipe,
+def _store_test_predictions(store: Store, teacher: Classifier, precision: str, cfg: PrecomputeConfig, recipe: Recipe,
                             device: torch.device, batch: int) -> None:
     try:
         test = open_source(cfg.data, "test", cfg.limit)
@@ -210,10 +222,12 @@ def _store_test_predictions(store: Store, teacher: Classifier, cfg: PrecomputeCo
         return
     if store.meta.test is not None and store.meta.test["source"]["fingerprint"] == test.fingerprint():
         return
-    params = center_params(test.sizes(), np.arange(len(test)), recipe.center_fraction)
-    data = ViewBatches(test, split_range(0, len(test), batch), recipe.size, 1, params=params)
+    params = FixedParams(center_params(test.sizes(), np.arange(len(test)), recipe.center_fraction))
+    batches = [Batch(0, a, b) for a, b in split_range(0, len(test), batch)]
+    feed = Feed(ViewBatches(test, batches, recipe.size, 1, params, draft=cfg.decode == "pil-draft"), device,
+                cfg.workers, cfg.render)
     parts = []
-    for item in tqdm(loader(data, cfg.workers), desc="teacher on test split", unit="batch"):
-        labels = encode(teacher_logits(teacher, item["views"], device), store.meta.k)
-        parts.append({k: v.cpu() for k, v in to_codec(labels, store.meta.logit_codec).items()})
-    store.write_test({k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}, test.describe())
+    for item in tqdm(feed, desc="teacher on test split", unit="batch"):
+        labels = encode(teacher_logits(teacher, item["views"], device, precision), store.meta.k)
+        parts.append(to_codec(labels, store.meta.logit_codec))
+    store.write_test({k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}, test.describe())

@@ -1,17 +1,30 @@
 """Render: the one function that turns view params and decoded images into pixels.
 
-Precompute and train both call `render` (through `render_views`), so for the same params
-and source bytes the teacher and the student see identical uint8 tensors. The crop-resize
-is torchvision's `roi_align` (bilinear, with adaptive sampling that averages when a crop is
-shrunk): it cuts every crop of a batch in one vectorised call, and each output pixel
-depends only on its own box and image, so batch composition, worker count and thread
-count cannot change a view. Mixing is done in float32 on the unrounded crops and rounded
-to uint8 once.
+Precompute, train, verify and eval all call `render`, so for the same params and source bytes
+the teacher and the student see identical uint8 tensors. It is split in two halves so that
+each runs where it is cheapest:
+
+- `decode_batch` (DataLoader workers, CPU): decode each distinct image of a batch once and
+  stack same-shape images; nothing is resized here.
+- `render` (wherever the tensors are: the accelerator in the main process, or the CPU):
+  cut every crop of the batch with torchvision's `roi_align` (bilinear, adaptive sampling
+  that averages when a crop is shrunk) in one vectorised call per image shape, flip, and mix
+  in float32 on the unrounded crops; round to uint8 once.
+
+Each output pixel depends only on its own box and image, so batch composition, worker count
+and thread count cannot change a view. On one kind of device the result is bit-identical;
+CPU and CUDA roi_align differ by at most 1 LSB on a few pixels (measured on an H200: 699 of
+38.5 M), which is why a store records the device kind it was rendered on (`RENDERER`).
+
+With the `pil-draft` decoder, a JPEG whose every box is shrunk at least 2x is decoded at
+1/2, 1/4 or 1/8 scale in the DCT domain and its boxes are scaled to match (aligned=True keeps
+pixel centres consistent). It changes pixels, so the decoder is recorded in the store too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,84 +32,160 @@ from torchvision.ops import roi_align
 
 from .plan import MIX_CUTMIX, MIX_MIXUP
 
-__all__ = ["render", "render_views"]
+__all__ = ["RENDERER", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors", "render",
+           "render_decoded", "render_views"]
+
+RENDERER = "roi_align-1"  # the crop-resize + mix arithmetic; bump if it changes pixels
+DECODERS = ("pil", "pil-draft")
+_DRAFT_SCALES = (8, 4, 2)
 
 
-def render(params: dict[str, np.ndarray], images: Sequence[np.ndarray], size: int, group_size: int) -> torch.Tensor:
-    """Views as uint8 [V, C, size, size] for V = len(params["image"]) views (whole groups).
+@dataclass
+class Decoded:
+    """The distinct images of a batch, decoded once: one uint8 stack [n, C, H, W] per image shape,
+    the views cut from each stack, each view's slot in its stack, and the factor from source
+    pixels to decoded pixels (1 unless the image was draft-decoded). Index lists are made on the
+    host, so rendering on a device never waits on a mask."""
 
-    `images[j]` is the decoded image (uint8 [C, H, W]) of view j; views cut from the same
-    image may share one array (that is how a group decodes each image once).
-    """
+    stacks: list[torch.Tensor]
+    members: list[torch.Tensor]  # int64 [V_b]: the views whose image is in stacks[b]
+    slot: torch.Tensor  # int64 [V]
+    scale: torch.Tensor  # float32 [V]: decoded pixels per source pixel
+
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "Decoded":
+        return Decoded([f(s) for s in self.stacks], [f(m) for m in self.members], f(self.slot), f(self.scale))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Decoded":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Decoded":  # DataLoader(pin_memory=True) calls this on custom types
+        return self._map(torch.Tensor.pin_memory)
+
+
+Draft = Callable[[int, int], tuple[np.ndarray, int]]  # (id, scale asked) -> (pixels, scale applied)
+
+
+def draft_scales(params: dict[str, np.ndarray], size: int) -> dict[int, int]:
+    """image id -> DCT downscale (2, 4 or 8) allowed for it: every box cut from that image in this
+    batch is shrunk by at least that factor, so nothing finer than the decoded grid is ever sampled."""
+    ids = params["image"].astype(np.int64)
+    shrink = np.minimum(params["box"][:, 2], params["box"][:, 3]).astype(np.float64) / size
+    least: dict[int, float] = {}
+    for i, s in zip(ids.tolist(), shrink.tolist()):
+        least[i] = min(least.get(i, s), s)
+    return {i: next(d for d in _DRAFT_SCALES if s >= d) for i, s in least.items() if s >= 2}
+
+
+def decode_batch(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int | None = None,
+                 draft: Draft | None = None) -> Decoded:
+    """Decode each distinct image of `params["image"]` once (the CPU half of rendering).
+
+    `decode(i)` returns uint8 [C, H, W]. With `draft` (the pil-draft decoder), an image whose
+    boxes are all shrunk 2x or more is decoded smaller by `draft(i, scale)` instead."""
+    ids = params["image"].astype(np.int64).tolist()
+    drafts = draft_scales(params, size) if draft is not None and size else {}
+    where: dict[int, tuple[int, int, float]] = {}
+    buckets: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for i in ids:
+        if i in where:
+            continue
+        scale = 1
+        if i in drafts:
+            img, scale = draft(i, drafts[i])
+        else:
+            img = decode(i)
+        bucket = buckets.setdefault(img.shape, [])
+        where[i] = (list(buckets).index(img.shape), len(bucket), 1.0 / scale)
+        bucket.append(img)
+    stack_of = np.array([where[i][0] for i in ids], np.int64)
+    return Decoded([torch.from_numpy(np.stack(b)) for b in buckets.values()],
+                   [torch.from_numpy(np.flatnonzero(stack_of == b)) for b in range(len(buckets))],
+                   torch.tensor([where[i][1] for i in ids], dtype=torch.int64),
+                   torch.tensor([where[i][2] for i in ids], dtype=torch.float32))
+
+
+def param_tensors(params: dict[str, np.ndarray], group_size: int) -> dict[str, torch.Tensor]:
+    """The params render needs, as CPU tensors, with the index lists of flipped / mixed views
+    computed on the host (so rendering on a device never waits on a boolean mask)."""
     v = len(params["image"])
     if v % group_size:
         raise ValueError(f"render needs whole groups: {v} views, group size {group_size}")
-    crops = _crop_resize(params["box"], images, size)
-    flip = torch.from_numpy(params["flip"].astype(bool))
-    if flip.any():
-        crops[flip] = crops[flip].flip(-1)
+    group_start = np.arange(v) // group_size * group_size
+    mix = params["mix"].astype(np.int64)
+    mixup, cut = np.flatnonzero(mix == MIX_MIXUP), np.flatnonzero(mix == MIX_CUTMIX)
+    partner = group_start + params["partner"].astype(np.int64)
+    return {
+        "box": torch.from_numpy(params["box"].astype(np.float32)),
+        "flip": torch.from_numpy(np.flatnonzero(params["flip"])),
+        "mixup": torch.from_numpy(mixup), "mixup_partner": torch.from_numpy(partner[mixup]),
+        "mixup_lam": torch.from_numpy(params["lam"][mixup].astype(np.float32)).view(-1, 1, 1, 1),
+        "cut": torch.from_numpy(cut), "cut_partner": torch.from_numpy(partner[cut]),
+        "cutbox": torch.from_numpy(params["cutbox"][cut].astype(np.int64)),
+    }
 
-    mix = torch.from_numpy(params["mix"].astype(np.int64))
-    if bool((mix != 0).any()):
-        group_start = torch.arange(v) // group_size * group_size
-        partner = crops[group_start + torch.from_numpy(params["partner"].astype(np.int64))]
-        lam = torch.from_numpy(params["lam"]).view(v, 1, 1, 1)
-        mixed_up = lam * crops + (1.0 - lam) * partner
-        inside = _box_mask(params["cutbox"], size)
-        cut = torch.where(inside, partner, crops)
-        crops = torch.where((mix == MIX_MIXUP).view(v, 1, 1, 1), mixed_up,
-                            torch.where((mix == MIX_CUTMIX).view(v, 1, 1, 1), cut, crops))
+
+def render_decoded(p: dict[str, torch.Tensor], images: Decoded, size: int) -> torch.Tensor:
+    """Views as uint8 [V, C, size, size] on the device of `images` (the device half of rendering).
+
+    `p` comes from `param_tensors` and lives on the same device."""
+    return _flip_mix_round(p, _crop_resize(p["box"], images, size), size)
+
+
+def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Flip, mix (in float32, on the unrounded crops) and round to uint8, in place on `crops`."""
+    if len(p["flip"]):
+        crops.index_copy_(0, p["flip"], crops.index_select(0, p["flip"]).flip(-1))
+    # Mixed views read their partners' unmixed (flipped) crops: compute every mix first, then write.
+    mixed = []
+    if len(p["mixup"]):
+        lam = p["mixup_lam"]
+        own, partner = crops.index_select(0, p["mixup"]), crops.index_select(0, p["mixup_partner"])
+        mixed.append((p["mixup"], lam * own + (1.0 - lam) * partner))
+    if len(p["cut"]):
+        own, partner = crops.index_select(0, p["cut"]), crops.index_select(0, p["cut_partner"])
+        mixed.append((p["cut"], torch.where(_box_mask(p["cutbox"], size), partner, own)))
+    for index, values in mixed:
+        crops.index_copy_(0, index, values)
     return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def render(params: dict[str, np.ndarray], images: Sequence[np.ndarray], size: int, group_size: int) -> torch.Tensor:
+    """Views as uint8 [V, C, size, size] on the CPU; `images[j]` is the decoded image of view j
+    (views of one image may share one array, which is then stacked once)."""
+    index: dict[int, int] = {}
+    decode_of = [index.setdefault(id(a), len(index)) for a in images]
+    arrays = {index[id(a)]: a for a in images}
+    remapped = {**params, "image": np.asarray(decode_of, np.int64)}
+    return render_decoded(param_tensors(params, group_size), decode_batch(remapped, arrays.__getitem__), size)
 
 
 def render_views(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int,
                  group_size: int) -> torch.Tensor:
-    """Decode each distinct image of the batch once, then `render`."""
-    ids = params["image"]
-    decoded: dict[int, np.ndarray] = {}
-    images = []
-    for i in ids.tolist():
-        if i not in decoded:
-            decoded[i] = decode(i)
-        images.append(decoded[i])
-    return render(params, images, size, group_size)
+    """Decode each distinct image of the batch once, then render on the CPU."""
+    return render_decoded(param_tensors(params, group_size), decode_batch(params, decode), size)
 
 
-def _crop_resize(box: np.ndarray, images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """float32 [V, C, size, size]: each view's box cut from its image and resized by roi_align."""
-    v = len(images)
-    channels = images[0].shape[0]
-    out = torch.empty((v, channels, size, size), dtype=torch.float32)
-    # roi_align takes one input tensor, so views are bucketed by image shape (one bucket for
-    # same-size sources like Fashion-MNIST); within a bucket each distinct array is stacked once.
-    buckets: dict[tuple[int, ...], list[int]] = {}
-    for j, img in enumerate(images):
-        buckets.setdefault(img.shape, []).append(j)
-    top, left, h, w = (box[:, i].astype(np.float32) for i in range(4))
-    rois = np.stack([np.zeros(v, np.float32), left, top, left + w, top + h], axis=1)
-    for views in buckets.values():
-        slot_of: dict[int, int] = {}
-        stack = []
-        index = np.empty(len(views), np.float32)
-        for n, j in enumerate(views):
-            key = id(images[j])
-            if key not in slot_of:
-                slot_of[key] = len(stack)
-                stack.append(images[j])
-            index[n] = slot_of[key]
-        batch = torch.from_numpy(np.stack(stack)).float()
-        r = torch.from_numpy(rois[views])
-        r[:, 0] = torch.from_numpy(index)
-        # aligned=True: pixel centres at +0.5, so box [left, left + w) covers exactly w source pixels.
-        out[torch.as_tensor(views)] = roi_align(batch, r, output_size=(size, size), spatial_scale=1.0,
-                                               sampling_ratio=-1, aligned=True)
+def _crop_resize(box: torch.Tensor, images: Decoded, size: int) -> torch.Tensor:
+    """float32 [V, C, size, size]: each view's box (top, left, h, w in source pixels) cut from its
+    image and resized by roi_align, one call per image shape."""
+    top, left, h, w = box.unbind(1)
+    s = images.scale
+    # aligned=True: pixel centres at +0.5, so box [left, left + w) covers exactly w source pixels.
+    rois = torch.stack([images.slot.to(torch.float32), left * s, top * s, (left + w) * s, (top + h) * s], dim=1)
+    if len(images.stacks) == 1:
+        return roi_align(images.stacks[0].float(), rois, output_size=(size, size), spatial_scale=1.0,
+                         sampling_ratio=-1, aligned=True)
+    first = images.stacks[0]
+    out = torch.empty((len(box), first.shape[1], size, size), dtype=torch.float32, device=first.device)
+    for stack, views in zip(images.stacks, images.members):
+        out.index_copy_(0, views, roi_align(stack.float(), rois.index_select(0, views), output_size=(size, size),
+                                            spatial_scale=1.0, sampling_ratio=-1, aligned=True))
     return out
 
 
-def _box_mask(cutbox: np.ndarray, size: int) -> torch.Tensor:
-    """bool [V, 1, size, size]: inside each view's cutmix box."""
-    b = torch.from_numpy(cutbox.astype(np.int64))
-    ar = torch.arange(size)
-    rows = (ar >= b[:, 0:1]) & (ar < (b[:, 0] + b[:, 2]).unsqueeze(1))
-    cols = (ar >= b[:, 1:2]) & (ar < (b[:, 1] + b[:, 3]).unsqueeze(1))
+def _box_mask(cutbox: torch.Tensor, size: int) -> torch.Tensor:
+    """bool [V, 1, size, size]: inside each view's cutmix box (top, left, h, w in output pixels)."""
+    ar = torch.arange(size, device=cutbox.device)
+    rows = (ar >= cutbox[:, 0:1]) & (ar < (cutbox[:, 0] + cutbox[:, 2]).unsqueeze(1))
+    cols = (ar >= cutbox[:, 1:2]) & (ar < (cutbox[:, 1] + cutbox[:, 3]).unsqueeze(1))
     return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)

@@ -94,6 +94,11 @@ class Source(abc.ABC):
     def decode(self, i: int) -> np.ndarray:
         """uint8 [channels, H, W] pixels of image ``i``; SourceError naming it when unreadable."""
 
+    def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
+        """Image ``i`` decoded ``scale`` times smaller where the format allows it cheaply (JPEG's DCT
+        scaling), and the scale actually applied; by default the full image and 1."""
+        return self.decode(i), 1
+
     def _sizes_head(self, n: int) -> np.ndarray:
         """Sizes of the first ``n`` ids (a limited view need not read every header)."""
         return self.sizes()[:n]
@@ -351,6 +356,18 @@ class ImageFolderSource(Source):
             raise SourceError(f"cannot decode image {path}: {e!r}") from e
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
+    def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
+        path = self._path(self._check_id(i))
+        try:
+            with Image.open(path) as im:
+                width = im.size[0]
+                drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale))  # None: not a JPEG
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:  # see _read_sizes
+            raise SourceError(f"cannot decode image {path}: {e!r}") from e
+        applied = 1 if drafted is None else round(width / drafted[1][2])
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1)), applied
+
     def _content(self, i: int) -> bytes:
         # The encoded file, not decoded pixels: a JPEG decoder update must not change the fingerprint.
         path = self._path(i)
@@ -413,6 +430,9 @@ class LimitedSource(Source):
 
     def decode(self, i: int) -> np.ndarray:
         return self.source.decode(self._check_id(i))
+
+    def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
+        return self.source.decode_draft(self._check_id(i), scale)
 
     def _content(self, i: int) -> bytes:
         return self.source._content(i)

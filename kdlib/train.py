@@ -34,17 +34,18 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
-from .evaluate import evaluate, evaluate_model
+from .evaluate import evaluate_model
+from .feed import Feed
 from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
 from .models import Classifier, build_model, load_model, save_model
-from .plan import make_plan, views_per_epoch
-from .precompute import teacher_logits
+from .plan import views_per_epoch
 from .recipe import Recipe, load_recipe
 from .softlabel import reconstruct
 from .source import Source, open_source
-from .store import Store, decoded, open_store, open_store_source
-from .views import ViewBatches, loader, rank_slice, split_range
+from .store import ChunkCache, Store, decoded, open_store, open_store_source
+from .teacher import check_precision, prepare_model, teacher_logits
+from .views import Batch, PlanParams, ViewBatches, rank_slice, split_range
 
 __all__ = ["TrainConfig", "train"]
 
@@ -69,7 +70,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup: float = 0.05  # fraction of all steps
     clip: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: what accelerate's config (or ACCELERATE_MIXED_PRECISION) says
+    precision: str | None = None  # online teacher's forward (fp32, tf32, bf16); None: bf16 on CUDA, fp32 on CPU
+    render: str = "auto"  # where views are rendered: device, workers, auto (see kdlib.feed)
+    log_every: int = 50  # steps between host reads of the loss (steps.jsonl keeps every step)
     workers: int = 2
     limit: int | None = None
     seed: int = 0  # student init (the views' seed is the recipe's)
@@ -133,7 +137,8 @@ class _Targets:
             if cfg.teacher:
                 self.teacher = load_model(cfg.teacher, num_classes=self.source.num_classes,
                                           in_channels=self.source.channels)
-                self.teacher.eval().to(accelerator.device)
+                self.teacher = prepare_model(self.teacher.eval(), accelerator.device)
+                self.precision = check_precision(cfg.precision, accelerator.device)
             elif cfg.loss != "ce":
                 raise ConfigError(f"--loss {cfg.loss} needs soft labels: give --shards or --teacher, or use --loss ce")
 
@@ -143,20 +148,24 @@ class _Targets:
             return None
         return min(self.store.meta.epochs_done, self.max_stored or self.store.meta.epochs_done)
 
-    def dataset(self, epoch: int, ranges: list[tuple[int, int]]) -> ViewBatches:
+    @property
+    def draft(self) -> bool:
+        """Decode as the store was decoded (the decoder changes pixels); plans decode in full."""
+        return self.store is not None and self.store.meta.rendered["decoder"] == "pil-draft"
+
+    def dataset(self, batches: list[Batch]) -> ViewBatches:
+        """`batches` name training epochs; a store's are read from stored epoch e mod stored_epochs."""
         r = self.recipe
         if self.store is not None:
-            return ViewBatches(self.source, ranges, r.size, r.group_size, store=self.store,
-                               epoch=epoch % self.stored_epochs)
-        return ViewBatches(self.source, ranges, r.size, r.group_size,
-                           params=make_plan(r, self.source.sizes(), epoch))
+            batches = [Batch(e % self.stored_epochs, a, b) for e, a, b in batches]
+            return ViewBatches(self.source, batches, r.size, r.group_size, ChunkCache(self.store), draft=self.draft)
+        return ViewBatches(self.source, batches, r.size, r.group_size, PlanParams(r, self.source.sizes()))
 
     def teacher_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
         if self.store is not None:
-            return reconstruct(item["ids"].to(device), item["logits"].to(device), item["lse"].to(device),
-                               self.num_classes)
+            return reconstruct(item["ids"], item["logits"], item["lse"], self.num_classes)
         if self.teacher is not None:
-            return teacher_logits(self.teacher, item["views"], device)
+            return teacher_logits(self.teacher, item["views"], device, self.precision)
         return None
 
 
@@ -224,8 +233,42 @@ def _warmup_cosine(total: int, warmup: float) -> Callable[[int], float]:
     return f
 
 
-def _views_digest(image_ids: torch.Tensor, start: int) -> str:
-    return hashlib.sha256(np.int64(start).tobytes() + image_ids.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+def _views_digest(image_ids: np.ndarray, start: int) -> str:
+    return hashlib.sha256(np.int64(start).tobytes() + np.asarray(image_ids, np.int64).tobytes()).hexdigest()[:16]
+
+
+class _StepLog:
+    """steps.jsonl without a host sync per step: losses stay on the device and image ids on the
+    host until `flush` (every `every` steps, at epoch ends and before checkpoints), which reduces
+    the losses and gathers the ids of all ranks in one collective each. Every rank flushes at the
+    same steps; rank 0 writes."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, every: int) -> None:
+        self.path, self.accelerator, self.every = path, accelerator, max(1, every)
+        self.rows: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]] = []
+        self.epoch_losses: list[float] = []
+
+    def add(self, rec: dict[str, Any], loss: torch.Tensor, image: torch.Tensor, start: int) -> bool:
+        """Buffer one step; True when a flush is due."""
+        self.rows.append((rec, loss.detach().float(), image, start))
+        return len(self.rows) >= self.every
+
+    def flush(self) -> float | None:
+        """Write the buffered steps; the last step's loss (mean over ranks), or None if none."""
+        if not self.rows:
+            return None
+        acc = self.accelerator
+        losses = acc.reduce(torch.stack([r[1] for r in self.rows]), reduction="mean").cpu().tolist()
+        ids = acc.gather(torch.stack([r[2] for r in self.rows]).to(acc.device)).cpu().numpy()
+        ids = ids.reshape(acc.num_processes, len(self.rows), -1)  # gather stacks rank after rank
+        if acc.is_main_process:
+            with open(self.path, "a") as f:
+                for j, ((rec, _, _, start), loss) in enumerate(zip(self.rows, losses)):
+                    digest = _views_digest(ids[:, j].reshape(-1), start)
+                    f.write(json.dumps({**rec, "loss": loss, "views": digest}) + "\n")
+        self.epoch_losses += losses
+        self.rows = []
+        return losses[-1]
 
 
 # -- 2. loop, 3. save ----------------------------------------------------------------------
@@ -261,6 +304,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, cfg.warmup))
     # The scheduler is not prepared: accelerate would step it once per process per step, and the
     # schedule must not depend on the world size. It is still saved and restored with the state.
+    if accelerator.device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = _loss_fn(cfg, targets.num_classes)
@@ -285,17 +330,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
         _truncate_logs(out, start_step)  # forget steps logged after the checkpoint we resume from
 
+    # One feed for every remaining step of the run: its workers live from the first batch to the last.
+    g = recipe.group_size
+    first_epoch = start_step // steps_per_epoch
+    global_batches = split_range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size)
+    batches = [Batch(e, *rank_slice(a, b, rank, world, g)) for e in range(first_epoch, cfg.epochs)
+               for a, b in global_batches[(start_step - e * steps_per_epoch if e == first_epoch else 0):]]
+    items = iter(Feed(targets.dataset(batches), accelerator.device, cfg.workers, cfg.render))
+    log = _StepLog(out / "steps.jsonl", accelerator, cfg.log_every)
+    channels_last = accelerator.device.type == "cuda"
+
     step = start_step
-    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         model.train()
-        first = step - epoch * steps_per_epoch
-        batches = split_range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size)[first:]
-        mine = [rank_slice(a, b, rank, world, recipe.group_size) for a, b in batches]
-        t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(loader(targets.dataset(epoch, mine), cfg.workers), total=len(mine), unit="step",
-                   desc=f"train epoch {epoch}", disable=not accelerator.is_local_main_process)
-        for item in bar:
-            views = item["views"].to(accelerator.device, non_blocking=True)
+        n = steps_per_epoch * (epoch + 1) - step
+        t0 = time.time()
+        log.epoch_losses = []
+        bar = tqdm(total=n, unit="step", desc=f"train epoch {epoch}", disable=not accelerator.is_local_main_process)
+        for _ in range(n):
+            item = next(items)
+            views = item["views"].contiguous(memory_format=torch.channels_last) if channels_last else item["views"]
             teacher = targets.teacher_logits(item, accelerator.device)
             with accelerator.autocast():
                 logits = model(views)
@@ -307,37 +361,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             step += 1
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            ids = accelerator.gather(item["image"].to(accelerator.device))
-            loss_sum += mean_loss
-            seen += 1
-            if accelerator.is_main_process:
-                with open(out / "steps.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss,
-                                        "lr": scheduler.get_last_lr()[0],
-                                        "views": _views_digest(ids, item["start"]), "world_size": world}) + "\n")
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "world_size": world}
+            bar.update(1)
+            if log.add(rec, loss, item["image_cpu"], item["start"]):
+                bar.set_postfix(loss=f"{log.flush():.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                log.flush()
                 _save_checkpoint(accelerator, ckpt, step)
+        log.flush()
         bar.close()
         dt = time.time() - t0
         _save_checkpoint(accelerator, ckpt, step)
+        rec = {"epoch": epoch, "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
+               "steps": n, "loss": sum(log.epoch_losses) / max(len(log.epoch_losses), 1),
+               "lr": scheduler.get_last_lr()[0], "seconds": round(dt, 3),
+               "views_per_s": round(n * cfg.batch_size / max(dt, 1e-9), 1), "world_size": world}
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            # every rank predicts its share of the test split on its device; the bare module, so that
+            # a DDP wrapper does not wait for the other ranks in forward
+            rec["eval"] = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets), recipe.size,
+                                         recipe.center_fraction, cfg.shards, cfg.workers, accelerator=accelerator)
         if accelerator.is_main_process:
-            rec = {"epoch": epoch, "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
-                   "steps": seen, "loss": loss_sum / max(seen, 1), "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(dt, 3), "views_per_s": round(seen * cfg.batch_size / max(dt, 1e-9), 1),
-                   "world_size": world}
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                # the bare module: a DDP wrapper would wait for the other ranks in forward
-                rec["eval"] = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets),
-                                             recipe.size, recipe.center_fraction, cfg.shards, cfg.workers)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
-                              + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else ""))
+        accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
+                          + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else ""))
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"out": str(out), "world_size": world, "steps": step}
+    if cfg.eval:  # every rank evaluates its share of the test split on its device
+        metrics = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets), recipe.size,
+                                 recipe.center_fraction, cfg.shards, cfg.workers, accelerator=accelerator)
+        result["eval"] = {"model": str(out), "data": _data_arg(cfg, targets), "split": "test", **metrics}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if world > 1:
@@ -348,9 +403,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                   (targets.store.meta.source.get("data") if targets.store else None)}}
         save_model(final, out, extra=extra)
         if cfg.eval:
-            result["eval"] = evaluate(str(out), data=_data_arg(cfg, targets), split="test",
-                                      limit=cfg.limit if cfg.limit is not None else _store_limit(targets),
-                                      shards=cfg.shards, workers=cfg.workers)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"final_eval": result["eval"]}) + "\n")
             accelerator.print(json.dumps(result["eval"]))

@@ -1,25 +1,73 @@
-"""Batches of rendered views for a DataLoader, from a plan (precompute, online) or a store (train).
+"""Batches of views for a DataLoader, from a plan (precompute, online), a store (train) or fixed params (eval).
 
-An item is a whole batch (a range of views, always whole groups), so each worker decodes
-each image of a group once and renders the batch in one vectorised call. Params come
-either from plan arrays held in memory or from a store, read chunk by chunk inside the
-worker (`ChunkCache`), so no process holds an epoch it does not need.
+An item is a whole batch (a range of views of one epoch, always whole groups). A worker reads
+the batch's params (and stored soft labels), decodes each image of a group once, and hands
+over the decoded images; `kdlib.feed` renders them where the model runs. Params come from a
+`ParamReader`: the plan, drawn in the reading process itself (a pure function of recipe, sizes
+and epoch, so no process ships an epoch of params to another), a store read chunk by chunk
+(`ChunkCache`), or fixed params such as eval's center views.
+
+One dataset spans every batch of a run (all epochs), so one DataLoader iterator, and one set of
+workers, serves the whole run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .plan import PARAM_FIELDS
-from .render import render_views
+from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
+from .recipe import Recipe
+from .render import decode_batch, param_tensors, render_decoded
 from .source import Source
-from .store import ChunkCache, Store
 
-__all__ = ["ViewBatches", "split_range", "rank_slice", "loader"]
+__all__ = ["Batch", "ParamReader", "PlanParams", "FixedParams", "ViewBatches", "split_range", "rank_slice"]
+
+
+class Batch(NamedTuple):
+    """Views [start, stop) of `epoch` (the epoch the params are read from)."""
+
+    epoch: int
+    start: int
+    stop: int
+
+
+class ParamReader(Protocol):
+    def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+
+class PlanParams:
+    """The plan's params of any epoch, drawn where they are read and kept for the current epoch.
+
+    `packing` quantizes them as the store will (precompute renders what it stores)."""
+
+    def __init__(self, recipe: Recipe, sizes: np.ndarray, packing: str = "none") -> None:
+        self.recipe, self.sizes, self.packing = recipe, np.asarray(sizes), packing
+        self._epoch: int | None = None
+        self._plan: dict[str, np.ndarray] = {}
+
+    def epoch(self, epoch: int) -> dict[str, np.ndarray]:
+        if epoch != self._epoch:
+            plan = make_plan(self.recipe, self.sizes, epoch)
+            self._plan = unpack_params(pack_params(plan, self.packing), self.packing) if self.packing != "none" else plan
+            self._epoch = epoch
+        return self._plan
+
+    def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {k: a[start:stop] for k, a in self.epoch(epoch).items()}
+
+
+class FixedParams:
+    """Params given in full (eval's center views); the epoch is ignored."""
+
+    def __init__(self, params: dict[str, np.ndarray]) -> None:
+        self.params = params
+
+    def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {k: a[start:stop] for k, a in self.params.items()}
 
 
 def split_range(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -37,47 +85,40 @@ def rank_slice(start: int, stop: int, rank: int, world: int, group_size: int) ->
 
 
 class ViewBatches(Dataset):
-    """Item i: views [ranges[i]) rendered, with their params (and stored soft labels, if any)."""
+    """Item i: batch `batches[i]`: its params, decoded images, labels (and stored soft labels).
 
-    def __init__(self, source: Source, ranges: list[tuple[int, int]], size: int, group_size: int, *,
-                 params: dict[str, np.ndarray] | None = None, store: Store | None = None,
-                 epoch: int | None = None) -> None:
-        if (params is None) == (store is None):
-            raise ValueError("give exactly one of params (a plan) or store")
-        self.source, self.ranges, self.size, self.group_size = source, ranges, size, group_size
-        self.params, self.store, self.epoch = params, store, epoch
+    With `render=True` the worker also renders the views (`item["views"]`, uint8 on the CPU):
+    the CPU-only path; otherwise `kdlib.feed.Feed` renders them on the model's device."""
+
+    def __init__(self, source: Source, batches: list[Batch], size: int, group_size: int, params: ParamReader, *,
+                 render: bool = False, draft: bool = False) -> None:
+        self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
+        self.params, self.render, self.draft = params, render, draft
         self._labels = source.labels()
-        self._cache: ChunkCache | None = None
 
     def __len__(self) -> int:
-        return len(self.ranges)
+        return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        start, stop = self.ranges[i]
-        if self.params is not None:
-            cols = {k: a[start:stop] for k, a in self.params.items()}
-        else:
-            if self._cache is None:
-                self._cache = ChunkCache(self.store)
-            cols = self._cache.views(self.epoch, start, stop)
+        epoch, start, stop = self.batches[i]
+        cols = self.params.views(epoch, start, stop)
         p = {k: cols[k] for k in PARAM_FIELDS}
-        views = render_views(p, self.source.decode, self.size, self.group_size)
         image = p["image"].astype(np.int64)
         group_start = np.arange(len(image)) // self.group_size * self.group_size
         partner_image = image[group_start + p["partner"].astype(np.int64)]
-        out = {"index": i, "start": start, "stop": stop, "views": views,
-               "label": torch.from_numpy(self._labels[image]),
-               "partner_label": torch.from_numpy(self._labels[partner_image]),
-               "lam": torch.from_numpy(p["lam"].copy()),
-               "image": torch.from_numpy(image)}
+        draft = self.source.decode_draft if self.draft else None
+        out: dict[str, Any] = {
+            "index": i, "epoch": epoch, "start": start, "stop": stop,
+            "render": param_tensors(p, self.group_size),
+            "decoded": decode_batch(p, self.source.decode, self.size, draft),
+            "label": torch.from_numpy(self._labels[image]),
+            "partner_label": torch.from_numpy(self._labels[partner_image]),
+            "lam": torch.from_numpy(p["lam"].copy()),
+            "image": torch.from_numpy(image)}
         for k in ("ids", "logits", "lse"):
             if k in cols:
                 a = cols[k]
                 out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
+        if self.render:
+            out["views"] = render_decoded(out.pop("render"), out.pop("decoded"), self.size)
         return out
-
-
-def loader(dataset: ViewBatches, workers: int) -> DataLoader:
-    """In order, one item per batch; workers render ahead while the model runs."""
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -18,7 +18,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_RECIPE = str(REPO / "precompute" / "fmnist.yaml")
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# The Debian package's place, or KDLIB_DATA (a GPU machine without the package: see shared/GPU.md)
+FMNIST_DIR = os.environ.get("KDLIB_DATA") or "/usr/share/datasets/fashion-mnist"
 LIMIT = 256  # images of the train split used everywhere
 STORE_EPOCHS = 2
 STORE_K = 3  # < 10 classes: truncation (tail reconstruction) is exercised
@@ -26,15 +27,19 @@ CHUNK_VIEWS = 64
 
 if not os.path.isfile(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) and not os.path.isfile(
         os.path.join(FMNIST_DIR, "train-images-idx3-ubyte")):
-    pytest.exit(f"Fashion-MNIST not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)", returncode=4)
+    pytest.exit(f"Fashion-MNIST not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist, "
+                "or set KDLIB_DATA to a folder with its IDX files)", returncode=4)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_kdlib_data():
-    """A KDLIB_DATA from the caller's shell must not change what the suite opens."""
-    old = os.environ.pop("KDLIB_DATA", None)
+def _kdlib_data():
+    """Every process of the suite (the library, subprocesses) opens Fashion-MNIST from FMNIST_DIR."""
+    old = os.environ.get("KDLIB_DATA")
+    os.environ["KDLIB_DATA"] = FMNIST_DIR
     yield
-    if old is not None:
+    if old is None:
+        os.environ.pop("KDLIB_DATA", None)
+    else:
         os.environ["KDLIB_DATA"] = old
 
 

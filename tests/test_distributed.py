@@ -19,7 +19,8 @@ from conftest import STORE_EPOCHS
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+# CUDA hidden: on a one-GPU machine rank 1 would otherwise look for a second device and exit
+CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def run(cmd: list[str], env: dict, ok: bool = True) -> subprocess.CompletedProcess:

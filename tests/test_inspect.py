@@ -85,7 +85,7 @@ def test_report_describes_the_store(report, store):
     for key in KEYS + ("teacher", "source", "recipe", "k", "id_dtype", "chunks", "labels", "truncation", "test"):
         assert key in report, key
     json.dumps(report)  # JSON-able as it is
-    assert report["format"] == "zarr" and report["version"] == 1 and report["epochs"] == STORE_EPOCHS
+    assert report["format"] == "zarr" and report["version"] == 2 and report["epochs"] == STORE_EPOCHS
     assert report["views"]["per_epoch"] == m.views_per_epoch
     assert report["views"]["total"] == STORE_EPOCHS * m.views_per_epoch
     assert report["k"] == STORE_K and report["num_classes"] == 10 and report["id_dtype"] == "uint8"

@@ -13,7 +13,7 @@ from conftest import CHUNK_VIEWS, LIMIT, REPO, STORE_K, snapshot
 
 
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "KDLIB_DATA"}
+    env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -11,12 +11,20 @@ from kdlib.recipe import Recipe
 from kdlib.render import render, render_views
 from kdlib.source import Source, open_source
 from kdlib.store import open_store_source
-from kdlib.views import ViewBatches, loader, split_range
+from kdlib.feed import Feed
+from kdlib.store import ChunkCache
+from kdlib.views import Batch, FixedParams, PlanParams, ViewBatches, split_range
+
+CPU = torch.device("cpu")
 
 
-def _collect(ds: ViewBatches, workers: int) -> list[dict]:
+def _batches(ranges, epoch: int = 0) -> list[Batch]:
+    return [Batch(epoch, a, b) for a, b in ranges]
+
+
+def _collect(ds: ViewBatches, workers: int, render: str = "auto") -> list[dict]:
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
-            for item in loader(ds, workers)]
+            for item in Feed(ds, CPU, workers, render)]
 
 
 # -- parity: precompute path == train path ---------------------------------------------------
@@ -34,8 +42,8 @@ def test_store_replay_renders_the_precompute_pixels(store, train_source, workers
     epochs = [0, 1] if workers == 0 else [1]
     for epoch in epochs:
         params = make_plan(recipe, source.sizes(), epoch)
-        pre = _collect(ViewBatches(source, ranges, recipe.size, g, params=params), 0)
-        replay = _collect(ViewBatches(source, ranges, recipe.size, g, store=store, epoch=epoch), workers)
+        pre = _collect(ViewBatches(source, _batches(ranges, epoch), recipe.size, g, PlanParams(recipe, source.sizes())), 0)
+        replay = _collect(ViewBatches(source, _batches(ranges, epoch), recipe.size, g, ChunkCache(store)), workers)
         assert len(pre) == len(replay) == len(ranges)
         for a, b in zip(pre, replay):
             assert (a["start"], a["stop"]) == (b["start"], b["stop"])
@@ -106,8 +114,8 @@ def test_each_image_is_decoded_once_per_group(train_source, m, c):
     params = make_plan(r, src.sizes(), 0)
     g = r.group_size
     n_groups = 10
-    ds = ViewBatches(src, split_range(0, n_groups * g, g), r.size, g, params=params)
-    for item in loader(ds, 0):
+    ds = ViewBatches(src, _batches(split_range(0, n_groups * g, g)), r.size, g, FixedParams(params))
+    for item in Feed(ds, CPU, 0):
         distinct = torch.unique(item["image"])
         assert len(distinct) == m
     assert len(src.calls) == n_groups * m  # 1/c decodes per view
@@ -205,8 +213,8 @@ def test_rgb_npz_non_square_renders_v3ss(rgb_npz):
     assert src.channels == 3 and tuple(src.sizes()[0]) == (20, 32)
     r = Recipe(mix="both", images_per_group=2, crops_per_image=2, size=16, mix_prob=1.0)
     params = make_plan(r, src.sizes(), 0)
-    items = list(loader(ViewBatches(src, split_range(0, len(params["image"]), r.group_size), r.size,
-                                    r.group_size, params=params), 0))
+    items = list(Feed(ViewBatches(src, _batches(split_range(0, len(params["image"]), r.group_size)), r.size,
+                                  r.group_size, FixedParams(params)), CPU, 0))
     views = torch.cat([it["views"] for it in items])
     assert views.shape == (16, 3, 16, 16) and views.dtype == torch.uint8
     # the three channels are really rendered (the random images differ per channel)

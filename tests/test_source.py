@@ -24,7 +24,7 @@ from kdlib.source import (
     open_source,
 )
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
+from conftest import FMNIST_DIR as FMNIST  # noqa: E402  (the Debian path, or KDLIB_DATA on a GPU machine)
 needs_fmnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")),
     reason="apt-get install dataset-fashion-mnist",
@@ -32,9 +32,9 @@ needs_fmnist = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _no_kdlib_data(monkeypatch):
-    # A KDLIB_DATA from the caller's shell must not change what these tests open.
-    monkeypatch.delenv("KDLIB_DATA", raising=False)
+def _suite_kdlib_data(monkeypatch):
+    # A KDLIB_DATA from the caller's shell must not change what these tests open: the suite's folder.
+    monkeypatch.setenv("KDLIB_DATA", FMNIST)
 
 
 @pytest.fixture(scope="module")

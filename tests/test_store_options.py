@@ -35,7 +35,8 @@ def test_pack_round_trip_is_exact_on_the_grid():
 def test_q8_packed_store_verifies_and_replays_what_the_teacher_saw(small_store, teacher_dir):
     from kdlib.store import open_store
     from kdlib.verify import verify
-    from kdlib.views import ViewBatches
+    from kdlib.store import ChunkCache
+    from kdlib.views import Batch, FixedParams, ViewBatches
 
     store = open_store(str(small_store))
     assert store.meta.logit_codec == "q8" and store.meta.param_packing == "packed"
@@ -49,8 +50,8 @@ def test_q8_packed_store_verifies_and_replays_what_the_teacher_saw(small_store, 
     src = open_source("fashion-mnist", "train", LIMIT)
     recipe = load_recipe(FMNIST_RECIPE)
     plan = unpack_params(pack_params(make_plan(recipe, src.sizes(), 0), "packed"), "packed")
-    a = ViewBatches(src, [(0, 64)], recipe.size, recipe.group_size, store=store, epoch=0)[0]["views"]
-    b = ViewBatches(src, [(0, 64)], recipe.size, recipe.group_size, params=plan)[0]["views"]
+    a = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, ChunkCache(store), render=True)[0]["views"]
+    b = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, FixedParams(plan), render=True)[0]["views"]
     assert torch.equal(a, b)
 
 

@@ -164,6 +164,29 @@ class Store:
                 raise CorruptStoreError(f"{self.url} test predictions: checksum mismatch in column {name!r}")
         return cols
 
+    # -- a sample of rendered views (verify measures pixel parity against it) ---------------
+    def write_pixels(self, views: np.ndarray, epoch: int, start: int) -> None:
+        """Keep rendered views [start, start + len(views)) of `epoch` as the renderer made them."""
+        views = np.ascontiguousarray(views, dtype=np.uint8)
+        self._write_named("pixels", {"views": views})
+        self._put_atomic("commits/pixels.json", json.dumps({"crc32": crc32(views)}).encode())
+        info = {"epoch": epoch, "start": start, "views": len(views), "shape": list(views.shape[1:])}
+        self.write_meta(self.meta.replace(render={**self.meta.rendered, "pixels": info}))
+
+    def read_pixels(self) -> tuple[dict[str, Any], np.ndarray] | None:
+        """(where, uint8 views) of the stored pixel sample, or None (version-1 stores have none)."""
+        info = (self.meta.render or {}).get("pixels")
+        if not info:
+            return None
+        try:
+            record = json.loads(self.fs.cat_file(self._path("commits/pixels.json")))
+            views = self._read_named("pixels", {"views": ("uint8", tuple(info["shape"]))}, info["views"])["views"]
+        except Exception as exc:
+            raise CorruptStoreError(f"{self.url} pixel sample is corrupt ({type(exc).__name__}: {exc})") from exc
+        if crc32(views) != record.get("crc32"):
+            raise CorruptStoreError(f"{self.url} pixel sample: checksum mismatch")
+        return info, views
+
     # -- what a backend implements --------------------------------------------------------
     def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
         """Write each column's rows ranges[name] of the epoch (view columns: the chunk's views)."""

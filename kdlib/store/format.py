@@ -14,11 +14,14 @@ from ..errors import StoreError, StoreMismatchError, StoreVersionError
 from ..plan import PACKINGS, param_fields
 from ..softlabel import CODECS
 
-__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LEGACY_RENDER", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
            "check_compatible"]
 
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: meta records what rendered the views (`render`) and the teacher's precision
+READABLE_VERSIONS = (1, 2)
+# What wrote a version-1 store: roi_align on the CPU in DataLoader workers, PIL decoding, fp32 teacher.
+LEGACY_RENDER = {"device": "cpu", "decoder": "pil", "renderer": "roi_align-1"}
+LEGACY_PRECISION = "fp32"
 BACKENDS = ("zarr", "wds")
 ID_DTYPES = ("uint8", "uint16", "int32")
 
@@ -59,6 +62,9 @@ class StoreMeta:
     logit_codec: str = "fp16"  # fp16, or q8 (8-bit distances below the top-1 logit)
     param_packing: str = "none"  # none, or packed (uint16 boxes, lambda on a 1/65535 grid)
     test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
+    # what rendered the views: {"device": "cpu"|"cuda", "decoder": "pil"|"pil-draft", "renderer": "roi_align-1"},
+    # and optionally "pixels": {"epoch", "start", "views"} (a sample of rendered views kept for verify)
+    render: dict[str, Any] | None = None
     kdlib_version: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +88,8 @@ class StoreMeta:
         need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
         need(self.logit_codec in CODECS, "logit_codec", f"must be one of {CODECS}")
         need(self.param_packing in PACKINGS, "param_packing", f"must be one of {PACKINGS}")
+        need(self.render is None or (isinstance(self.render, dict) and {"device", "decoder", "renderer"} <= set(self.render)),
+             "render", "must be a mapping with device, decoder and renderer")
         need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
              "must be an int in [0, chunk_views]")
 
@@ -124,6 +132,16 @@ class StoreMeta:
         if column in self.fields:
             return self.views_per_epoch, self.chunk_views
         return self.chunks_per_epoch * self.sample_views, self.sample_views
+
+    @property
+    def rendered(self) -> dict[str, Any]:
+        """What rendered this store's views (version-1 stores: the CPU, PIL, roi_align)."""
+        return {**LEGACY_RENDER, **(self.render or {})}
+
+    @property
+    def precision(self) -> str:
+        """The teacher's precision when it wrote the soft labels."""
+        return self.teacher.get("precision", LEGACY_PRECISION)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +186,9 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("backend", found.backend, wanted.backend),
         ("chunk_views", found.chunk_views, wanted.chunk_views),
         ("sample_views (full-logit sample per chunk)", found.sample_views, wanted.sample_views),
+        ("teacher precision", found.precision, wanted.precision),
+        # pixels must come from one renderer: another decoder or device kind would change some of them
+        ("render", {k: found.rendered[k] for k in LEGACY_RENDER}, {k: wanted.rendered[k] for k in LEGACY_RENDER}),
     ]
     for name, a, b in checks:
         if a != b:

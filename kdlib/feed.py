@@ -1,0 +1,85 @@
+"""The feed: where pixels are made and handed to the model.
+
+DataLoader workers read params (and stored soft labels) and decode images; `render` turns them
+into views. Where it runs is one decision, made here and recorded in a store:
+
+- `device` (the default with CUDA): the main process copies the decoded images (pinned memory,
+  non_blocking) to the accelerator and renders there, batched. Measured on an H200: 128k
+  views/s, against 2.2k from 14 CPU workers rendering.
+- `workers` (the default on a CPU-only machine with workers): each worker renders its batch, so
+  rendering runs in parallel with the model instead of in front of it.
+
+Both call the same `render_decoded`; on one kind of device they give identical uint8 views.
+The feed keeps one batch ready ahead of the one the model is working on, and one iterator
+(one set of workers) lives for the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import ConfigError
+from .render import render_decoded
+from .views import ViewBatches
+
+__all__ = ["RENDER_PLACES", "render_place", "Feed"]
+
+RENDER_PLACES = ("auto", "device", "workers")
+
+
+def render_place(choice: str, device: torch.device, workers: int) -> str:
+    """Where views are rendered: on the accelerator when there is one, else in the workers (if any)."""
+    if choice not in RENDER_PLACES:
+        raise ConfigError(f"--render {choice!r} is unknown; choose one of {RENDER_PLACES}")
+    if choice == "auto":
+        return "device" if device.type != "cpu" or workers == 0 else "workers"
+    if choice == "workers" and workers == 0:
+        return "device"  # no workers: the main process renders, on the CPU it runs on
+    return choice
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) or hasattr(x, "pin_memory"):
+        return x.to(device, non_blocking=True)
+    return x
+
+
+class Feed:
+    """Items of `data` with every tensor on `device` and `item["views"]` (uint8) rendered.
+
+    `item["image"]` stays on the CPU as well (`item["image_cpu"]`) for host-side bookkeeping."""
+
+    def __init__(self, data: ViewBatches, device: torch.device, workers: int, render: str = "auto") -> None:
+        self.data, self.device = data, device
+        self.place = render_place(render, device, workers)
+        data.render = self.place == "workers"
+        self.loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                 prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
+                                 persistent_workers=False)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _prepare(self, item: dict[str, Any]) -> dict[str, Any]:
+        image = item["image"]
+        item = _to(item, self.device)
+        item["image_cpu"] = image
+        if "decoded" in item:
+            item["views"] = render_decoded(item.pop("render"), item.pop("decoded"), self.data.size)
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        it = iter(self.loader)
+        ahead = next(it, None)
+        ready = None if ahead is None else self._prepare(ahead)
+        while ready is not None:
+            current = ready
+            ahead = next(it, None)  # the next batch's copy and render are queued behind this one's
+            ready = None if ahead is None else self._prepare(ahead)
+            yield current
