@@ -195,9 +195,9 @@ def step_clock() -> Iterator[list[list[float]]]:
     """Timestamps of every step of `kdlib.train`'s loop, without changing the loop.
 
     The progress bar class kdlib.train uses (whatever `tqdm` it imported) is replaced by a
-    subclass of itself that records `perf_counter()` when each batch is handed to the loop body
-    and once when the loader is exhausted: one list per epoch, n + 1 stamps for n steps. It
-    behaves exactly like the class it wraps (same __init__, same iteration underneath).
+    subclass of itself that records `perf_counter()` when the bar is made (just before the
+    epoch's first batch is asked for) and at each `update` (once per step, after the optimizer
+    step): one list per epoch, n + 1 stamps for n steps. It behaves exactly like the class it wraps.
     """
     import kdlib.train as train_mod
 
@@ -205,13 +205,14 @@ def step_clock() -> Iterator[list[list[float]]]:
     stamps: list[list[float]] = []
 
     class Clocked(base):  # type: ignore[misc, valid-type]
-        def __iter__(self):
-            run: list[float] = []
-            stamps.append(run)
-            for obj in super().__iter__():
-                run.append(time.perf_counter())
-                yield obj
-            run.append(time.perf_counter())
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._stamps: list[float] = [time.perf_counter()]
+            stamps.append(self._stamps)
+
+        def update(self, n=1):
+            self._stamps.append(time.perf_counter())
+            return super().update(n)
 
     train_mod.tqdm = Clocked
     try:

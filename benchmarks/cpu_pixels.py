@@ -11,12 +11,17 @@ Rows (each the median over --rounds of a pass over --views views, ms per view):
 - torchvision's standard PIL pipeline: open + RGB + RandomResizedCrop(224) + RandomHorizontalFlip + PILToTensor;
 - torchvision v2 on uint8 tensors: decode_jpeg + RandomResizedCrop(224, antialias) + flip.
 Crops are drawn from the same law in both (inception crop, scale 0.08-1) but not the same boxes.
+
+Then (`--where-rounds`, default 2) where to render on a CPU-only machine: `kdlib train` from a store of
+those views (resnet8 teacher and student, 2 workers), with `--render device` (the main process renders,
+workers decode) against `--render workers` (each worker renders its batch), alternating, whole-epoch views/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +39,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mix-prob", type=float, default=1.0, help="share of views mixed (worst case 1.0)")
+    ap.add_argument("--where-rounds", type=int, default=2, help="rounds of the render-place comparison (0: skip)")
     ap.add_argument("--keep", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -53,15 +59,15 @@ def main() -> None:
 
     work = C.tmpdir(args.keep, "cpu-pixels-")
     images = C.fmnist_rgb(args.views, max(w, h))
-    root = work / "jpegs" / "c0"
-    root.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img).resize((w, h), Image.BILINEAR).save(root / f"{i:05d}.jpg", quality=90)
+    paths = [work / "jpegs" / f"c{i % 2}" / f"{i:05d}.jpg" for i in range(len(images))]  # 2 classes
+    for path, img in zip(paths, images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).resize((w, h), Image.BILINEAR).save(path, quality=90)
     src = open_source(str(work / "jpegs"))
     r = Recipe(size=args.size, scale=(0.08, 1.0), mix="mixup", mix_prob=args.mix_prob, images_per_group=2)
     p = make_plan(r, src.sizes(), 0)
     v = len(p["image"])
-    blobs = [(root / f"{i:05d}.jpg").read_bytes() for i in range(len(src))]
+    blobs = [p.read_bytes() for p in paths]
 
     def per_view(fn) -> float:
         t0 = time.perf_counter()
@@ -99,8 +105,45 @@ def main() -> None:
     print(f"{args.views} JPEGs {w}x{h} -> {args.size} px, {v} views, MixUp on {args.mix_prob:.0%}; "
           f"{C.device_label(C.machine_info())}\n")
     print(table)
+    results = {"ms_per_view": med, "rounds": times}
+    if args.where_rounds:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        where = render_place_rates(work, str(work / "jpegs"), r, args.where_rounds)
+        results["render_place_views_per_s"] = where
+        rows = [[k, f"{C.median(x):.1f}", C.spread(x)] for k, x in where.items()]
+        extra = C.md_table(["kdlib train from a store, 2 workers", "views/s", "spread"], rows)
+        print("\n" + extra)
+        table += "\n\n" + extra
     C.write_result(f"cpu_pixels-{w}x{h}" if (w, h) != (256, 256) else "cpu_pixels", C.machine_info(),
-                   vars(args), {"ms_per_view": med, "rounds": times}, table, args.out)
+                   vars(args), results, table, args.out)
+
+
+def render_place_rates(work: Path, data: str, recipe, rounds: int) -> dict[str, list[float]]:
+    """Whole-epoch views/s of `kdlib train` from one store with the views rendered in the main
+    process or in the 2 workers (resnet8 student, batch 32)."""
+    import json
+
+    from kdlib.models import build_model, save_model
+    from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.train import TrainConfig, train
+
+    rpath = work / "recipe.json"
+    rpath.write_text(json.dumps(recipe.to_dict()))
+    teacher = work / "teacher"
+    torch.manual_seed(0)
+    save_model(build_model("resnet8", 2, 3, [0.5] * 3, [0.25] * 3), teacher)
+    store = work / "store"
+    with C.quiet():
+        precompute(PrecomputeConfig(teacher=str(teacher), data=data, recipe=str(rpath), out=str(store), k=1,
+                                    batch_size=32, workers=2, test=False))
+    rates: dict[str, list[float]] = {"--render device (main process)": [], "--render workers": []}
+    for rnd in range(rounds):
+        for name in C.order(rnd, list(rates)):
+            out = work / f"run-{rnd}"
+            cfg = TrainConfig(out=str(out), shards=str(store), student="resnet8", batch_size=32, workers=2,
+                              eval=False, checkpoint_every=0, render="device" if "device" in name else "workers")
+            rates[name].append(C.timed_train(train, cfg, out, 32, skip=2)["views_per_s"])
+    return rates
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ For each c in --crops, a recipe with `images_per_group=m, crops_per_image=c` is 
 real pipeline is run: `kdlib.precompute.precompute` (plan path) then `kdlib.train.train` from the
 store it wrote (store path), both with their DataLoader workers. Every decode made while
 rendering views is counted by wrapping the `decode` that `kdlib.views.ViewBatches` hands to
-`render_views` (the counter lives in shared memory, so the workers' decodes count too; decodes
+`decode_batch` (the counter lives in shared memory, so the workers' decodes count too; decodes
 made at start-up, e.g. for the source fingerprint and mean/std, are not on the view path and
 are not counted). The time spent inside decode is summed the same way.
 
-Two rates are shown: decodes per *rendered* view (what render_views does with a group: must be
+Two rates are shown: decodes per *rendered* view (what decode_batch does with a group: must be
 1/c) and decodes per view *used* (stored by precompute, trained on by train: also 1/c, unless
 views are rendered that no one uses).
 
@@ -31,14 +31,14 @@ COUNTERS: dict[str, "mp.sharedctypes.Synchronized"] = {}
 
 
 def install_counter() -> None:
-    """Wrap kdlib.views.render_views so that each decode it makes is counted (in any process)."""
+    """Wrap kdlib.views.decode_batch so that each decode it makes is counted (in any process)."""
     import kdlib.views as views_mod
 
     COUNTERS.update(decodes=mp.Value("q", 0), views=mp.Value("q", 0), calls=mp.Value("q", 0),
                     decode_s=mp.Value("d", 0.0))
-    original = views_mod.render_views
+    original = views_mod.decode_batch
 
-    def counting_render_views(params, decode, size, group_size):
+    def counting_decode_batch(params, decode, size=None, draft=None):
         def counted(i):
             t0 = time.perf_counter()
             out = decode(i)
@@ -51,9 +51,9 @@ def install_counter() -> None:
         with COUNTERS["views"].get_lock():
             COUNTERS["views"].value += len(params["image"])
             COUNTERS["calls"].value += 1
-        return original(params, counted, size, group_size)
+        return original(params, counted, size, draft)
 
-    views_mod.render_views = counting_render_views
+    views_mod.decode_batch = counting_decode_batch
 
 
 def snapshot() -> dict[str, float]:

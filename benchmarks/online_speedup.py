@@ -33,14 +33,15 @@ def bare_times(teacher, student, views, device, steps: int, warmup: int = 2) -> 
     import torch
 
     from kdlib.losses import get_loss
-    from kdlib.precompute import teacher_logits
+    from kdlib.teacher import default_precision, teacher_logits
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     views = views.to(device)
-    target = teacher_logits(teacher, views, device)
+    precision = default_precision(device)  # what precompute and online train use by default
+    target = teacher_logits(teacher, views, device, precision)
     loss_fn = get_loss("kl", temperature=1.0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=5e-4)
     student.train()
@@ -54,7 +55,7 @@ def bare_times(teacher, student, views, device, steps: int, warmup: int = 2) -> 
         loss.item()  # the training loop reads the loss every step
 
     def teacher_step() -> None:
-        teacher_logits(teacher, views, device)
+        teacher_logits(teacher, views, device, precision)
         sync()
 
     out = []
@@ -94,7 +95,7 @@ def main() -> None:
     from kdlib.recipe import load_recipe
     from kdlib.source import open_source
     from kdlib.train import TrainConfig, train
-    from kdlib.views import ViewBatches
+    from kdlib.views import Batch, FixedParams, ViewBatches
 
     machine = C.machine_info()
     work = C.tmpdir(args.keep, "online")
@@ -115,7 +116,8 @@ def main() -> None:
     # One real batch of epoch 0 for the bare calls (the same views both trainers see first).
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, source.sizes(), 0)
-    views = ViewBatches(source, [(0, args.batch_size)], recipe.size, recipe.group_size, params=plan)[0]["views"]
+    views = ViewBatches(source, [Batch(0, 0, args.batch_size)], recipe.size, recipe.group_size, FixedParams(plan),
+                        render=True)[0]["views"]
     teacher = load_model(str(teacher_dir)).eval().to(device)
     student = build_model(args.student, source.num_classes, source.channels, mean, std).to(device)
 

@@ -49,10 +49,11 @@ def main() -> None:
 
     from kdlib.models import load_model
     from kdlib.plan import make_plan, views_per_epoch
-    from kdlib.precompute import PrecomputeConfig, precompute, teacher_logits
+    from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.teacher import default_precision, prepare_model, teacher_logits
     from kdlib.recipe import load_recipe
     from kdlib.source import open_source
-    from kdlib.views import ViewBatches, split_range
+    from kdlib.views import Batch, FixedParams, ViewBatches, split_range
 
     machine = C.machine_info()
     work = C.tmpdir(args.keep, "precompute")
@@ -63,21 +64,24 @@ def main() -> None:
     n_views = views_per_epoch(recipe, len(source))
     plan = make_plan(recipe, source.sizes(), 0)
     ranges = split_range(0, n_views, args.batch_size)[: args.cached_batches]
-    ds = ViewBatches(source, ranges, recipe.size, recipe.group_size, params=plan)
+    ds = ViewBatches(source, [Batch(0, a, b) for a, b in ranges], recipe.size, recipe.group_size, FixedParams(plan),
+                     render=True)
     batches = [ds[i]["views"] for i in range(len(ds))]
     mean, std = source.mean_std()
     teacher = load_model(args.teacher, num_classes=source.num_classes, in_channels=source.channels,
-                         mean=mean, std=std).eval().to(device)
+                         mean=mean, std=std).eval()
+    teacher = prepare_model(teacher, device)  # channels_last on CUDA, as precompute does
+    precision = default_precision(device)
     sizes = [b - a for a, b in split_range(0, n_views, args.batch_size)]
 
     def bare() -> float:
         for _ in range(2):  # warm-up, as precompute's first batches are
-            teacher_logits(teacher, batches[0].to(device), device)
+            teacher_logits(teacher, batches[0].to(device), device, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i, n in enumerate(sizes):
-            teacher_logits(teacher, batches[i % len(batches)][:n], device)
+            teacher_logits(teacher, batches[i % len(batches)][:n], device, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return n_views / (time.perf_counter() - t0)

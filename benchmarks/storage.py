@@ -82,7 +82,9 @@ def main() -> None:
     from kdlib.softlabel import decode_logits, encode, reconstruct, to_codec
     from kdlib.source import open_source
     from kdlib.store import open_store
-    from kdlib.views import ViewBatches, loader, split_range
+    from kdlib.feed import Feed
+    from kdlib.store import ChunkCache
+    from kdlib.views import Batch, ViewBatches, split_range
 
     machine = C.machine_info()
     work = C.tmpdir(args.keep, "storage")
@@ -114,9 +116,10 @@ def main() -> None:
     first = stores[(backends[0], "fp16", ks[0])]
     meta = first.meta
     teacher = load_model(str(teacher_dir)).eval()
-    ds = ViewBatches(source, split_range(0, meta.views_per_epoch, args.batch_size), meta.recipe["size"],
-                     meta.group_size, store=first, epoch=0)
-    full = torch.cat([teacher_logits(teacher, item["views"], torch.device("cpu")) for item in loader(ds, args.workers)])
+    ds = ViewBatches(source, [Batch(0, a, b) for a, b in split_range(0, meta.views_per_epoch, args.batch_size)],
+                     meta.recipe["size"], meta.group_size, ChunkCache(first))
+    cpu = torch.device("cpu")
+    full = torch.cat([teacher_logits(teacher, item["views"], cpu) for item in Feed(ds, cpu, args.workers)])
     n = len(full)
     s = scale_for_top1(full, args.peaked)
     sharp = full * s

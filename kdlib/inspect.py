@@ -179,7 +179,8 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         "version": meta.format_version,
         "kdlib_version": meta.kdlib_version,
         "teacher": {"id": meta.teacher.get("id"), "arch": meta.teacher.get("arch"),
-                    "digest": meta.teacher.get("digest")},
+                    "digest": meta.teacher.get("digest"), "precision": meta.precision},
+        "rendered": {k: meta.rendered[k] for k in ("device", "decoder", "renderer")},
         "source": {"name": meta.source.get("name"), "data": meta.source.get("data"),
                    "limit": meta.source.get("limit"), "images": meta.source.get("num_images"),
                    "fingerprint": meta.source.get("fingerprint")},
@@ -291,6 +292,8 @@ def format_report(report: dict) -> str:
         ("backend", str(r["format"])),
         ("version", f"{r['version']}" + (f" (written by kdlib {r['kdlib_version']})" if r.get("kdlib_version") else "")),
         ("digest", str(r["digest"])),
+        ("render", "{device}, decoder {decoder}, {renderer}".format(**r["rendered"])
+         + f"; teacher in {r['teacher']['precision']}"),
     ])
     t, s = r["teacher"], r["source"]
     out += _section("teacher / source", [

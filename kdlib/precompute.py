@@ -35,7 +35,7 @@ from .models import Classifier, load_model, model_id, weights_digest
 from .plan import center_params, pack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .render import DECODERS, RENDERER
-from .softlabel import encode, id_dtype, to_codec
+from .softlabel import check_finite, encode, id_dtype, to_codec
 from .source import Source, open_source
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
 from .teacher import check_precision, prepare_model, teacher_logits
@@ -179,7 +179,9 @@ def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterato
             start, stop = item["start"], item["stop"]
             c = start // meta.chunk_views
             logits = teacher_logits(teacher, item["views"], state.device, precision)
-            labels = to_codec(encode(logits, meta.k), meta.logit_codec)  # on the device; the writer copies
+            labels = encode(logits, meta.k, check=False)  # on the device; the writer copies and checks
+            if meta.logit_codec != "fp16":  # the finiteness check wants the fp16 values too
+                labels = {**to_codec(labels, meta.logit_codec), "_logits16": labels["logits"]}
             a, b = meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing
@@ -207,7 +209,9 @@ def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterato
 def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], parts: list[dict[str, torch.Tensor]],
                    log_path: str) -> None:
     """In the writer thread: the device-to-host copy of the chunk's labels, the write, the commit."""
-    cols.update({k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]})
+    host = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+    check_finite(host.pop("_logits16") if "_logits16" in host else host["logits"], host["lse"])
+    cols.update(host)
     store.write_chunk(epoch, chunk, cols)
     with store.fs.open(log_path, "a") as f:
         f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()}) + "\n")

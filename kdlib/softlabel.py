@@ -20,7 +20,7 @@ import torch
 
 from kdlib.errors import ConfigError
 
-__all__ = ["TAIL_FLOOR", "id_dtype", "torch_id_dtype", "encode", "reconstruct", "tail_mass"]
+__all__ = ["TAIL_FLOOR", "id_dtype", "torch_id_dtype", "encode", "check_finite", "reconstruct", "tail_mass"]
 
 #: Smallest tail mass :func:`reconstruct` uses, as a fraction of the total mass (1).
 #: fp16 rounding of the stored logits can make ``1 - sum(top-k probs)`` zero or negative for
@@ -57,13 +57,14 @@ def torch_id_dtype(num_classes: int) -> torch.dtype:
     return _NP_TO_TORCH[id_dtype(num_classes)]
 
 
-def encode(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def encode(logits: torch.Tensor, k: int, check: bool = True) -> dict[str, torch.Tensor]:
     """Soft labels of a batch of teacher logits ``[N, C]``.
 
     Returns ``{"ids": [N, k_eff] (id dtype), "logits": [N, k_eff] float16, "lse": [N] float32}``
     with ``k_eff = min(k, C)``, ids sorted by descending logit. Stays on the logits' device.
     Raises :class:`ConfigError` for a bad ``k`` or shape, and for logits that are not finite
-    or overflow float16 (|logit| > 65504).
+    or overflow float16 (|logit| > 65504); `check=False` leaves that to the caller (`check_finite`
+    on the host copy), so that a device never waits for the host here.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k (number of stored classes) must be a positive integer, got {k!r}")
@@ -77,14 +78,19 @@ def encode(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         lse = torch.logsumexp(x, dim=-1)
         values, indices = torch.topk(x, k_eff, dim=-1, largest=True, sorted=True)
         values16 = values.to(torch.float16)
-        # One sync per batch; the caller copies to the host right after anyway.
-        if not bool(torch.isfinite(values16).all() & torch.isfinite(lse).all()):
-            raise ConfigError(
-                "teacher logits are not finite or overflow float16 (|logit| > 65504); "
-                "a soft label cannot store them"
-            )
+        if check:
+            check_finite(values16, lse)
         ids = indices.to(torch_id_dtype(num_classes))
     return {"ids": ids, "logits": values16, "lse": lse}
+
+
+def check_finite(values16: torch.Tensor | np.ndarray, lse: torch.Tensor | np.ndarray) -> None:
+    """ConfigError unless the fp16 top-k logits and the lse are all finite (one host sync on a device)."""
+    finite = (bool(torch.isfinite(values16).all() & torch.isfinite(lse).all())
+              if isinstance(values16, torch.Tensor) else bool(np.isfinite(values16).all() & np.isfinite(lse).all()))
+    if not finite:
+        raise ConfigError("teacher logits are not finite or overflow float16 (|logit| > 65504); "
+                          "a soft label cannot store them")
 
 
 CODECS = ("fp16", "q8")

@@ -89,7 +89,9 @@ def test_report_describes_the_store(report, store):
     assert report["views"]["per_epoch"] == m.views_per_epoch
     assert report["views"]["total"] == STORE_EPOCHS * m.views_per_epoch
     assert report["k"] == STORE_K and report["num_classes"] == 10 and report["id_dtype"] == "uint8"
-    assert report["teacher"] == {"id": m.teacher["id"], "arch": "resnet8", "digest": m.teacher["digest"]}
+    assert report["teacher"] == {"id": m.teacher["id"], "arch": "resnet8", "digest": m.teacher["digest"],
+                                 "precision": "fp32"}
+    assert report["rendered"] == {"device": "cpu", "decoder": "pil", "renderer": "roi_align-1"}
     assert report["source"]["fingerprint"] == m.source["fingerprint"] and report["source"]["images"] == LIMIT
     assert report["source"]["limit"] == LIMIT and report["source"]["data"] == "fashion-mnist"
     assert report["recipe"]["group"] == [4, 1] and report["recipe"]["mix"] == "mixup"
@@ -248,7 +250,7 @@ def test_cli_json_and_text(store_dir, report, tmp_path):
 
     res = CliRunner().invoke(cli, ["inspect", store_dir, "--max-chunks", "2"])
     assert res.exit_code == 0, res.output
-    assert "backend  zarr" in res.output and "version  1" in res.output and report["digest"] in res.output
+    assert "backend  zarr" in res.output and "version  2" in res.output and report["digest"] in res.output
     assert "first 2 chunks per epoch" in res.output and "teacher top-1 histogram" in res.output
     assert all(f"{i} {name} " in res.output for i, name in enumerate(report["labels"]["top1_histogram"]["classes"]))
 
