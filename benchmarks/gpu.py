@@ -610,6 +610,7 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
         row(f"precompute of the c = {crops} store (once, set-up), steady views/s",
             {d: (runs["sets"][d].get("multicrop_store") or {}).get("steady_views_per_s") for d in sets},
             key="multicrop_precompute")
+    rows = [r for r in rows if any(c != "—" for c in r[1:1 + len(sets)])]  # parts left out by --only
     return rows, summary
 
 
