@@ -108,7 +108,7 @@ def main() -> None:
     results = {"ms_per_view": med, "rounds": times}
     if args.where_rounds:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        where = render_place_rates(work, str(work / "jpegs"), r, args.where_rounds)
+        where = render_place_rates(work, str(work / "jpegs"), r, args.where_rounds, max(r.group_size, min(32, v // 4)))
         results["render_place_views_per_s"] = where
         rows = [[k, f"{C.median(x):.1f}", C.spread(x)] for k, x in where.items()]
         extra = C.md_table(["kdlib train from a store, 2 workers", "views/s", "spread"], rows)
@@ -118,9 +118,9 @@ def main() -> None:
                    vars(args), results, table, args.out)
 
 
-def render_place_rates(work: Path, data: str, recipe, rounds: int) -> dict[str, list[float]]:
+def render_place_rates(work: Path, data: str, recipe, rounds: int, batch: int) -> dict[str, list[float]]:
     """Whole-epoch views/s of `kdlib train` from one store with the views rendered in the main
-    process or in the 2 workers (resnet8 student, batch 32)."""
+    process or in the 2 workers (resnet8 student)."""
     import json
 
     from kdlib.models import build_model, save_model
@@ -135,14 +135,14 @@ def render_place_rates(work: Path, data: str, recipe, rounds: int) -> dict[str, 
     store = work / "store"
     with C.quiet():
         precompute(PrecomputeConfig(teacher=str(teacher), data=data, recipe=str(rpath), out=str(store), k=1,
-                                    batch_size=32, workers=2, test=False))
+                                    batch_size=batch, workers=2, test=False))
     rates: dict[str, list[float]] = {"--render device (main process)": [], "--render workers": []}
     for rnd in range(rounds):
         for name in C.order(rnd, list(rates)):
             out = work / f"run-{rnd}"
-            cfg = TrainConfig(out=str(out), shards=str(store), student="resnet8", batch_size=32, workers=2,
+            cfg = TrainConfig(out=str(out), shards=str(store), student="resnet8", batch_size=batch, workers=2,
                               eval=False, checkpoint_every=0, render="device" if "device" in name else "workers")
-            rates[name].append(C.timed_train(train, cfg, out, 32, skip=2)["views_per_s"])
+            rates[name].append(C.timed_train(train, cfg, out, batch, skip=2)["views_per_s"])
     return rates
 
 
