@@ -16,6 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The suite pins CPU behaviour (bit-identical pixels, fp32 logits) wherever it runs: CUDA is hidden from
+# it, before anything imports torch. tests/test_cuda.py checks the GPU path in subprocesses that see the
+# GPUs the caller saw (KDLIB_TEST_CUDA_DEVICES keeps the caller's CUDA_VISIBLE_DEVICES, if any).
+os.environ.setdefault("KDLIB_TEST_CUDA_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "<all>"))
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_RECIPE = str(REPO / "precompute" / "fmnist.yaml")
 # The Debian package's place, or KDLIB_DATA (a GPU machine without the package: see shared/GPU.md)
