@@ -682,6 +682,14 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     work = C.tmpdir(args.keep, "gpu")
+    try:
+        run(args, work, device, t_begin)
+    finally:
+        if not args.keep:  # also when a run fails: the JPEGs and stores are large
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> None:
     sets: list[str] = [s.strip() for s in args.jpegs.split(",") if s.strip()]
     procs = args.jpeg_procs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     data: dict[str, dict[str, Any]] = {}
@@ -801,8 +809,6 @@ def main() -> None:
     path = C.write_result("gpu", machine, config,
                           {**runs, "summary": summary, "total_wall_s": time.perf_counter() - t_begin}, table, out)
     print(f"\nwrote {path} ({time.perf_counter() - t_begin:.0f} s in all)")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
