@@ -2,8 +2,8 @@
 JPEGs (500x375, quality 90): the bare ceilings, kdlib's precompute / cached / online training, multi-crop,
 and online KD run the standard way, with every ratio issue 10 sets a target for.
 
-    python3 benchmarks/gpu.py                          # one H100/H200, 16 cores: ~4-6 min with the JPEGs
-    .venv/bin/python benchmarks/gpu.py --device cpu --tiny   # the same code end to end on a CPU (~5 min)
+    python3 benchmarks/gpu.py                          # one H100/H200, 16 cores (sized for < 8 min; not yet run there)
+    .venv/bin/python benchmarks/gpu.py --device cpu --tiny   # the same code end to end on a CPU (1-4 min)
 
 Data: an ImageFolder per JPEG size, made here with a process pool (procedural photo-like images: smooth
 colour fields at three scales plus sensor-like noise, so that the files weigh what photos weigh: ~100 KB
