@@ -10,8 +10,9 @@ into views. Where it runs is one decision, made here and recorded in a store:
   rendering runs in parallel with the model instead of in front of it.
 
 Both call the same `render_decoded`; on one kind of device they give identical uint8 views.
-The feed keeps one batch ready ahead of the one the model is working on, and one iterator
-(one set of workers) lives for the whole run.
+The feed keeps one batch ready ahead of the one the model is working on (on CUDA its copy and
+render run on a side stream, so they overlap the model's kernels), and one iterator (one set of
+workers) lives for the whole run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def render_place(choice: str, device: torch.device, workers: int) -> str:
     return choice
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return []
+
+
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
@@ -62,16 +71,38 @@ class Feed:
         self.loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                  prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                                  persistent_workers=False)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def _prepare(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, item: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The batch on the device, rendered; on CUDA with the event that marks it done on the side stream."""
+        if self.stream is None:
+            return self._place(item), None
+        with torch.cuda.stream(self.stream):
+            item = self._place(item)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return item, done
+
+    def _place(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
         item = _to(item, self.device)
         item["image_cpu"] = image
         if "decoded" in item:
             item["views"] = render_decoded(item.pop("render"), item.pop("decoded"), self.data.size)
+        return item
+
+    def _hand_over(self, item: dict[str, Any], done: Any) -> dict[str, Any]:
+        """The model's stream waits for this batch's copy and render (not for the next one's), and
+        the allocator learns that its tensors are used there."""
+        if done is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(done)
+            for t in _tensors(item):
+                if t.device.type == "cuda":
+                    t.record_stream(main)
         return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -80,6 +111,6 @@ class Feed:
         ready = None if ahead is None else self._prepare(ahead)
         while ready is not None:
             current = ready
-            ahead = next(it, None)  # the next batch's copy and render are queued behind this one's
+            ahead = next(it, None)  # the next batch is copied and rendered while the model runs this one
             ready = None if ahead is None else self._prepare(ahead)
-            yield current
+            yield self._hand_over(*current)
