@@ -161,6 +161,34 @@ def demo(out: str, shards: str, quick: bool) -> None:
     run_demo(out, shards, quick)
 
 
+# -- DIH heads (issue 13) ----------------------------------------------------------------------
+@cli.command()
+@click.option("--teacher", required=True, help="The teacher's run directory (or an architecture with --weights).")
+@click.option("--weights", default=None, help="Weights file for an architecture name.")
+@click.option("--data", default="fashion-mnist", help="Source the heads are fitted on (its train split).")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML of the fitting views.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--out", required=True, help="Run directory of the teacher with heads.")
+@click.option("--head-layers", default=None,
+              help="Comma-separated layers to mount heads on: stage1,stage2,... or net submodule paths "
+                   "[default: every stage of a kdlib CIFAR ResNet or torchvision ResNet].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--lr", type=float, default=1e-3, help="AdamW learning rate of the heads.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Heads' initialisation seed.")
+@click.option("--no-eval", is_flag=True, help="Skip the per-head test-split top-1.")
+@click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@LIMIT
+@WORKERS
+def heads(**kw) -> None:
+    """Fit DIH classifier heads on a frozen teacher; the backbone's weights stay bit-identical."""
+    from .heads import HeadsConfig, fit_heads
+
+    kw["eval"] = not kw.pop("no_eval")
+    result = fit_heads(HeadsConfig(**kw))
+    click.echo(f"teacher with {len(result['layers'])} heads on {result['layers']} saved to {result['out']} "
+               f"(backbone digest {result['backbone_digest'][:12]}, unchanged)")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
