@@ -29,6 +29,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from . import __version__
 from ._dist import process_state
 from .errors import ConfigError
+from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
 from .models import Classifier, load_model, model_id, weights_digest
 from .plan import center_params, make_plan, pack_params, unpack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
@@ -60,6 +61,9 @@ class PrecomputeConfig:
     logit_codec: str = "fp16"  # or q8: 8-bit top-k logits (half the label bytes at k = 10)
     full_sample: float | None = None  # fraction of views (the first of each chunk) that also keep full logits;
     # None: auto_full_sample(k, classes)
+    attention: str | None = None  # teacher layers whose attention maps are stored (comma-separated)
+    attention_grid: int = DEFAULT_GRID  # maps pooled to G x G
+    attention_codec: str = "fp16"  # or q8
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -97,6 +101,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
                          mean=mean, std=std, weights=cfg.weights)
     _check_teacher(teacher, source, cfg.teacher)
     teacher.eval().to(state.device)
+    extras = prepare_teacher(teacher, cfg.attention, cfg.attention_grid, cfg.attention_codec)  # heads, AT maps
     g = recipe.group_size
     k = min(cfg.k, source.num_classes)
     full_sample = auto_full_sample(k, source.num_classes) if cfg.full_sample is None else cfg.full_sample
@@ -113,7 +118,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
-        kdlib_version=__version__)
+        kdlib_version=__version__, **extras)
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
     if state.is_main_process:
@@ -172,6 +177,7 @@ def _run_epoch(store: Store, teacher: Classifier, source: Source, recipe: Recipe
         for item, c in zip(loader(data, workers), owner):
             logits = teacher_logits(teacher, item["views"], state.device)
             labels = {k: v.cpu() for k, v in to_codec(encode(logits, store.meta.k), store.meta.logit_codec).items()}
+            labels.update(extra_columns(teacher, store.meta))  # DIH head labels, attention maps (issue 13)
             a, b = store.meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing

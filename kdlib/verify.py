@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StoreMismatchError
+from .extras import ExtrasCheck
 from .models import load_model, weights_digest
 from .plan import PARAM_FIELDS
 from .precompute import teacher_logits
@@ -42,6 +43,7 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
                                  f"{shards} was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})")
     model.eval()
     device = next(model.parameters()).device
+    extras = ExtrasCheck(model, meta)  # DIH heads and attention maps, checked like the main labels (issue 13)
 
     g = meta.group_size
     groups_per_epoch = meta.views_per_epoch // g
@@ -58,6 +60,7 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
         b = min(a + batch_size, len(cols["image"]))
         p = {k: cols[k][a:b] for k in PARAM_FIELDS}
         fresh.append(teacher_logits(model, render_views(p, source.decode, recipe_size, g), device).cpu())
+        extras.add()
     full = torch.cat(fresh)
 
     ids = torch.from_numpy(cols["ids"].astype(np.int64))
@@ -75,6 +78,17 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     rec = reconstruct(ids, torch.from_numpy(cols["logits"]), lse, meta.num_classes)
     kl = F.kl_div(F.log_softmax(rec, 1), F.log_softmax(full, 1), log_target=True, reduction="batchmean").item()
     ok = agree >= min_agreement and within and lse_err <= ABS_TOL + FP16_RTOL * float(lse.abs().max())
+    checked = extras.report(cols, min_agreement)
+    ok = ok and checked["ok"]
     return {"store": shards, "views": int(len(ids)), "epochs": meta.epochs_done, "top1_agreement": round(agree, 6),
             "max_logit_error": float(err.max()), "max_lse_error": lse_err, "mean_kl": kl,
-            "logits_within_tolerance": within, "logit_codec": meta.logit_codec, "min_agreement": min_agreement, "ok": bool(ok)}
+            "logits_within_tolerance": within, "logit_codec": meta.logit_codec, "min_agreement": min_agreement,
+            "heads": checked["heads"], "attention": checked["attention"], "ok": bool(ok)}
+
+
+def _tolerance(recomputed: torch.Tensor, lse: torch.Tensor, codec: str) -> torch.Tensor:
+    """Largest |stored - recomputed| top-k logit error that storage rounding explains (as for the main
+    labels above), for the DIH heads' label sets."""
+    if codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
+        return ABS_TOL + 0.5 / Q8_STEPS_PER_NAT + FP16_RTOL * (recomputed - lse[:, None]).abs()
+    return ABS_TOL + FP16_RTOL * recomputed.abs()

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .plan import PARAM_FIELDS
 from .render import render_views
 from .source import Source
+from .extras import item_columns
 from .store import ChunkCache, Store
 
 __all__ = ["ViewBatches", "split_range", "rank_slice", "loader"]
@@ -74,6 +75,7 @@ class ViewBatches(Dataset):
             if k in cols:
                 a = cols[k]
                 out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
+        out.update(item_columns(cols))  # DIH head labels h{j}_*, attention maps at{l} (issue 13)
         return out
 
 

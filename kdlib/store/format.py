@@ -12,13 +12,16 @@ from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreVersionError
 from ..plan import PACKINGS, param_fields
+from ..attention import MAP_CODECS
 from ..softlabel import CODECS
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
-           "check_compatible"]
+           "head_fields", "attention_fields", "check_compatible"]
 
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+# 2: DIH head label sets (`heads`) and attention maps (`attention`), both optional; a v1 store is a
+# v2 store with neither, so v1 stores read (and train) unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BACKENDS = ("zarr", "wds")
 ID_DTYPES = ("uint8", "uint16", "int32")
 
@@ -32,6 +35,22 @@ def label_fields(k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[
     if codec == "q8":
         return {"ids": (id_dtype, (k,)), "logits": ("uint8", (k,)), "top": ("float16", ()), "lse": ("float32", ())}
     return {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
+
+
+def head_fields(heads: list[str], k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One soft label set per DIH head j = 1..len(heads): `h{j}_ids`, `h{j}_logits`, `h{j}_lse` (and `h{j}_top`
+    with q8), the same k and codec as the main label set (head 0 is the main classifier: `ids`, ...)."""
+    return {f"h{j}_{col}": spec for j in range(1, len(heads) + 1)
+            for col, spec in label_fields(k, id_dtype, codec).items()}
+
+
+def attention_fields(attention: dict[str, Any] | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One attention map per tapped teacher layer l = 1..L: `at{l}`, G*G values, float16 or uint8 (q8)."""
+    if not attention:
+        return {}
+    dtype = "uint8" if attention["codec"] == "q8" else "float16"
+    g = int(attention["grid"])
+    return {f"at{i}": (dtype, (g * g,)) for i in range(1, len(attention["layers"]) + 1)}
 
 
 def view_fields(k: int, id_dtype: str, codec: str = "fp16", packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -59,6 +78,8 @@ class StoreMeta:
     logit_codec: str = "fp16"  # fp16, or q8 (8-bit distances below the top-1 logit)
     param_packing: str = "none"  # none, or packed (uint16 boxes, lambda on a 1/65535 grid)
     test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
+    heads: list[str] = field(default_factory=list)  # v2: DIH head layers of the teacher, one label set each
+    attention: dict[str, Any] | None = None  # v2: {"layers": [...], "grid": G, "codec": "fp16" | "q8"}
     kdlib_version: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +105,15 @@ class StoreMeta:
         need(self.param_packing in PACKINGS, "param_packing", f"must be one of {PACKINGS}")
         need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
              "must be an int in [0, chunk_views]")
+        need(isinstance(self.heads, list) and all(isinstance(h, str) and h for h in self.heads), "heads",
+             "must be a list of layer names")
+        a = self.attention
+        need(a is None or (isinstance(a, dict) and set(a) == {"layers", "grid", "codec"}
+                           and isinstance(a["layers"], list) and a["layers"] and all(isinstance(x, str) for x in a["layers"])
+                           and isinstance(a["grid"], int) and not isinstance(a["grid"], bool) and 1 <= a["grid"] <= 64
+                           and a["codec"] in MAP_CODECS), "attention",
+             f"must be null or {{'layers': [str, ...], 'grid': int in [1, 64], 'codec': one of {MAP_CODECS}}}")
+        need(not (self.format_version < 2 and (self.heads or a)), "format_version", "1 cannot hold heads or attention")
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -95,8 +125,9 @@ class StoreMeta:
 
     @property
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """One row per view: params and soft labels."""
-        return view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing)
+        """One row per view: params and soft labels (and, v2, each head's soft labels and the attention maps)."""
+        return {**view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing),
+                **head_fields(self.heads, self.k, self.id_dtype, self.logit_codec), **attention_fields(self.attention)}
 
     @property
     def label_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -168,6 +199,8 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("backend", found.backend, wanted.backend),
         ("chunk_views", found.chunk_views, wanted.chunk_views),
         ("sample_views (full-logit sample per chunk)", found.sample_views, wanted.sample_views),
+        ("DIH heads", found.heads, wanted.heads),
+        ("attention maps", found.attention, wanted.attention),
     ]
     for name, a, b in checks:
         if a != b:
