@@ -42,7 +42,7 @@ def test_newer_version_is_refused_by_name(tmp_path):
     copy = tmp_path / "s"
     shutil.copytree(GOLDEN / "zarr", copy)
     meta = json.loads((copy / "meta.json").read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     (copy / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreVersionError, match=r"version 2 found.*reads versions \[1\].*newer kdlib"):
+    with pytest.raises(StoreVersionError, match=r"version 3 found.*reads versions \[1, 2\].*newer kdlib"):
         open_store(str(copy))

@@ -168,7 +168,8 @@ class StoreMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in d and f.default is dataclasses.MISSING)
+                         if f.name not in d and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
         if unknown or missing:
             raise StoreError(f"{origin}: unknown keys {unknown} / missing keys {missing} for format "
                              f"version {d['format_version']}")
