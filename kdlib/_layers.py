@@ -9,8 +9,10 @@ different depths can be paired by stage. Names are only looked up, never importe
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,14 +84,14 @@ class LayerTaps:
         self.names = resolve_layers(model, names)
         self._got: dict[str, torch.Tensor] = {}
         net = _net(model)
-        self._handles = [net.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.names]
+        # a partial of a bound method, not a closure: copy.deepcopy(model) then gives the copy its own taps
+        self._handles = [net.get_submodule(n).register_forward_hook(functools.partial(self._keep, n))
+                         for n in self.names]
 
-    def _hook(self, name: str):
-        def keep(module: nn.Module, args, output) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise ModelError(f"layer {name!r} returns {type(output).__name__}, not a tensor; tap another layer")
-            self._got[name] = output
-        return keep
+    def _keep(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(f"layer {name!r} returns {type(output).__name__}, not a tensor; tap another layer")
+        self._got[name] = output
 
     @property
     def outputs(self) -> list[torch.Tensor]:

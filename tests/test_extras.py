@@ -236,3 +236,43 @@ def test_online_attention_refuses_unpaired_layers(teacher_dir, tmp_path):
         train(TrainConfig(out=str(tmp_path / "o"), teacher=teacher_dir, data="fashion-mnist", recipe=FMNIST_RECIPE,
                           limit=64, batch_size=32, attention_student="stage1,stage2", attention_teacher=STAGES, workers=0,
                           eval=False))
+
+
+def test_both_backends_hold_the_same_heads_and_maps(headed_teacher_dir, tmp_path):
+    from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.store import ChunkCache
+
+    stores = {b: precompute(PrecomputeConfig(teacher=headed_teacher_dir, data="fashion-mnist", out=str(tmp_path / b),
+                                             recipe=FMNIST_RECIPE, epochs=1, k=3, limit=64, workers=0, chunk_views=64,
+                                             backend=b, attention="stage3", attention_grid=4, test=False))
+              for b in ("zarr", "wds")}
+    assert stores["zarr"].content_digest() == stores["wds"].content_digest()
+    cols = ChunkCache(stores["wds"]).views(0, 0, 64)
+    assert cols["h3_ids"].shape == (64, 3) and cols["at1"].shape == (64, 16) and cols["at1"].dtype == np.float32
+    assert set(stores["wds"].bytes_on_disk()) >= {"h1_ids", "h2_logits", "h3_lse", "at1"}
+
+
+def test_command_line_precompute_attention_inspect_train(teacher_dir, tmp_path):
+    import subprocess
+    import sys
+
+    def kdlib(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    kdlib("precompute", "--teacher", teacher_dir, "--data", "fashion-mnist", "--recipe", FMNIST_RECIPE, "--epochs", "1",
+          "--limit", "64", "--workers", "0", "--attention", "stage2,stage3", "--attention-grid", "4",
+          "--attention-codec", "q8", "--out", str(tmp_path / "s"))
+    report = json.loads(kdlib("inspect", str(tmp_path / "s"), "--json"))
+    assert [(m["layer"], m["grid"], m["codec"]) for m in report["attention"]] == [("blocks.1", 4, "q8"),
+                                                                                   ("blocks.2", 4, "q8")]
+    kdlib("train", "--shards", str(tmp_path / "s"), "--attention-student", "stage2,stage3", "--attention-weight", "9",
+          "--loss", "ce", "--epochs", "1", "--batch-size", "32", "--workers", "0", "--no-eval", "--out",
+          str(tmp_path / "r"))
+    cfg = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert cfg["attention_student"] == "stage2,stage3" and cfg["attention_weight"] == 9.0 and cfg["loss"] == "ce"
+    bad = subprocess.run([sys.executable, "-m", "kdlib", "train", "--shards", str(tmp_path / "s"), "--loss", "dih",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --loss dih needs a teacher with heads")
+    assert "Traceback" not in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def test_bad_head_layers_and_sizes_are_refused():
     with pytest.raises(ModelError, match=r"stage4.*stage1..stage3"):
         attach_heads(base, ["stage4"], 28)
     headed = attach_heads(base, None, 28)
+    twin = copy.deepcopy(headed)  # a copy keeps its own taps: its heads see its own features
+    x = _views(2)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.cohort_logits(x), headed.cohort_logits(x))
+        twin.heads[0].weight.add_(1.0)
+        assert not torch.equal(twin.cohort_logits(x)[:, 1], headed.cohort_logits(x)[:, 1])
     with pytest.raises(ModelError, match=r"fitted on 28x28.*got 32x32"):
         headed(_views(size=32))
     with pytest.raises(ModelError, match="already has heads"):
