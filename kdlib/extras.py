@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attention import BETA, LayerTaps, at_loss, attention_map, decode_maps, encode_maps, parse_layers
+from .attention import LayerTaps, at_loss, attention_map, decode_maps, encode_maps, parse_layers
 from .errors import ConfigError
 from .losses import dih, mixed_label_targets
 from .softlabel import decode_logits, encode, reconstruct, to_codec

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import FMNIST_RECIPE, LIMIT
+from conftest import FMNIST_RECIPE
 from kdlib.errors import ModelError
 from kdlib.heads import HeadedClassifier, attach_heads, backbone_digest
 from kdlib.models import build_model, load_model, weights_digest
