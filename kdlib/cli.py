@@ -51,6 +51,12 @@ def cli() -> None:
                    "(fast for photos; changes pixels, so it is recorded and replayed).")
 @PRECISION
 @RENDER
+# issue 13: attention maps (a teacher with DIH heads stores each head's labels by itself)
+@click.option("--attention", default=None, help="Teacher layers whose attention maps are stored per view, "
+              "comma-separated: stage1,stage2,... or net submodule paths (opt-in; bytes reported by inspect).")
+@click.option("--attention-grid", type=click.IntRange(1, 64), default=8, help="Maps are pooled to G x G.")
+@click.option("--attention-codec", type=click.Choice(["fp16", "q8"]), default="fp16",
+              help="Stored map values: fp16, or q8 (8 bits per value, relative to the map's max).")
 @LIMIT
 @WORKERS
 def precompute(**kw) -> None:
@@ -76,8 +82,8 @@ def precompute(**kw) -> None:
 @click.option("--data", default=None, help="Source for supervised or online training (default: the store's).")
 @click.option("--teacher", default=None, help="Online distillation baseline: teacher in memory, same plan.")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML without --shards.")
-@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist", "ce"]), default=None,
-              help="Default: kl with --shards/--teacher, ce otherwise.")
+@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist", "dih", "ce"]), default=None,
+              help="Default: kl with --shards/--teacher, ce otherwise. dih: the cohort of a teacher with heads.")
 @click.option("--temperature", "-T", type=float, default=1.0, help="KL/DIST temperature.")
 @click.option("--gamma", type=float, default=0.5, help="TTM/WTTM power.")
 @click.option("--ce-weight", type=float, default=0.0, help="Add CE on (mixed) ground-truth labels.")
@@ -102,6 +108,18 @@ def precompute(**kw) -> None:
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
 @click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+# issue 13: DIH cohort loss and attention transfer
+@click.option("--dih-alpha", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              help="DIH: weight of each cohort member's KD term (CE gets 1 - alpha per member).")
+@click.option("--dih-temperature", type=click.FloatRange(0, min_open=True), default=5.0, help="DIH: KD temperature.")
+@click.option("--attention-student", default=None,
+              help="Add attention transfer on these student layers (stage1,... or net paths), paired in order "
+                   "with the store's maps (or --attention-teacher online).")
+@click.option("--attention-teacher", default=None, help="Online AT: the teacher's layers [default: the student's names].")
+@click.option("--attention-weight", type=click.FloatRange(min=0), default=1e3,
+              help="beta of the AT term (the reference: 1e3; fasterai's weight w maps to w / (1 - w) with --loss ce).")
+@click.option("--attention-grid", type=click.IntRange(1, 64), default=None,
+              help="Online AT: pool maps to G x G [default 8]; with --shards the store's grid.")
 @LIMIT
 @WORKERS
 def train(config_file: str | None, **kw) -> None:
@@ -181,6 +199,34 @@ def demo(out: str, shards: str, quick: bool) -> None:
     from .demo import run_demo
 
     run_demo(out, shards, quick)
+
+
+# -- DIH heads (issue 13) ----------------------------------------------------------------------
+@cli.command()
+@click.option("--teacher", required=True, help="The teacher's run directory (or an architecture with --weights).")
+@click.option("--weights", default=None, help="Weights file for an architecture name.")
+@click.option("--data", default="fashion-mnist", help="Source the heads are fitted on (its train split).")
+@click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML of the fitting views.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--out", required=True, help="Run directory of the teacher with heads.")
+@click.option("--head-layers", default=None,
+              help="Comma-separated layers to mount heads on: stage1,stage2,... or net submodule paths "
+                   "[default: every stage of a kdlib CIFAR ResNet or torchvision ResNet].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--lr", type=float, default=1e-3, help="AdamW learning rate of the heads.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Heads' initialisation seed.")
+@click.option("--no-eval", is_flag=True, help="Skip the per-head test-split top-1.")
+@click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@LIMIT
+@WORKERS
+def heads(**kw) -> None:
+    """Fit DIH classifier heads on a frozen teacher; the backbone's weights stay bit-identical."""
+    from .heads import HeadsConfig, fit_heads
+
+    kw["eval"] = not kw.pop("no_eval")
+    result = fit_heads(HeadsConfig(**kw))
+    click.echo(f"teacher with {len(result['layers'])} heads on {result['layers']} saved to {result['out']} "
+               f"(backbone digest {result['backbone_digest'][:12]}, unchanged)")
 
 
 def main() -> None:

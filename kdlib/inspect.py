@@ -203,6 +203,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     stats = _LabelStats(meta.num_classes)
     trunc, target = _ErrorStats(), _ErrorStats()
     digest = hashlib.sha256()
+    extras = _ExtrasStats(meta)
     for epoch in range(meta.epochs_done):
         for chunk in range(meta.chunks_per_epoch):
             raw = store.read_chunk(epoch, chunk)
@@ -211,6 +212,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
                 continue
             cols = decoded(raw, meta)
             stats.add(cols["ids"], cols["logits"], cols["lse"])
+            extras.add(cols)
             full = cols.get("full")
             if full is None or len(full) == 0:
                 continue
@@ -222,6 +224,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
             trunc.add(losses.target_error(full_t, recon, "kl", temperature=1.0), s)
             target.add(losses.target_error(full_t, recon, loss, **params), s)
     report["digest"] = digest.hexdigest()
+    report.update(extras.summary(on_disk, total_views))  # per DIH head and per attention map (issue 13)
     report["labels"] = {**stats.summary(classes), "epochs": meta.epochs_done, "chunks_per_epoch_read": per_epoch,
                         "complete": per_epoch == meta.chunks_per_epoch}
     if meta.sample_views == 0:
@@ -254,6 +257,63 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
                           **ts.summary(classes)}
     report["notes"] = notes
     return report
+
+
+# -- DIH heads and attention maps (format v2, issue 13) ---------------------------------------
+class _ExtrasStats:
+    """Per head: label statistics and top-1 agreement with the main classifier; per map: its mass spread."""
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+        self.heads = [_LabelStats(meta.num_classes) for _ in meta.heads]
+        self.agree = [0] * len(meta.heads)
+        n_maps = len((meta.attention or {}).get("layers", []))
+        self.map_peak = [0.0] * n_maps  # running sum of each map's largest value (1/sqrt(G*G): flat, 1: one cell)
+        self.n = 0
+
+    def add(self, cols: dict[str, np.ndarray]) -> None:
+        for j, st in enumerate(self.heads, 1):
+            st.add(cols[f"h{j}_ids"], cols[f"h{j}_logits"], cols[f"h{j}_lse"])
+            self.agree[j - 1] += int((cols[f"h{j}_ids"][:, 0] == cols["ids"][:, 0]).sum())
+        for i in range(len(self.map_peak)):
+            self.map_peak[i] += float(np.asarray(cols[f"at{i + 1}"], np.float64).max(1).sum())
+        self.n += len(cols["lse"])
+
+    def summary(self, on_disk: dict[str, int], total_views: int) -> dict[str, Any]:
+        def per_view(prefix: str) -> float | None:
+            b = sum(v for k, v in on_disk.items() if k.startswith(prefix) and (k[len(prefix):len(prefix) + 1] in ("_", "")))
+            return b / total_views if total_views else None
+
+        n = max(self.n, 1)
+        heads = []
+        for j, (layer, st) in enumerate(zip(self.meta.heads, self.heads), 1):
+            s = st.summary(None)
+            heads.append({"head": j, "layer": layer, "bytes_per_view": per_view(f"h{j}"),
+                          "tail_mass_mean": s["tail_mass_mean"], "tail_mass_max": s["tail_mass_max"],
+                          "entropy_mean": s["entropy_mean"], "top1_prob_mean": s["top1_prob_mean"],
+                          "top1_agreement_with_main": self.agree[j - 1] / n if self.n else None})
+        att = self.meta.attention
+        maps = [] if not att else [
+            {"map": i, "layer": layer, "grid": att["grid"], "codec": att["codec"], "bytes_per_view": per_view(f"at{i}"),
+             "peak_mean": self.map_peak[i - 1] / n if self.n else None}
+            for i, layer in enumerate(att["layers"], 1)]
+        return {"heads": heads, "attention": maps}
+
+
+def _extras_text(r: dict) -> list[str]:
+    out: list[str] = []
+    if r.get("heads"):
+        out += _section(f"DIH heads ({len(r['heads'])}, one label set each, k = {r['k']})", [
+            (f"head {h['head']} {h['layer']}", f"{_f(h['bytes_per_view'], '.2f')} B/view, tail mass mean "
+                                               f"{_f(h['tail_mass_mean'])} (max {_f(h['tail_mass_max'])}), entropy "
+                                               f"{_f(h['entropy_mean'])}, top-1 = main's on {_f(h['top1_agreement_with_main'])}")
+            for h in r["heads"]])
+    if r.get("attention"):
+        out += _section("attention maps", [
+            (f"map {m['map']} {m['layer']}", f"{_f(m['bytes_per_view'], '.2f')} B/view ({m['grid']}x{m['grid']} "
+                                             f"{m['codec']}), mean peak {_f(m['peak_mean'])}")
+            for m in r["attention"]])
+    return out
 
 
 # -- text -----------------------------------------------------------------------------------
@@ -341,6 +401,7 @@ def format_report(report: dict) -> str:
             (f"{te['loss']} target ({setting})", f"KL mean {_f(te['kl_mean'])}, in loss units {_f(te['kl_mean_scaled'])}, "
                                                 f"max {_f(te['kl_max'])}, max |prob error| {_f(te['max_abs_prob_error'])}"),
         ])
+    out += _extras_text(r)
     ts = r.get("test")
     if ts is not None:
         src = ts["source"]

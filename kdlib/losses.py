@@ -35,6 +35,7 @@ __all__ = [
     "LOSSES",
     "get_loss",
     "target_error",
+    "dih",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -239,3 +240,36 @@ def target_error(teacher_full: Tensor, teacher_reconstructed: Tensor, loss_name:
         "kl_mean_scaled": scale * kl_mean,
         "max_abs_prob_error": 0.0 if empty else float((log_full.exp() - log_stored.exp()).abs().max()),
     }
+
+
+# -- DIH: a cohort of teachers (the main classifier and intermediate heads) ------------------------
+
+DIH_ALPHA, DIH_TEMPERATURE = 0.1, 5.0  # the reference's defaults
+
+
+def dih(student: Tensor, cohort: Tensor | list[Tensor], target: Tensor, alpha: float = DIH_ALPHA,
+        temperature: float = DIH_TEMPERATURE) -> Tensor:
+    """Distillation via intermediate heads (Asadian & Salehi-Abari, arXiv 2103.00497), as its reference code.
+
+    ``sum_j [alpha * T^2 * KL(softmax(t_j/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)]`` over the cohort
+    ``t_j`` (the main classifier and each head; ``[B, 1+k, C]`` or a list of ``[B, C]``): KL and CE are
+    batch means, the cohort is *summed*, not averaged, so the CE term counts ``1 + k`` times (the
+    reference's `train_dih.py` with `KD_Loss.kd_loss`). ``target`` is class ids ``[B]`` (the reference's
+    hard-label CE) or probabilities ``[B, C]`` (mixed views: `mixed_label_targets`). Teacher logits are
+    typically reconstructed soft labels, one per head.
+    """
+    members = list(cohort.unbind(1)) if isinstance(cohort, Tensor) else list(cohort)
+    if not members:
+        raise ConfigError("dih needs at least one teacher in the cohort")
+    a, t = float(alpha), float(temperature)
+    if not (0.0 < a <= 1.0) or not t > 0:  # the reference drops a member whose alpha is 0, CE and all
+        raise ConfigError(f"dih: alpha must be in (0, 1] and temperature > 0, got alpha={alpha}, temperature={t}")
+    s = student.float()
+    if target.ndim == 1:
+        ce = F.cross_entropy(s, target.long())
+    else:
+        ce = soft_cross_entropy(s, target)
+    total = s.new_zeros(())
+    for teacher in members:
+        total = total + a * kl(s, teacher.float(), t) + (1.0 - a) * ce
+    return total

@@ -304,6 +304,10 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None) -> C
     for name, given in (("num_classes", num_classes), ("in_channels", in_channels)):
         if given is not None and int(given) != int(cfg[name]):
             raise ModelError(f"{path}: model has {name}={cfg[name]} but {name}={given} was asked for")
+    if "heads" in cfg:  # a DIH teacher written by `kdlib heads`: the backbone plus classifier heads
+        from .heads import load_headed_run
+
+        return load_headed_run(path, cfg)
     model = build_model(cfg["arch"], cfg["num_classes"], cfg["in_channels"], cfg["mean"], cfg["std"])
     if cfg.get("net_channels", model.net_channels) != model.net_channels:
         raise ModelError(f"{path}: saved net_channels={cfg['net_channels']}, "

@@ -30,6 +30,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from . import __version__
 from ._dist import process_state
 from .errors import ConfigError
+from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
 from .feed import Feed
 from .models import Classifier, load_model, model_id, weights_digest
 from .plan import center_params, pack_params, views_per_epoch
@@ -69,6 +70,9 @@ class PrecomputeConfig:
     precision: str | None = None  # teacher forward: fp32, tf32 or bf16; None: bf16 on CUDA, fp32 on the CPU
     decode: str = "pil"  # or pil-draft: JPEGs shrunk 2-8x in the DCT domain when every box allows it
     render: str = "auto"  # where views are rendered: device, workers, auto (see kdlib.feed)
+    attention: str | None = None  # teacher layers whose attention maps are stored (comma-separated)
+    attention_grid: int = DEFAULT_GRID  # maps pooled to G x G
+    attention_codec: str = "fp16"  # or q8
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -104,6 +108,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
                          mean=mean, std=std, weights=cfg.weights)
     _check_teacher(teacher, source, cfg.teacher)
     teacher = prepare_model(teacher.eval(), device)
+    extras = prepare_teacher(teacher, cfg.attention, cfg.attention_grid, cfg.attention_codec)  # heads, AT maps
     g = recipe.group_size
     k = min(cfg.k, source.num_classes)
     full_sample = auto_full_sample(k, source.num_classes) if cfg.full_sample is None else cfg.full_sample
@@ -121,7 +126,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
         render={"device": device.type, "decoder": cfg.decode, "renderer": RENDERER},
-        kdlib_version=__version__)
+        kdlib_version=__version__, **extras)
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
     if state.is_main_process:
@@ -182,6 +187,7 @@ def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterato
             labels = encode(logits, meta.k, check=False)  # on the device; the writer copies and checks
             if meta.logit_codec != "fp16":  # the finiteness check wants the fp16 values too
                 labels = {**to_codec(labels, meta.logit_codec), "_logits16": labels["logits"]}
+            labels.update(extra_columns(teacher, meta))  # DIH head labels, attention maps (issue 13)
             a, b = meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing

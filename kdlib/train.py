@@ -35,6 +35,7 @@ from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .errors import ConfigError
 from .evaluate import evaluate_model
+from .extras import attention_term, check_dih_source, cohort_logits, dih_loss_fn
 from .feed import Feed
 from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
@@ -49,7 +50,7 @@ from .views import Batch, PlanParams, ViewBatches, rank_slice, split_range
 
 __all__ = ["TrainConfig", "train"]
 
-KD_LOSSES = ("kl", "ttm", "wttm", "dist")
+KD_LOSSES = ("kl", "ttm", "wttm", "dist", "dih")
 
 
 @dataclass
@@ -84,6 +85,13 @@ class TrainConfig:
     eval: bool = True
     eval_every: int = 0  # epochs between test-split evaluations during training (0: at the end only)
     cpu: bool = False
+    # issue 13: DIH (--loss dih, the reference's defaults) and attention transfer (added to any loss)
+    dih_alpha: float = 0.1
+    dih_temperature: float = 5.0
+    attention_student: str | None = None  # student layers, comma-separated (stageN or net paths)
+    attention_teacher: str | None = None  # online only: the teacher's layers (default: the student's names)
+    attention_weight: float = 1e3  # beta of the reference
+    attention_grid: int | None = None  # online only (default 8); a store's maps say their own grid
 
 
 def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | None) -> TrainConfig:
@@ -113,6 +121,7 @@ class _Targets:
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         self.store: Store | None = None
         self.max_stored = cfg.stored_epochs
+        self.dih_heads = 0  # --loss dih: heads in the cohort besides the main classifier
         self.teacher: Classifier | None = None
         if cfg.shards:
             if cfg.teacher:
@@ -125,8 +134,11 @@ class _Targets:
             self.source = open_store_source(self.store, cfg.data, cfg.limit)
             self.num_classes = meta.num_classes
             self.views = meta.views_per_epoch
-            if cfg.loss == "ce":
+            if cfg.loss == "ce" and not cfg.attention_student:  # CE + stored attention maps is fasterai's AT
                 raise ConfigError("--loss ce trains on labels; drop --shards, or pick a distillation loss")
+            if cfg.loss == "dih":
+                check_dih_source(meta.heads, f"store {cfg.shards}")
+                self.dih_heads = len(meta.heads)
         else:
             if not cfg.data:
                 raise ConfigError("give --shards (distill from a store) or --data (labels, or --teacher online)")
@@ -139,6 +151,9 @@ class _Targets:
                                           in_channels=self.source.channels)
                 self.teacher = prepare_model(self.teacher.eval(), accelerator.device)
                 self.precision = check_precision(cfg.precision, accelerator.device)
+                if cfg.loss == "dih":
+                    check_dih_source(getattr(self.teacher, "head_layers", []), f"teacher {cfg.teacher}")
+                    self.dih_heads = len(self.teacher.head_layers)
             elif cfg.loss != "ce":
                 raise ConfigError(f"--loss {cfg.loss} needs soft labels: give --shards or --teacher, or use --loss ce")
 
@@ -162,6 +177,12 @@ class _Targets:
         return ViewBatches(self.source, batches, r.size, r.group_size, PlanParams(r, self.source.sizes()))
 
     def teacher_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+        if self.dih_heads:  # DIH: the cohort [B, 1 + k, C], main classifier first (issue 13)
+            return cohort_logits(item, self._main_logits(item, device), self.num_classes, self.dih_heads,
+                                 self.teacher, device)
+        return self._main_logits(item, device)
+
+    def _main_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
         if self.store is not None:
             return reconstruct(item["ids"], item["logits"], item["lse"], self.num_classes)
         if self.teacher is not None:
@@ -170,6 +191,8 @@ class _Targets:
 
 
 def _loss_fn(cfg: TrainConfig, num_classes: int) -> Callable[..., torch.Tensor]:
+    if cfg.loss == "dih":  # the cohort loss of Asadian & Salehi-Abari (kdlib.losses.dih)
+        return dih_loss_fn(cfg.dih_alpha, cfg.dih_temperature, num_classes, cfg.ce_weight)
     if cfg.loss == "ce":
         kd = None
     else:
@@ -213,8 +236,9 @@ def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator,
         rec.append(reconstruct(torch.from_numpy(cols["ids"][:n].astype(np.int64)), torch.from_numpy(cols["logits"][:n]),
                                torch.from_numpy(cols["lse"][:n]), meta.num_classes))
     params = {"kl": {"temperature": cfg.temperature}, "dist": {"temperature": cfg.temperature},
-              "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma}}[cfg.loss]
-    err = target_error(torch.cat(full), torch.cat(rec), cfg.loss, **params)
+              "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma},
+              "dih": {"temperature": cfg.dih_temperature}}[cfg.loss]
+    err = target_error(torch.cat(full), torch.cat(rec), "kl" if cfg.loss == "dih" else cfg.loss, **params)
     if err["kl_mean_scaled"] > TARGET_KL_WARN:
         accelerator.print(
             f"warning: at {cfg.loss} {params} the top-{meta.k} target differs from the full teacher by "
@@ -300,6 +324,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               mean=mean, std=std, weights=cfg.weights)
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
+    at_term = attention_term(cfg, targets.store, targets.teacher, student)  # 0.0 without --attention-student
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, cfg.warmup))
     # The scheduler is not prepared: accelerate would step it once per process per step, and the
@@ -354,6 +379,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with accelerator.autocast():
                 logits = model(views)
             loss = loss_fn(logits, teacher, item)
+            loss = loss + at_term(item, accelerator.device)  # attention transfer (issue 13)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if cfg.clip:

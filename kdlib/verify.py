@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StoreMismatchError
+from .extras import ExtrasCheck
 from .feed import Feed
 from .models import load_model, weights_digest
 from .softlabel import Q8_STEPS_PER_NAT, reconstruct
@@ -30,7 +31,7 @@ from .store import ChunkCache, Store, open_store, open_store_source
 from .teacher import prepare_model, teacher_logits
 from .views import Batch, FixedParams, ViewBatches, split_range
 
-__all__ = ["verify", "pixel_parity", "FP16_RTOL", "CROSS_DEVICE_PIXELS"]
+__all__ = ["verify", "pixel_parity", "tolerance", "FP16_RTOL", "CROSS_DEVICE_PIXELS"]
 
 FP16_RTOL = 2.0**-11  # half an fp16 ulp, relative: the rounding of stored logits
 # Plus the difference between two teacher runs of the same views (batch composition picks other kernels):
@@ -70,6 +71,7 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
                                  f"{shards} was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = prepare_model(model.eval(), dev)
+    extras = ExtrasCheck(model, meta)  # DIH heads and attention maps, checked like the main labels (issue 13)
     rendered = meta.rendered
     same_kind = rendered["device"] == dev.type
     draft = rendered["decoder"] == "pil-draft"
@@ -99,8 +101,11 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     parts = [cache.views(int(p // groups_per_epoch), int(p % groups_per_epoch) * g, int(p % groups_per_epoch + 1) * g)
              for p in picks]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    full = torch.cat([teacher_logits(model, it["views"], dev, precision).cpu()
-                      for it in _render(store, source, dev, cols, batch_size, draft)])
+    fresh = []
+    for it in _render(store, source, dev, cols, batch_size, draft):
+        fresh.append(teacher_logits(model, it["views"], dev, precision).cpu())
+        extras.add()  # the heads and maps of that same forward
+    full = torch.cat(fresh)
 
     ids = torch.from_numpy(cols["ids"].astype(np.int64))
     stored_logits = torch.from_numpy(cols["logits"]).float()
@@ -110,18 +115,24 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     err = (stored_logits - recomputed).abs()
     abs_tol = ABS_TOL.get(precision, ABS_TOL["bf16"]) + (0.0 if same_kind else CROSS_DEVICE_ABS_TOL)
     rel_tol = FP16_RTOL + REL_TOL.get(precision, REL_TOL["bf16"])
-    if meta.logit_codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
-        tol = abs_tol + 0.5 / Q8_STEPS_PER_NAT + rel_tol * (recomputed - lse[:, None]).abs()
-    else:
-        tol = abs_tol + rel_tol * recomputed.abs()
-    within = bool((err <= tol).all())
+    within = bool((err <= tolerance(recomputed, lse, meta.logit_codec, abs_tol, rel_tol)).all())
     lse_err = (lse - torch.logsumexp(full, 1)).abs().max().item()
     rec = reconstruct(ids, torch.from_numpy(cols["logits"]), lse, meta.num_classes)
     kl = F.kl_div(F.log_softmax(rec, 1), F.log_softmax(full, 1), log_target=True, reduction="batchmean").item()
     ok = (agree >= min_agreement and within and lse_err <= abs_tol + rel_tol * float(lse.abs().max())
           and pixels_ok)
+    checked = extras.report(cols, min_agreement, abs_tol, rel_tol)
     result.update({"views": int(len(ids)), "epochs": meta.epochs_done, "top1_agreement": round(agree, 6),
                    "max_logit_error": float(err.max()), "max_lse_error": lse_err, "mean_kl": kl,
                    "logits_within_tolerance": within, "logit_codec": meta.logit_codec,
-                   "min_agreement": min_agreement, "ok": bool(ok)})
+                   "min_agreement": min_agreement, "heads": checked["heads"], "attention": checked["attention"],
+                   "ok": bool(ok and checked["ok"])})
     return result
+
+
+def tolerance(recomputed: torch.Tensor, lse: torch.Tensor, codec: str, abs_tol: float, rel_tol: float) -> torch.Tensor:
+    """Largest |stored - recomputed| top-k logit error that storage rounding (and the precision's noise)
+    explains, for the main labels and for each DIH head's."""
+    if codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
+        return abs_tol + 0.5 / Q8_STEPS_PER_NAT + rel_tol * (recomputed - lse[:, None]).abs()
+    return abs_tol + rel_tol * recomputed.abs()

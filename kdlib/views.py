@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .extras import item_columns
 from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
 from .recipe import Recipe
 from .render import decode_batch, param_tensors, render_decoded
@@ -119,6 +120,7 @@ class ViewBatches(Dataset):
             if k in cols:
                 a = cols[k]
                 out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
+        out.update(item_columns(cols))  # DIH head labels h{j}_*, attention maps at{l} (issue 13)
         if self.render:
             out["views"] = render_decoded(out.pop("render"), out.pop("decoded"), self.size)
         return out

@@ -139,3 +139,15 @@ def rgb_folder(tmp_path_factory) -> str:
         d.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(d / f"img{i}.png")
     return str(root)
+
+
+# -- DIH heads (issue 13) ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def headed_teacher_dir(kd_root, teacher_dir) -> str:
+    """The fixture teacher with a linear head on each of its 3 stages, fitted 1 epoch on the fmnist recipe."""
+    from kdlib.heads import HeadsConfig, fit_heads
+
+    out = kd_root / "teacher_heads"
+    fit_heads(HeadsConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE, epochs=1,
+                          limit=LIMIT, workers=0, cpu=True, batch_size=64))
+    return str(out)

@@ -1,4 +1,4 @@
-"""Stores written by format version 1 (committed under tests/data/golden-v1) still read back the same.
+"""Stores written by format versions 1 and 2 (committed under tests/data/golden-v1, golden-v2) still read back the same.
 
 Regenerate only with a new format version: `.venv/bin/python tests/data/make_golden.py`.
 """
@@ -42,7 +42,25 @@ def test_newer_version_is_refused_by_name(tmp_path):
     copy = tmp_path / "s"
     shutil.copytree(GOLDEN / "zarr", copy)
     meta = json.loads((copy / "meta.json").read_text())
-    meta["format_version"] = 99
+    meta["format_version"] = 3
     (copy / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreVersionError, match=r"version 99 found.*reads versions \[1, 2\].*newer kdlib"):
+    with pytest.raises(StoreVersionError, match=r"version 3 found.*reads versions \[1, 2\].*newer kdlib"):
         open_store(str(copy))
+
+
+GOLDEN_V2 = Path(__file__).resolve().parent / "data" / "golden-v2"
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_golden_v2_store_reads_back_heads_and_maps(backend):
+    """Version 2 (DIH head label sets, attention maps): pinned like version 1, for later versions to read."""
+    want = json.loads((GOLDEN_V2 / "EXPECTED.json").read_text())[backend]
+    store = open_store(str(GOLDEN_V2 / backend))
+    assert store.meta.format_version == 2 and store.meta.heads == want["heads"] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert store.meta.attention == want["attention"] == {"layers": ["blocks.2"], "grid": 4, "codec": "q8"}
+    assert store.content_digest() == want["digest"]
+    chunk = store.read_chunk(1, 1)
+    for name, values in want["epoch1_chunk1"].items():
+        got = chunk[name][: len(values)]
+        np.testing.assert_array_equal(got.astype(float) if got.dtype.kind == "f" else got, np.asarray(values))
+    assert want["digest"] == json.loads((GOLDEN_V2 / "EXPECTED.json").read_text())["zarr"]["digest"]

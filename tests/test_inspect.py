@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K
+from kdlib.store import FORMAT_VERSION
 from kdlib.cli import cli
 from kdlib.errors import ConfigError
 from kdlib.inspect import NO_SAMPLE, format_report, inspect_store
@@ -85,7 +86,7 @@ def test_report_describes_the_store(report, store):
     for key in KEYS + ("teacher", "source", "recipe", "k", "id_dtype", "chunks", "labels", "truncation", "test"):
         assert key in report, key
     json.dumps(report)  # JSON-able as it is
-    assert report["format"] == "zarr" and report["version"] == 2 and report["epochs"] == STORE_EPOCHS
+    assert report["format"] == "zarr" and report["version"] == FORMAT_VERSION and report["epochs"] == STORE_EPOCHS
     assert report["views"]["per_epoch"] == m.views_per_epoch
     assert report["views"]["total"] == STORE_EPOCHS * m.views_per_epoch
     assert report["k"] == STORE_K and report["num_classes"] == 10 and report["id_dtype"] == "uint8"
@@ -250,7 +251,7 @@ def test_cli_json_and_text(store_dir, report, tmp_path):
 
     res = CliRunner().invoke(cli, ["inspect", store_dir, "--max-chunks", "2"])
     assert res.exit_code == 0, res.output
-    assert "backend  zarr" in res.output and "version  2" in res.output and report["digest"] in res.output
+    assert "backend  zarr" in res.output and f"version  {FORMAT_VERSION}" in res.output and report["digest"] in res.output
     assert "first 2 chunks per epoch" in res.output and "teacher top-1 histogram" in res.output
     assert all(f"{i} {name} " in res.output for i, name in enumerate(report["labels"]["top1_histogram"]["classes"]))
 

@@ -221,3 +221,66 @@ def test_get_loss_errors():
     # ConfigError is a ValueError, so generic handlers still work
     with pytest.raises(ValueError):
         get_loss("nope")
+
+
+# ---- DIH: the cohort loss of the reference (sum over teachers, not mean) -----------------------
+
+
+def ref_dih(s, teachers, y, alpha, temperature):
+    """float64 loops of the reference's train_dih.py + KD_Loss.kd_loss: per teacher
+    alpha * T^2 * batchmean KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y); summed over teachers."""
+    s = s.double().numpy()
+    total = 0.0
+    for t in teachers:
+        t = t.double().numpy()
+        kd = np.mean([_np_kl(_np_softmax(t[i] / temperature), _np_softmax(s[i] / temperature)) for i in range(len(s))])
+        ce = np.mean([-np.log(_np_softmax(s[i])[int(y[i])]) for i in range(len(s))])
+        total += alpha * temperature**2 * kd + (1 - alpha) * ce
+    return total
+
+
+@pytest.mark.parametrize("k", [C, 3])
+def test_dih_matches_the_reference_from_stored_labels(k):
+    from kdlib.losses import dih
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(B, C, generator=g) * 2
+    cohort_full = [torch.randn(B, C, generator=g) * sc for sc in (3.0, 2.0, 1.0, 0.5)]  # main + 3 heads
+    y = torch.randint(0, C, (B,), generator=g)
+    stored = [_stored(t, k) for t in cohort_full]  # each head's soft label, reconstructed
+    want = ref_dih(s, stored, y, 0.1, 5.0)
+    got = dih(s, torch.stack(stored, 1), y)  # defaults: alpha 0.1, T 5
+    assert abs(float(got) - want) <= 1e-5 * want
+    assert float(dih(s, stored, y)) == pytest.approx(float(got), rel=1e-6)  # a list works too
+    # summed, not averaged: two copies of the cohort cost twice as much
+    assert float(dih(s, stored + stored, y)) == pytest.approx(2 * float(got), rel=1e-5)
+    if k == C:  # every class stored: the stored cohort is the full one up to fp16
+        assert abs(ref_dih(s, cohort_full, y, 0.1, 5.0) - want) <= 1e-3 * want
+    else:  # k < C: the tail is invented, and it shows at T = 5
+        assert abs(ref_dih(s, cohort_full, y, 0.1, 5.0) - want) > 1e-4
+    # mixed-label targets: one-hot probabilities give the hard-label CE
+    onehot = torch.nn.functional.one_hot(y, C).float()
+    assert float(dih(s, stored, onehot)) == pytest.approx(float(got), rel=1e-5)
+    # gradient in the student only, finite
+    s_req = s.clone().requires_grad_(True)
+    dih(s_req, stored, y, alpha=0.3, temperature=2.0).backward()
+    assert torch.isfinite(s_req.grad).all()
+    eps, i, j = 1e-3, 2, 5
+    sp, sm = s.clone(), s.clone()
+    sp[i, j] += eps
+    sm[i, j] -= eps
+    fd = (ref_dih(sp, stored, y, 0.3, 2.0) - ref_dih(sm, stored, y, 0.3, 2.0)) / (2 * eps)
+    assert abs(float(s_req.grad[i, j]) - fd) < 1e-3
+
+
+def test_dih_refuses_bad_settings():
+    from kdlib.losses import dih
+
+    s, t = _pair()
+    y = torch.zeros(B, dtype=torch.long)
+    with pytest.raises(ConfigError, match="alpha"):
+        dih(s, [t], y, alpha=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        dih(s, [t], y, temperature=-1.0)
+    with pytest.raises(ConfigError, match="cohort"):
+        dih(s, [], y)

@@ -221,6 +221,10 @@ def decoded(cols: Chunk, meta: StoreMeta) -> Chunk:
     if meta.logit_codec != "fp16":
         out = {k: v for k, v in out.items() if k != "top"}
         out["logits"] = decode_logits(cols, meta.logit_codec)
+    if meta.heads or meta.attention:  # v2: DIH head labels and attention maps (kdlib.extras)
+        from ..extras import decode_columns
+
+        out = decode_columns(dict(out), meta)
     return out
 
 

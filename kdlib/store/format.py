@@ -12,12 +12,16 @@ from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreVersionError
 from ..plan import PACKINGS, param_fields
+from ..attention import MAP_CODECS
 from ..softlabel import CODECS
 
-__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LEGACY_RENDER", "BACKENDS", "StoreMeta", "label_fields", "view_fields",
-           "check_compatible"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LEGACY_RENDER", "BACKENDS", "StoreMeta", "label_fields",
+           "view_fields", "head_fields", "attention_fields", "check_compatible"]
 
-FORMAT_VERSION = 2  # 2: meta records what rendered the views (`render`) and the teacher's precision
+# 2: meta records what rendered the views (`render`) and the teacher's precision; optional DIH head
+# label sets (`heads`) and attention maps (`attention`). A v1 store is a v2 store rendered on the CPU
+# with PIL by an fp32 teacher, with neither heads nor maps, so v1 stores read (and train) unchanged.
+FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # What wrote a version-1 store: roi_align on the CPU in DataLoader workers, PIL decoding, fp32 teacher.
 LEGACY_RENDER = {"device": "cpu", "decoder": "pil", "renderer": "roi_align-1"}
@@ -35,6 +39,22 @@ def label_fields(k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[
     if codec == "q8":
         return {"ids": (id_dtype, (k,)), "logits": ("uint8", (k,)), "top": ("float16", ()), "lse": ("float32", ())}
     return {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
+
+
+def head_fields(heads: list[str], k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One soft label set per DIH head j = 1..len(heads): `h{j}_ids`, `h{j}_logits`, `h{j}_lse` (and `h{j}_top`
+    with q8), the same k and codec as the main label set (head 0 is the main classifier: `ids`, ...)."""
+    return {f"h{j}_{col}": spec for j in range(1, len(heads) + 1)
+            for col, spec in label_fields(k, id_dtype, codec).items()}
+
+
+def attention_fields(attention: dict[str, Any] | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One attention map per tapped teacher layer l = 1..L: `at{l}`, G*G values, float16 or uint8 (q8)."""
+    if not attention:
+        return {}
+    dtype = "uint8" if attention["codec"] == "q8" else "float16"
+    g = int(attention["grid"])
+    return {f"at{i}": (dtype, (g * g,)) for i in range(1, len(attention["layers"]) + 1)}
 
 
 def view_fields(k: int, id_dtype: str, codec: str = "fp16", packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -65,6 +85,8 @@ class StoreMeta:
     # what rendered the views: {"device": "cpu"|"cuda", "decoder": "pil"|"pil-draft", "renderer": "roi_align-1"},
     # and optionally "pixels": {"epoch", "start", "views"} (a sample of rendered views kept for verify)
     render: dict[str, Any] | None = None
+    heads: list[str] = field(default_factory=list)  # v2: DIH head layers of the teacher, one label set each
+    attention: dict[str, Any] | None = None  # v2: {"layers": [...], "grid": G, "codec": "fp16" | "q8"}
     kdlib_version: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +114,15 @@ class StoreMeta:
              "render", "must be a mapping with device, decoder and renderer")
         need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
              "must be an int in [0, chunk_views]")
+        need(isinstance(self.heads, list) and all(isinstance(h, str) and h for h in self.heads), "heads",
+             "must be a list of layer names")
+        a = self.attention
+        need(a is None or (isinstance(a, dict) and set(a) == {"layers", "grid", "codec"}
+                           and isinstance(a["layers"], list) and a["layers"] and all(isinstance(x, str) for x in a["layers"])
+                           and isinstance(a["grid"], int) and not isinstance(a["grid"], bool) and 1 <= a["grid"] <= 64
+                           and a["codec"] in MAP_CODECS), "attention",
+             f"must be null or {{'layers': [str, ...], 'grid': int in [1, 64], 'codec': one of {MAP_CODECS}}}")
+        need(not (self.format_version < 2 and (self.heads or a)), "format_version", "1 cannot hold heads or attention")
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -103,8 +134,9 @@ class StoreMeta:
 
     @property
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """One row per view: params and soft labels."""
-        return view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing)
+        """One row per view: params and soft labels (and, v2, each head's soft labels and the attention maps)."""
+        return {**view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing),
+                **head_fields(self.heads, self.k, self.id_dtype, self.logit_codec), **attention_fields(self.attention)}
 
     @property
     def label_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -155,7 +187,8 @@ class StoreMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in d and f.default is dataclasses.MISSING)
+                         if f.name not in d and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
         if unknown or missing:
             raise StoreError(f"{origin}: unknown keys {unknown} / missing keys {missing} for format "
                              f"version {d['format_version']}")
@@ -189,6 +222,8 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("teacher precision", found.precision, wanted.precision),
         # pixels must come from one renderer: another decoder or device kind would change some of them
         ("render", {k: found.rendered[k] for k in LEGACY_RENDER}, {k: wanted.rendered[k] for k in LEGACY_RENDER}),
+        ("DIH heads", found.heads, wanted.heads),
+        ("attention maps", found.attention, wanted.attention),
     ]
     for name, a, b in checks:
         if a != b:
