@@ -13,6 +13,15 @@ LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each split (quick tries, tests).")
 WORKERS = click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
                        help="DataLoader worker processes that decode and render.")
+MEAN = click.option("--mean", default=None, help="Input mean in [0,1] units, e.g. 0.485,0.456,0.406 or 'imagenet', "
+                    "for weights that do not define their preprocessing (default: the weights' own; the data's "
+                    "statistics only for a model trained from scratch).")
+STD = click.option("--std", default=None, help="Input std, e.g. 0.229,0.224,0.225 or 'imagenet' (see --mean).")
+CLASS_MAP = click.option("--class-map", default=None, type=click.Path(dir_okay=False),
+                         help="JSON {data class: teacher index or class name} for a teacher whose classes are not "
+                              "the data's (default: by the teacher's class names, else refused).")
+TRUST_CODE = click.option("--trust-code", is_flag=True,
+                          help="Allow a run dir's config.json to name a package.module:factory to import.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -21,8 +30,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--teacher", required=True, help="Run directory, architecture name, or package.module:factory.")
-@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an architecture.")
+@click.option("--teacher", required=True, help="Run directory, architecture name, package.module:factory, "
+              "torchvision:<model>:<TAG> (e.g. torchvision:resnet50:IMAGENET1K_V2) or timm:<model> (needs kdlib[timm]).")
+@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an "
+              "architecture; for torchvision:/timm: names, default: the local hub caches (nothing downloads).")
 @click.option("--data", default="fashion-mnist", help="fashion-mnist, an ImageFolder directory, or a .npz file.")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML (see precompute/).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the recipe's seed.")
@@ -41,6 +52,10 @@ def cli() -> None:
               help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
                    "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].")
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
 @LIMIT
 @WORKERS
 def precompute(**kw) -> None:
@@ -87,6 +102,8 @@ def precompute(**kw) -> None:
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
 @click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@MEAN
+@STD
 @LIMIT
 @WORKERS
 def train(config_file: str | None, **kw) -> None:
@@ -107,11 +124,17 @@ def train(config_file: str | None, **kw) -> None:
 @click.option("--weights", default=None)
 @click.option("--views", type=click.IntRange(min=1), default=256, help="How many stored views to re-check.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=1.0, help="Fail below this top-1 agreement.")
-def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float) -> None:
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
+def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float, mean: str | None,
+           std: str | None, class_map: str | None, trust_code: bool) -> None:
     """Re-render stored views, re-run the teacher, compare; exit 1 when they disagree."""
     from .verify import verify as run
 
-    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement)
+    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement, mean=mean, std=std,
+                 class_map=class_map, trust_code=trust_code)
     click.echo(json.dumps(result, indent=1))
     if not result["ok"]:
         click.echo(f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {min_agreement}), "
@@ -120,17 +143,25 @@ def verify(shards: str, teacher: str, weights: str | None, views: int, min_agree
 
 
 @cli.command(name="eval")
-@click.option("--model", required=True, help="Run directory.")
+@click.option("--model", required=True, help="Run directory, or (with --data) an architecture, package.module:factory, "
+              "torchvision:<model>:<TAG> or timm:<model>.")
+@click.option("--weights", default=None, help="Weights file for a named model.")
 @click.option("--data", default=None, help="Default: what the model was trained on.")
 @click.option("--split", default="test")
 @click.option("--shards", default=None, help="Store with cached teacher predictions (default: the one trained from).")
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
 @LIMIT
 @WORKERS
-def eval_(model: str, data: str | None, split: str, shards: str | None, limit: int | None, workers: int) -> None:
+def eval_(model: str, weights: str | None, data: str | None, split: str, shards: str | None, mean: str | None,
+          std: str | None, class_map: str | None, trust_code: bool, limit: int | None, workers: int) -> None:
     """Print JSON with top1, top5 and, when cached, agreement with the teacher."""
     from .evaluate import evaluate
 
-    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers)))
+    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers, weights=weights, mean=mean,
+                                   std=std, class_map=class_map, trust_code=trust_code)))
 
 
 @cli.command()

@@ -28,8 +28,9 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 
 from . import __version__
 from ._dist import process_state
+from .contract import parse_floats, size_note
 from .errors import ConfigError
-from .models import Classifier, load_model, model_id, weights_digest
+from .models import Classifier, model_id, resolve_model, weights_digest
 from .plan import center_params, make_plan, pack_params, unpack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .softlabel import encode, id_dtype, to_codec
@@ -60,6 +61,10 @@ class PrecomputeConfig:
     logit_codec: str = "fp16"  # or q8: 8-bit top-k logits (half the label bytes at k = 10)
     full_sample: float | None = None  # fraction of views (the first of each chunk) that also keep full logits;
     # None: auto_full_sample(k, classes)
+    mean: str | None = None  # the teacher's input contract when its weights do not define one ("0.485,0.456,0.406")
+    std: str | None = None
+    class_map: str | None = None  # file mapping the data's classes to teacher outputs (kdlib.classmap)
+    trust_code: bool = False  # let a run dir's config name a factory to import
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -92,10 +97,12 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     state = process_state()
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
-    mean, std = source.mean_std()
-    teacher = load_model(cfg.teacher, num_classes=source.num_classes, in_channels=source.channels,
-                         mean=mean, std=std, weights=cfg.weights)
+    teacher = resolve_model(cfg.teacher, classes=source.classes, in_channels=source.channels, weights=cfg.weights,
+                            mean=parse_floats(cfg.mean, "--mean"), std=parse_floats(cfg.std, "--std"),
+                            class_map=cfg.class_map, data_stats=source.mean_std, trust_code=cfg.trust_code).eval()
     _check_teacher(teacher, source, cfg.teacher)
+    if (note := size_note(teacher.contract, recipe.size, f"teacher {cfg.teacher}")) and state.is_main_process:
+        print(note)
     teacher.eval().to(state.device)
     g = recipe.group_size
     k = min(cfg.k, source.num_classes)
@@ -106,7 +113,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         format_version=FORMAT_VERSION, backend=cfg.backend, recipe=recipe.digest_dict(),
         source={**source.describe(), "data": cfg.data, "limit": cfg.limit},
         teacher={"id": model_id(cfg.teacher), "digest": weights_digest(teacher), "arch": teacher.config["arch"],
-                 "config": teacher.config},
+                 "config": teacher.config, "contract": teacher.contract.to_dict()},
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),

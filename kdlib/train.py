@@ -37,7 +37,8 @@ from .errors import ConfigError
 from .evaluate import evaluate, evaluate_model
 from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
-from .models import Classifier, build_model, load_model, save_model
+from .contract import parse_floats
+from .models import Classifier, resolve_model, save_model
 from .plan import make_plan, views_per_epoch
 from .precompute import teacher_logits
 from .recipe import Recipe, load_recipe
@@ -80,6 +81,8 @@ class TrainConfig:
     eval: bool = True
     eval_every: int = 0  # epochs between test-split evaluations during training (0: at the end only)
     cpu: bool = False
+    mean: str | None = None  # the student's input contract when --weights do not define one
+    std: str | None = None
 
 
 def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | None) -> TrainConfig:
@@ -131,8 +134,8 @@ class _Targets:
             self.num_classes = self.source.num_classes
             self.views = views_per_epoch(self.recipe, len(self.source))
             if cfg.teacher:
-                self.teacher = load_model(cfg.teacher, num_classes=self.source.num_classes,
-                                          in_channels=self.source.channels)
+                self.teacher = resolve_model(cfg.teacher, classes=self.source.classes,
+                                             in_channels=self.source.channels, data_stats=self.source.mean_std)
                 self.teacher.eval().to(accelerator.device)
             elif cfg.loss != "ce":
                 raise ConfigError(f"--loss {cfg.loss} needs soft labels: give --shards or --teacher, or use --loss ce")
@@ -250,11 +253,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           f"(the store holds {targets.store.meta.epochs_done}); "
                           f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
 
-    mean, std = source.mean_std()
     with torch.random.fork_rng(devices=[]):  # the init depends on --seed only, not on what was built before
         torch.manual_seed(cfg.seed)
-        student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
-                              mean=mean, std=std, weights=cfg.weights)
+        student = resolve_model(cfg.student, classes=targets.num_classes, in_channels=source.channels,
+                                weights=cfg.weights, mean=parse_floats(cfg.mean, "--mean"),
+                                std=parse_floats(cfg.std, "--std"), data_stats=source.mean_std, role="student")
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -350,7 +353,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.eval:
             result["eval"] = evaluate(str(out), data=_data_arg(cfg, targets), split="test",
                                       limit=cfg.limit if cfg.limit is not None else _store_limit(targets),
-                                      shards=cfg.shards, workers=cfg.workers)
+                                      shards=cfg.shards, workers=cfg.workers,
+                                      trust_code=True)  # the arch in out/ is the --student typed for this run
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"final_eval": result["eval"]}) + "\n")
             accelerator.print(json.dumps(result["eval"]))
