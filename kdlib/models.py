@@ -33,6 +33,7 @@ import inspect
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,8 +366,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
 
 
 def _log(line: str) -> None:
+    # stderr: eval and verify print JSON on stdout; one process of many says it
     if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, weights: str | None = None,
