@@ -34,7 +34,7 @@ from .models import Classifier, model_id, resolve_model, weights_digest
 from .plan import center_params, make_plan, pack_params, unpack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .softlabel import encode, id_dtype, to_codec
-from .source import Source, open_source
+from .source import Source, open_source, save_source_index
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
 from .views import ViewBatches, loader, split_range
 
@@ -132,6 +132,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     store.fs.makedirs(f"{store.root}/logs", exist_ok=True)
 
     sizes = source.sizes()
+    if state.is_main_process and "file" in store.fs.protocol:  # the index it planned with: train never rescans
+        save_source_index(source, f"{store.root}/index")
     for epoch in range(cfg.epochs):
         if epoch < store.meta.epochs_done:
             continue
