@@ -121,3 +121,20 @@ def test_store_keeps_the_index_train_reads_it(tmp_path, monkeypatch):
     victim.write_bytes(b"\0" * st.st_size)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert open_source(str(data), index_dirs=(str(tmp_path / "s" / "index"),)).sizes().tolist()[0] == [30, 34]
+
+
+def test_threaded_scan_gives_the_same_sizes(tmp_path, monkeypatch):
+    blobs = []
+    for i in range(4):
+        _img(tmp_path / f"b{i}.jpg", 10 + i, 30 - i)
+        blobs.append((tmp_path / f"b{i}.jpg").read_bytes())
+    paths = []
+    for i in range(700):
+        p = tmp_path / "many" / f"{i}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(blobs[i % 4])
+        paths.append(str(p))
+    want = np.array([[10 + i % 4, 30 - i % 4] for i in range(700)])
+    assert (source_mod._read_sizes(paths) == want).all()
+    monkeypatch.setattr(source_mod, "_FAST_FILES_PER_S", 1e12)  # as if the disk were slow: threads take over
+    assert (source_mod._read_sizes(paths) == want).all()
