@@ -32,7 +32,7 @@ class Pretrained:
     num_classes: int
     contract: InputContract
     class_names: list[list[str]] | None  # per class, the names it answers to (e.g. synset id, description)
-    weights_file: str
+    weights_file: str | None
     net_channels: int = 3
 
 
@@ -98,7 +98,7 @@ def _torchvision(spec: str, rest: str, weights: str | None, load: bool) -> Pretr
         path = _weights_path(spec, weights, [Path(_torch_hub_dir()) / "checkpoints" / os.path.basename(w.url)])
         _load_into(net, _read(path), spec, path)
     names = [[c] for c in categories] or None
-    return Pretrained(net, num_classes, contract, names, str(path))
+    return Pretrained(net, num_classes, contract, names, None if path is None else str(path))
 
 
 def _torch_hub_dir() -> str:
@@ -165,4 +165,5 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
         names = None
     if names is not None and len(names) != num_classes:
         names = None
-    return Pretrained(net, num_classes, contract, names, str(path), net_channels=int(size[0] or 3))
+    return Pretrained(net, num_classes, contract, names, None if path is None else str(path),
+                      net_channels=int(size[0] or 3))
