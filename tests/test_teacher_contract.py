@@ -308,3 +308,19 @@ def test_run_dir_config_never_imports_a_module(tmp_path, factories):
     res = _cli("eval", "--model", f"{factories}:sized", "--weights", "run/model.safetensors", "--data", data,
                "--workers", "0", cwd=tmp_path)
     assert json.loads(res.stdout)["images"] == 12
+
+
+def test_run_dir_of_a_named_and_mapped_teacher_reloads_offline(tmp_path, monkeypatch):
+    from kdlib.models import load_model
+
+    _, path = _tv_weights(tmp_path)
+    m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3,
+                      weights=path).eval()
+    save_model(m, tmp_path / "run")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # the run dir needs no cached weights
+    again = load_model(str(tmp_path / "run"))
+    assert again.config["class_index"] == [1, 0] and again.contract.size == 224
+    assert "run dir" in again.contract.origin and "IMAGENET1K_V1" in again.contract.origin
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(m(x), again(x))
