@@ -84,6 +84,10 @@ def test_timm_name_with_local_weights(tmp_path):
     with torch.no_grad():
         want = net((x / 255.0 - torch.tensor(c.mean).view(1, 3, 1, 1)) / torch.tensor(c.std).view(1, 3, 1, 1))
         assert torch.equal(model(x), want)
+    # timm knows ImageNet's synsets: a folder named by synset ids maps without a class-map file
+    mapped = resolve_model("timm:resnet18.a1_in1k", classes=["n01443537", "n01440764"], in_channels=3,
+                           weights=str(path))
+    assert mapped.config["class_index"] == [1, 0]
     with pytest.raises(ModelError, match="no local weights"):
         resolve_model("timm:resnet18.a1_in1k", classes=1000, in_channels=3)
     with pytest.raises(ModelError, match="timm has no model"):
