@@ -387,18 +387,18 @@ def _listing(root: str, classes: list[str]) -> tuple[list[str], list[int], list[
         if not os.path.isdir(top):
             continue  # a split may lack some of the training split's classes
         found = []
-        stack = [top]
+        stack = [(top, cls + "/")]  # (folder, its path relative to root, '/'-separated): no relpath per file
         while stack:
-            d = stack.pop()
+            d, rel = stack.pop()
             with os.scandir(d) as it:
                 for e in it:
                     if e.name.startswith("."):
                         continue
                     if e.is_dir(follow_symlinks=True):
-                        stack.append(e.path)
+                        stack.append((e.path, rel + e.name + "/"))
                     elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                         st = e.stat(follow_symlinks=True)
-                        found.append((os.path.relpath(e.path, root).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+                        found.append((rel + e.name, st.st_size, st.st_mtime_ns))
         if not found:
             raise SourceError(f"class folder {top} has no .jpg/.jpeg/.png files: remove it or add images")
         found.sort()  # the file system's order is not stable
@@ -473,13 +473,16 @@ class ImageFolderSource(Source):
             try:
                 with np.load(path, allow_pickle=False) as z:
                     if str(z["listing"]) == self.listing_digest and z["sizes"].shape == (len(self), 2):
+                        if "mean" in z.files and self._mean_std is None:
+                            self._mean_std = (z["mean"].tolist(), z["std"].tolist())
                         return z["sizes"].astype(np.int32)
             except Exception:  # missing, unreadable or foreign: rescan (the index is only a cache)
                 continue
         return None
 
     def save_index(self, directory: str | None = None) -> str | None:
-        """Write the size index into ``directory`` (default: the user cache); -> its path, None if unwritable."""
+        """Write the index (sizes, and the pixel mean/std a from-scratch model is normalised with) into
+        ``directory`` (default: the user cache); -> its path, None if unwritable."""
         directory = directory or _index_cache_dir()
         if directory is None:
             return None
@@ -487,7 +490,9 @@ class ImageFolderSource(Source):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npz"
         try:
             os.makedirs(directory, exist_ok=True)
-            np.savez(tmp, listing=np.array(self.listing_digest), sizes=self.sizes())
+            mean, std = self.mean_std()
+            np.savez(tmp, listing=np.array(self.listing_digest), sizes=self.sizes(), mean=np.array(mean),
+                     std=np.array(std))
             os.replace(tmp, path)
         except OSError:
             return None  # a read-only cache costs a rescan next time, nothing else
@@ -506,6 +511,11 @@ class ImageFolderSource(Source):
             else:
                 self._sizes = sizes
         return self._sizes.copy()
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if self._mean_std is None and self._sizes is None:
+            self._sizes = self._load_index()  # an index also holds the statistics
+        return super().mean_std()
 
     def _sizes_head(self, n: int) -> np.ndarray:
         if self._sizes is None:

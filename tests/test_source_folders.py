@@ -138,3 +138,15 @@ def test_threaded_scan_gives_the_same_sizes(tmp_path, monkeypatch):
     assert (source_mod._read_sizes(paths) == want).all()
     monkeypatch.setattr(source_mod, "_FAST_FILES_PER_S", 1e12)  # as if the disk were slow: threads take over
     assert (source_mod._read_sizes(paths) == want).all()
+
+
+def test_index_keeps_the_statistics(tmp_path, monkeypatch):
+    monkeypatch.setattr(source_mod, "_CACHE_MIN_FILES", 1)
+    data = tmp_path / "data"
+    for i in range(4):
+        _img(data / f"c{i % 2}" / f"{i}.png", 10, 12, seed=i)
+    first = open_source(str(data))
+    first.sizes()
+    stats = first.mean_std()
+    again = open_source(str(data))
+    assert again.mean_std() == stats and again._sizes is not None  # from the index, no decode needed

@@ -328,3 +328,25 @@ def test_run_dir_of_a_named_and_mapped_teacher_reloads_offline(tmp_path, monkeyp
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(m(x), again(x))
+
+
+def test_cli_imagenet_teacher_over_a_folder_of_its_classes(tmp_path):
+    """The headline case: a 1000-class torchvision teacher, a folder of two of its classes, by name."""
+    _, weights = _tv_weights(tmp_path)
+    data = _folder(tmp_path / "data", ["goldfish", "tench"], per_class=3)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    teacher = ["--teacher", "torchvision:resnet18:IMAGENET1K_V1", "--weights", weights]
+    out = _cli("precompute", *teacher, "--data", data, "--recipe", "r.yaml", "--out", "s", "--workers", "0",
+               cwd=tmp_path)
+    assert "2 data classes mapped to its 1000 outputs by the teacher's class names" in out.stderr
+    assert "note: teacher torchvision:resnet18:IMAGENET1K_V1 was evaluated at 224 px" in out.stdout
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["num_classes"] == 2 and meta["teacher"]["config"]["class_index"] == [1, 0]
+    assert meta["teacher"]["contract"]["origin"] == "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    assert json.loads(_cli("verify", "--shards", "s", *teacher, "--views", "6", cwd=tmp_path).stdout)["ok"]
+    proc = _cli("verify", "--shards", "s", *teacher, "--mean", "0.5", "--std", "0.5", cwd=tmp_path, ok=False)
+    assert proc.returncode == 2 and "contradicts the weights' own mean" in proc.stderr
+    # eval feeds it at its own size and crop, over the data's two classes
+    res = json.loads(_cli("eval", "--model", "torchvision:resnet18:IMAGENET1K_V1", "--weights", weights,
+                          "--data", data, "--workers", "0", cwd=tmp_path).stdout)
+    assert res["images"] == 6
