@@ -574,6 +574,9 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
     model = Classifier(net, arch=arch, num_classes=net_classes, in_channels=cfg["in_channels"], mean=cfg["mean"],
                        std=cfg["std"], net_channels=net_channels, contract=contract,
                        class_index=cfg.get("class_index"))
+    classes = cfg.get("classes")  # the data's class names it was trained on, when the run recorded them
+    model.classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes \
+        else None
     if cfg.get("net_channels", model.net_channels) != model.net_channels:
         raise ModelError(f"{path}: saved net_channels={cfg['net_channels']}, "
                          f"{cfg['arch']} now builds with {model.net_channels}")

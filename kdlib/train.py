@@ -345,7 +345,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final = accelerator.unwrap_model(model)
         if world > 1:
             final = revert_batchnorm(final)
-        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size,
+        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size, "classes": list(source.classes),
                  "trained_from": {"shards": os.path.abspath(cfg.shards) if cfg.shards else None,
                                   "teacher": cfg.teacher, "loss": cfg.loss, "data": cfg.data or
                                   (targets.store.meta.source.get("data") if targets.store else None)}}

@@ -350,3 +350,15 @@ def test_cli_imagenet_teacher_over_a_folder_of_its_classes(tmp_path):
     res = json.loads(_cli("eval", "--model", "torchvision:resnet18:IMAGENET1K_V1", "--weights", weights,
                           "--data", data, "--workers", "0", cwd=tmp_path).stdout)
     assert res["images"] == 6
+
+
+def test_kdlib_teacher_maps_a_reordered_folder_by_its_recorded_class_names(tmp_path):
+    from kdlib.models import load_model
+
+    model = resolve_model("resnet8", classes=["cat", "dog", "emu"], in_channels=3, data_stats=_stats).eval()
+    save_model(model, tmp_path / "run", extra={"classes": ["cat", "dog", "emu"]})
+    assert load_model(str(tmp_path / "run")).classes == ["cat", "dog", "emu"]
+    sub = resolve_model(str(tmp_path / "run"), classes=["emu", "cat"], in_channels=3)
+    assert sub.config["class_index"] == [2, 0]
+    with pytest.raises(ModelError, match="not among the teacher's class names: 'yak'"):
+        resolve_model(str(tmp_path / "run"), classes=["cat", "yak"], in_channels=3)
