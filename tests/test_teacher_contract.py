@@ -362,3 +362,27 @@ def test_kdlib_teacher_maps_a_reordered_folder_by_its_recorded_class_names(tmp_p
     assert sub.config["class_index"] == [2, 0]
     with pytest.raises(ModelError, match="not among the teacher's class names: 'yak'"):
         resolve_model(str(tmp_path / "run"), classes=["cat", "yak"], in_channels=3)
+
+
+def test_timm_weights_from_the_hugging_face_cache(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (kdlib[timm]); make test installs it")
+    import os
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18.a1_in1k", pretrained=False)
+    repo = tmp_path / "hf" / "models--timm--resnet18.a1_in1k"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    safetensors.torch.save_file(net.state_dict(), str(snap / "model.safetensors"))
+    code = ("from kdlib.models import resolve_model, weights_digest\n"
+            "m = resolve_model('timm:resnet18.a1_in1k', classes=1000, in_channels=3)\n"
+            "print(weights_digest(m.net))\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    from kdlib.models import weights_digest
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == weights_digest(net)
