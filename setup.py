@@ -22,6 +22,6 @@ setup(
         "pillow>=10",
         "fsspec>=2024.12",
     ],
-    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"]},
+    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"], "timm": ["timm>=1.0"]},
     entry_points={"console_scripts": ["kdlib=kdlib.cli:main"]},
 )

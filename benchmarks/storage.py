@@ -78,7 +78,8 @@ def main() -> None:
     import torch
 
     from kdlib.models import build_model, load_model, save_model
-    from kdlib.precompute import PrecomputeConfig, precompute, teacher_logits
+    from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.teacher import teacher_logits
     from kdlib.softlabel import decode_logits, encode, reconstruct, to_codec
     from kdlib.source import open_source
     from kdlib.store import open_store

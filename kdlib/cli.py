@@ -18,6 +18,15 @@ RENDER = click.option("--render", type=click.Choice(["auto", "device", "workers"
                            "DataLoader workers (default on a CPU-only machine); same pixels on one kind of device.")
 PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default="auto",
                          help="Teacher forward: auto is bf16 + channels_last on CUDA, fp32 on the CPU.")
+MEAN = click.option("--mean", default=None, help="Input mean in [0,1] units, e.g. 0.485,0.456,0.406 or 'imagenet', "
+                    "for weights that do not define their preprocessing (default: the weights' own; the data's "
+                    "statistics only for a model trained from scratch).")
+STD = click.option("--std", default=None, help="Input std, e.g. 0.229,0.224,0.225 or 'imagenet' (see --mean).")
+CLASS_MAP = click.option("--class-map", default=None, type=click.Path(dir_okay=False),
+                         help="JSON {data class: teacher index or class name} for a teacher whose classes are not "
+                              "the data's (default: by the teacher's class names, else refused).")
+TRUST_CODE = click.option("--trust-code", is_flag=True,
+                          help="Allow a run dir's config.json to name a package.module:factory to import.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,8 +35,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--teacher", required=True, help="Run directory, architecture name, or package.module:factory.")
-@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an architecture.")
+@click.option("--teacher", required=True, help="Run directory, architecture name, package.module:factory, "
+              "torchvision:<model>:<TAG> (e.g. torchvision:resnet50:IMAGENET1K_V2) or timm:<model> (needs kdlib[timm]).")
+@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an "
+              "architecture; for torchvision:/timm: names, default: the local hub caches (nothing downloads).")
 @click.option("--data", default="fashion-mnist", help="fashion-mnist, an ImageFolder directory, or a .npz file.")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML (see precompute/).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the recipe's seed.")
@@ -57,6 +68,10 @@ def cli() -> None:
 @click.option("--attention-grid", type=click.IntRange(1, 64), default=8, help="Maps are pooled to G x G.")
 @click.option("--attention-codec", type=click.Choice(["fp16", "q8"]), default="fp16",
               help="Stored map values: fp16, or q8 (8 bits per value, relative to the map's max).")
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
 @LIMIT
 @WORKERS
 def precompute(**kw) -> None:
@@ -120,6 +135,8 @@ def precompute(**kw) -> None:
               help="beta of the AT term (the reference: 1e3; fasterai's weight w maps to w / (1 - w) with --loss ce).")
 @click.option("--attention-grid", type=click.IntRange(1, 64), default=None,
               help="Online AT: pool maps to G x G [default 8]; with --shards the store's grid.")
+@MEAN
+@STD
 @LIMIT
 @WORKERS
 def train(config_file: str | None, **kw) -> None:
@@ -143,12 +160,17 @@ def train(config_file: str | None, **kw) -> None:
               help="Fail below this top-1 agreement [default: 1.0 on the kind of device and in fp32 that wrote the "
                    "store, else 0.99].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when there is one.")
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
 def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float | None,
-           device: str | None) -> None:
+           device: str | None, mean: str | None, std: str | None, class_map: str | None, trust_code: bool) -> None:
     """Re-render stored views, re-run the teacher, compare pixels and logits; exit 1 when they disagree."""
     from .verify import verify as run
 
-    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement, device=device)
+    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement, device=device, mean=mean,
+                 std=std, class_map=class_map, trust_code=trust_code)
     click.echo(json.dumps(result, indent=1))
     if not result["ok"]:
         pixels = result.get("pixels")
@@ -160,17 +182,25 @@ def verify(shards: str, teacher: str, weights: str | None, views: int, min_agree
 
 
 @cli.command(name="eval")
-@click.option("--model", required=True, help="Run directory.")
+@click.option("--model", required=True, help="Run directory, or (with --data) an architecture, package.module:factory, "
+              "torchvision:<model>:<TAG> or timm:<model>.")
+@click.option("--weights", default=None, help="Weights file for a named model.")
 @click.option("--data", default=None, help="Default: what the model was trained on.")
 @click.option("--split", default="test")
 @click.option("--shards", default=None, help="Store with cached teacher predictions (default: the one trained from).")
+@MEAN
+@STD
+@CLASS_MAP
+@TRUST_CODE
 @LIMIT
 @WORKERS
-def eval_(model: str, data: str | None, split: str, shards: str | None, limit: int | None, workers: int) -> None:
+def eval_(model: str, weights: str | None, data: str | None, split: str, shards: str | None, mean: str | None,
+          std: str | None, class_map: str | None, trust_code: bool, limit: int | None, workers: int) -> None:
     """Print JSON with top1, top5 and, when cached, agreement with the teacher."""
     from .evaluate import evaluate
 
-    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers)))
+    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers, weights=weights, mean=mean,
+                                   std=std, class_map=class_map, trust_code=trust_code)))
 
 
 @cli.command()

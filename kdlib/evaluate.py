@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .contract import parse_floats
+from .errors import ConfigError
 from .feed import Feed
-from .models import load_model
+from .models import load_model, resolve_model
 from .plan import center_params
 from .source import open_source
 from .store import open_store
@@ -53,22 +55,32 @@ def predict(model: torch.nn.Module, source, size: int, center_fraction: float, b
 
 
 def evaluate(model_spec: str, data: str | None = None, split: str = "test", limit: int | None = None,
-             shards: str | None = None, workers: int = 0, batch_size: int = 512) -> dict[str, Any]:
-    """JSON-able metrics of a trained model (a run directory) on `data`'s `split`."""
-    model = load_model(model_spec).to("cuda" if torch.cuda.is_available() else "cpu")
+             shards: str | None = None, workers: int = 0, batch_size: int = 512, weights: str | None = None,
+             mean: str | None = None, std: str | None = None, class_map: str | None = None,
+             trust_code: bool = False) -> dict[str, Any]:
+    """JSON-able metrics of a model (a run directory, or an arch / factory / pretrained name with
+    `data`) on `data`'s `split`. A named model is fed at the size and center crop of its contract."""
     cfg: dict[str, Any] = {}
     cfg_path = Path(model_spec) / "config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+    if Path(model_spec).is_dir():
+        model = load_model(model_spec, trust_code=trust_code)
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
     trained = cfg.get("trained_from") or {}
     data = data or trained.get("data")
     if data is None:
-        raise ValueError(f"--data is needed: {model_spec} does not say what it was trained on")
+        raise ConfigError(f"--data is needed: {model_spec} does not say what it was trained on")
     source = open_source(data, split, limit)
     recipe = cfg.get("recipe") or {}
-    size = int(cfg.get("input_size") or source.sizes()[0].min())
-    result = evaluate_model(model, source, size, float(recipe.get("center_fraction", 1.0)),
-                            shards or trained.get("shards"), workers, batch_size)
+    fraction = float(recipe.get("center_fraction", 1.0))
+    if not Path(model_spec).is_dir():
+        model = resolve_model(model_spec, classes=source.classes, in_channels=source.channels, weights=weights,
+                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), class_map=class_map,
+                              data_stats=source.mean_std, trust_code=trust_code).eval()
+        fraction = float(model.contract.crop_fraction or fraction)
+    size = int(cfg.get("input_size") or model.contract.size or source.sizes()[0].min())
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate where the model runs fastest
+    result = evaluate_model(model, source, size, fraction, shards or trained.get("shards"), workers, batch_size)
     return {"model": str(model_spec), "data": data, "split": split, **result}
 
 

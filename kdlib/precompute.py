@@ -29,15 +29,16 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 
 from . import __version__
 from ._dist import process_state
+from .contract import parse_floats, size_note
 from .errors import ConfigError
 from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
 from .feed import Feed
-from .models import Classifier, load_model, model_id, weights_digest
+from .models import Classifier, model_id, resolve_model, weights_digest
 from .plan import center_params, pack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .render import DECODERS, RENDERER
 from .softlabel import check_finite, encode, id_dtype, to_codec
-from .source import Source, open_source
+from .source import Source, open_source, save_source_index
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
 from .teacher import check_precision, prepare_model, teacher_logits
 from .views import Batch, FixedParams, PlanParams, ViewBatches, split_range
@@ -73,6 +74,10 @@ class PrecomputeConfig:
     attention: str | None = None  # teacher layers whose attention maps are stored (comma-separated)
     attention_grid: int = DEFAULT_GRID  # maps pooled to G x G
     attention_codec: str = "fp16"  # or q8
+    mean: str | None = None  # the teacher's input contract when its weights do not define one ("0.485,0.456,0.406")
+    std: str | None = None
+    class_map: str | None = None  # file mapping the data's classes to teacher outputs (kdlib.classmap)
+    trust_code: bool = False  # let a run dir's config name a factory to import
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -103,10 +108,12 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     precision = check_precision(cfg.precision, device)
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
-    mean, std = source.mean_std()
-    teacher = load_model(cfg.teacher, num_classes=source.num_classes, in_channels=source.channels,
-                         mean=mean, std=std, weights=cfg.weights)
+    teacher = resolve_model(cfg.teacher, classes=source.classes, in_channels=source.channels, weights=cfg.weights,
+                            mean=parse_floats(cfg.mean, "--mean"), std=parse_floats(cfg.std, "--std"),
+                            class_map=cfg.class_map, data_stats=source.mean_std, trust_code=cfg.trust_code).eval()
     _check_teacher(teacher, source, cfg.teacher)
+    if (note := size_note(teacher.contract, recipe.size, f"teacher {cfg.teacher}")) and state.is_main_process:
+        print(note)
     teacher = prepare_model(teacher.eval(), device)
     extras = prepare_teacher(teacher, cfg.attention, cfg.attention_grid, cfg.attention_codec)  # heads, AT maps
     g = recipe.group_size
@@ -118,7 +125,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         format_version=FORMAT_VERSION, backend=cfg.backend, recipe=recipe.digest_dict(),
         source={**source.describe(), "data": cfg.data, "limit": cfg.limit},
         teacher={"id": model_id(cfg.teacher), "digest": weights_digest(teacher), "arch": teacher.config["arch"],
-                 "config": teacher.config, "precision": precision},
+                 "config": teacher.config, "contract": teacher.contract.to_dict(), "precision": precision},
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
@@ -137,6 +144,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     log_path = f"{store.root}/logs/precompute-rank{state.process_index}.jsonl"
     store.fs.makedirs(f"{store.root}/logs", exist_ok=True)
 
+    if state.is_main_process and "file" in store.fs.protocol:  # the index it planned with: train never rescans
+        save_source_index(source, f"{store.root}/index")
     # Every batch this rank still owes, over all remaining epochs: one feed (one set of workers) for the run.
     epochs = list(range(store.meta.epochs_done, cfg.epochs))
     if state.is_main_process:

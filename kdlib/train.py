@@ -39,7 +39,8 @@ from .extras import attention_term, check_dih_source, cohort_logits, dih_loss_fn
 from .feed import Feed
 from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
-from .models import Classifier, build_model, load_model, save_model
+from .contract import parse_floats
+from .models import Classifier, resolve_model, save_model
 from .plan import views_per_epoch
 from .recipe import Recipe, load_recipe
 from .softlabel import reconstruct
@@ -92,6 +93,8 @@ class TrainConfig:
     attention_teacher: str | None = None  # online only: the teacher's layers (default: the student's names)
     attention_weight: float = 1e3  # beta of the reference
     attention_grid: int | None = None  # online only (default 8); a store's maps say their own grid
+    mean: str | None = None  # the student's input contract when --weights do not define one
+    std: str | None = None
 
 
 def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | None) -> TrainConfig:
@@ -147,8 +150,8 @@ class _Targets:
             self.num_classes = self.source.num_classes
             self.views = views_per_epoch(self.recipe, len(self.source))
             if cfg.teacher:
-                self.teacher = load_model(cfg.teacher, num_classes=self.source.num_classes,
-                                          in_channels=self.source.channels)
+                self.teacher = resolve_model(cfg.teacher, classes=self.source.classes,
+                                             in_channels=self.source.channels, data_stats=self.source.mean_std)
                 self.teacher = prepare_model(self.teacher.eval(), accelerator.device)
                 self.precision = check_precision(cfg.precision, accelerator.device)
                 if cfg.loss == "dih":
@@ -317,11 +320,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           f"(the store holds {targets.store.meta.epochs_done}); "
                           f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
 
-    mean, std = source.mean_std()
     with torch.random.fork_rng(devices=[]):  # the init depends on --seed only, not on what was built before
         torch.manual_seed(cfg.seed)
-        student = build_model(cfg.student, num_classes=targets.num_classes, in_channels=source.channels,
-                              mean=mean, std=std, weights=cfg.weights)
+        student = resolve_model(cfg.student, classes=targets.num_classes, in_channels=source.channels,
+                                weights=cfg.weights, mean=parse_floats(cfg.mean, "--mean"),
+                                std=parse_floats(cfg.std, "--std"), data_stats=source.mean_std, role="student")
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
     at_term = attention_term(cfg, targets.store, targets.teacher, student)  # 0.0 without --attention-student
@@ -423,7 +426,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final = accelerator.unwrap_model(model)
         if world > 1:
             final = revert_batchnorm(final)
-        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size,
+        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size, "classes": list(source.classes),
                  "trained_from": {"shards": os.path.abspath(cfg.shards) if cfg.shards else None,
                                   "teacher": cfg.teacher, "loss": cfg.loss, "data": cfg.data or
                                   (targets.store.meta.source.get("data") if targets.store else None)}}

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .contract import check_store_contract, parse_floats
 from .errors import StoreMismatchError
 from .extras import ExtrasCheck
 from .feed import Feed
-from .models import load_model, weights_digest
+from .models import resolve_model, weights_digest
 from .softlabel import Q8_STEPS_PER_NAT, reconstruct
 from .store import ChunkCache, Store, open_store, open_store_source
 from .teacher import prepare_model, teacher_logits
@@ -57,15 +58,20 @@ def _render(store: Store, source, device: torch.device, cols: dict[str, np.ndarr
 
 
 def verify(shards: str, teacher: str, views: int = 256, weights: str | None = None, data: str | None = None,
-           min_agreement: float | None = None, batch_size: int = 256, device: str | None = None) -> dict[str, Any]:
+           min_agreement: float | None = None, batch_size: int = 256, device: str | None = None,
+           mean: str | None = None, std: str | None = None, class_map: str | None = None,
+           trust_code: bool = False) -> dict[str, Any]:
     store = open_store(shards)
     meta = store.meta
     if meta.epochs_done == 0:
         raise StoreMismatchError(f"store {shards} has no complete epoch to verify")
     source = open_store_source(store, data)
-    model = load_model(teacher, num_classes=meta.num_classes, in_channels=source.channels,
-                       mean=meta.teacher.get("config", {}).get("mean"), std=meta.teacher.get("config", {}).get("std"),
-                       weights=weights)
+    # The teacher's contract comes from its weights (or flags), never from the store: a store made
+    # with another normalisation must be refused, not silently adopted.
+    model = resolve_model(teacher, classes=source.classes, in_channels=source.channels, weights=weights,
+                          mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), class_map=class_map,
+                          data_stats=source.mean_std, trust_code=trust_code)
+    check_store_contract(meta.teacher, model.contract, shards)
     if weights_digest(model) != meta.teacher["digest"]:
         raise StoreMismatchError(f"teacher {teacher} has weights digest {weights_digest(model)[:12]}, the store "
                                  f"{shards} was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})")

@@ -53,7 +53,7 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
     meta = store.meta
     data = data or meta.source.get("data")
     limit = limit if limit is not None else meta.source.get("limit")
-    source = open_source(data, "train", limit)
+    source = open_source(data, "train", limit, index_dirs=(f"{store.root}/index",))  # sizes kept by precompute
     if source.fingerprint() != meta.source["fingerprint"]:
         raise StoreMismatchError(
             f"store {store.url} was written for source {meta.source.get('data')!r} (limit {meta.source.get('limit')}, "

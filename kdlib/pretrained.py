@@ -1,0 +1,169 @@
+"""Pretrained networks by name: ``torchvision:<model>[:<WEIGHTS_TAG>]`` and ``timm:<model>[.<tag>]``.
+
+Each comes with its input contract (from torchvision's weights enum or timm's ``pretrained_cfg``),
+its class count and, where the library knows them, its class names. Weights are read from a file
+the user names (``--weights``) or from the local caches those libraries use (torch hub's
+``checkpoints/`` folder, the Hugging Face hub cache); nothing is downloaded, and every file is read
+as safetensors or with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .contract import InputContract
+from .errors import ModelError
+
+__all__ = ["Pretrained", "is_pretrained_spec", "load_pretrained"]
+
+PREFIXES = ("torchvision:", "timm:")
+# Builders that torchvision calls with extra arguments when it loads weights (see their *_Weights code).
+_TV_WEIGHT_KWARGS = {"inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+                     "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False}}
+
+
+@dataclasses.dataclass
+class Pretrained:
+    net: nn.Module
+    num_classes: int
+    contract: InputContract
+    class_names: list[list[str]] | None  # per class, the names it answers to (e.g. synset id, description)
+    weights_file: str | None
+    net_channels: int = 3
+
+
+def is_pretrained_spec(spec: str) -> bool:
+    return str(spec).startswith(PREFIXES)
+
+
+def load_pretrained(spec: str, weights: str | None = None, load: bool = True) -> Pretrained:
+    """The network named by ``spec`` with its weights loaded, its contract and its class names.
+    ``load=False``: the bare network only (a run directory brings its own weights)."""
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise ModelError(f"{spec!r}: write torchvision:<model>[:<WEIGHTS_TAG>] or timm:<model>[.<tag>]")
+    return (_torchvision if kind == "torchvision" else _timm)(spec, rest, weights, load)
+
+
+def _read(path: Path) -> dict:
+    from .models import _read_state_file  # one safe reader for every weights file
+
+    return _read_state_file(path)
+
+
+def _load_into(net: nn.Module, state: dict, spec: str, path: Path) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ModelError(f"weights file {path} does not fit {spec}: {first} "
+                         "(is it the weights of another model or tag?)") from e
+
+
+def _torchvision(spec: str, rest: str, weights: str | None, load: bool) -> Pretrained:
+    import torchvision
+
+    name, _, tag = rest.partition(":")
+    tag = tag or "DEFAULT"
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ModelError(f"{spec!r}: torchvision has no model {name!r} with weights "
+                         "(see torchvision.models.list_models())") from None
+    try:
+        w = enum[tag]
+    except KeyError:
+        tags = ", ".join(m for m in enum.__members__)
+        raise ModelError(f"{spec!r}: {enum.__name__} has no tag {tag!r}; tags: {tags}") from None
+    meta = w.meta
+    categories = list(meta.get("categories") or [])
+    num_classes = len(categories) if categories else int(meta.get("num_classes", 1000))
+    t = w.transforms()
+    if not all(hasattr(t, a) for a in ("mean", "std", "crop_size", "resize_size")):
+        raise ModelError(f"{spec!r}: {enum.__name__}.{w.name}.transforms() is not an image classification "
+                         "transform (kdlib distills classifiers)")
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    contract = InputContract(mean=t.mean, std=t.std, origin=f"torchvision {enum.__name__}.{w.name}", size=crop,
+                             crop_fraction=round(crop / resize, 6), interpolation=t.interpolation.value)
+    kwargs = dict(_TV_WEIGHT_KWARGS.get(name, {}))
+    if "min_size" in meta and name.startswith("vit_") and tuple(meta["min_size"]) != (224, 224):
+        kwargs["image_size"] = meta["min_size"][0]  # ViT SWAG weights are built for their own size
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    path = None
+    if load:
+        path = _weights_path(spec, weights, [Path(_torch_hub_dir()) / "checkpoints" / os.path.basename(w.url)])
+        _load_into(net, _read(path), spec, path)
+    names = [[c] for c in categories] or None
+    return Pretrained(net, num_classes, contract, names, None if path is None else str(path))
+
+
+def _torch_hub_dir() -> str:
+    import torch.hub
+
+    return torch.hub.get_dir()
+
+
+def _weights_path(spec: str, weights: str | None, cached: list[Path]) -> Path:
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ModelError(f"weights file not found: {path}")
+        return path
+    for path in cached:
+        if path.is_file():
+            return path
+    raise ModelError(f"{spec}: no local weights (looked in {', '.join(map(str, cached))}); kdlib downloads "
+                     "nothing: put the file there (download it where a network exists) or pass --weights FILE")
+
+
+def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
+    try:
+        import timm
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:
+        raise ModelError(f"{spec!r} needs timm, which is not installed: pip install 'kdlib[timm]' "
+                         "(or pip install timm)") from None
+    if not timm.is_model(name):
+        raise ModelError(f"{spec!r}: timm has no model {name!r} (see timm.list_models(pretrained=True))")
+    try:
+        net = timm.create_model(name, pretrained=False)
+    except Exception as e:  # a model that needs arguments, an unknown tag, ...
+        raise ModelError(f"{spec!r}: timm cannot build it: {e}") from e
+    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    if "mean" not in cfg or "std" not in cfg:
+        raise ModelError(f"{spec!r}: timm's pretrained_cfg has no mean/std; name a tag (e.g. resnet50.a1_in1k)")
+    size = cfg.get("input_size") or (3, None, None)
+    contract = InputContract(mean=cfg["mean"], std=cfg["std"], origin=f"timm pretrained_cfg of {name}",
+                             size=int(size[-1]) if size[-1] else None, crop_fraction=cfg.get("crop_pct"),
+                             interpolation=cfg.get("interpolation"))
+    cached = []
+    if load and cfg.get("hf_hub_id"):
+        try:
+            import huggingface_hub
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                found = huggingface_hub.try_to_load_from_cache(cfg["hf_hub_id"], filename)  # offline lookup
+                cached.append(Path(found) if isinstance(found, str) else
+                              Path(huggingface_hub.constants.HF_HUB_CACHE) / cfg["hf_hub_id"] / filename)
+        except ImportError:
+            pass
+    path = _weights_path(spec, weights, cached) if load else None
+    if path is not None:
+        _load_into(net, _read(path), spec, path)
+    num_classes = int(getattr(net, "num_classes", 0) or cfg.get("num_classes") or 0)
+    names = None
+    try:
+        subset = infer_imagenet_subset(net)
+        if subset:
+            info = ImageNetInfo(subset)
+            names = [[s, d] for s, d in zip(info.label_names(), info.label_descriptions())]
+    except Exception:  # class names are a convenience for --class-map; their absence is handled there
+        names = None
+    if names is not None and len(names) != num_classes:
+        names = None
+    return Pretrained(net, num_classes, contract, names, None if path is None else str(path),
+                      net_channels=int(size[0] or 3))
