@@ -71,13 +71,15 @@ def check_numbers(values: dict[str, Any], rules: dict[str, tuple], origin: str) 
 ENV_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
-def describe_os_error(exc: OSError, what: str = "") -> str:
-    """One line for an environment fault: the path and what the filesystem said, and what to do."""
-    path = exc.filename if exc.filename is not None else "?"
+def describe_os_error(exc: OSError, where: str | None = None, todo: str | None = None) -> str:
+    """One line for an environment fault: the path (the file, else `where`), what the filesystem said,
+    and what to do (`todo`, else a default for the errno)."""
+    path = exc.filename if exc.filename is not None else (where or "?")
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "operation not permitted"}.get(exc.errno, exc.strerror or str(exc))
-    todo = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-            errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out",
-            errno.EPERM: "choose a writable --out"}.get(exc.errno, "check the disk")
-    return f"cannot write {path}: {reason}" + (f" ({what})" if what else "") + f"; {todo}"
+    if todo is None:
+        todo = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out",
+                errno.EPERM: "choose a writable --out"}.get(exc.errno, "check the disk")
+    return f"cannot write {path}: {reason}; {todo}"

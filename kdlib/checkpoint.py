@@ -24,6 +24,7 @@ a directory that already holds files unless `--resume` or `--overwrite` says wha
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -176,9 +177,10 @@ def save_checkpoint(accelerator, ckpt: Path, step: int, model, optimizer, schedu
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(failed, OSError) and failed.errno in ENV_ERRNOS:
-            kept = f"the previous checkpoint {ckpt} is kept" if has_checkpoint(ckpt) else "no earlier checkpoint"
-            raise StorageError(describe_os_error(failed, f"train checkpoint at step {step}; {kept}; "
-                                                         "rerun with --resume once there is room")) from failed
+            kept = f"the previous checkpoint {ckpt} is kept" if has_checkpoint(ckpt) else "there is no earlier checkpoint"
+            raise StorageError(describe_os_error(failed, where=str(tmp), todo=(
+                f"the checkpoint of step {step} was not written and {tmp.name} was removed; {kept}: free some space "
+                f"and rerun with --resume" if failed.errno in (errno.ENOSPC, errno.EDQUOT) else None))) from failed
         raise failed
     if accelerator.is_main_process:
         old = ckpt.with_name(ckpt.name + ".old")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -53,7 +54,15 @@ def precompute(**kw) -> None:
     from .precompute import PrecomputeConfig, precompute as run
 
     test = not kw.pop("no_test")
-    store = run(PrecomputeConfig(**kw, test=test))
+    try:
+        store = run(PrecomputeConfig(**kw, test=test))
+    except OSError as exc:
+        if isinstance(exc, KdlibError) or exc.errno not in ENV_ERRNOS:
+            raise
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        todo = "free some space and rerun the same command: it resumes from the chunks committed so far" \
+            if full else None
+        raise StorageError(describe_os_error(exc, where=kw["out"], todo=todo)) from exc
     m = store.meta
     from ._dist import process_state
 
@@ -197,6 +206,13 @@ def _one_line(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an error left open now, so that their last refresh comes before the error line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main() -> None:
     """The console entry point: every error the user can act on ends in one line, never a traceback
     (unless --debug / KDLIB_DEBUG=1): exit 2 for bad input, exit 1 for the disk or filesystem."""
@@ -216,5 +232,6 @@ def main() -> None:
         if found is None or os.environ.get("KDLIB_DEBUG", "") not in ("", "0"):
             raise
         code, line = found
+        _close_progress_bars()
         click.echo(f"error: {line}", err=True)
         sys.exit(code)
