@@ -10,7 +10,7 @@ import sys
 import click
 
 from ._checks import ENV_ERRNOS, TRAIN_NUMBERS, Number, describe_os_error
-from .errors import KdlibError, StorageError
+from .errors import KdlibError, StorageError, StoreBusyError
 
 LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each split (quick tries, tests).")
@@ -195,7 +195,7 @@ def _worker_message(exc: BaseException) -> str:
 
 def _one_line(exc: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for an error the user can act on; None for a bug (traceback)."""
-    if isinstance(exc, StorageError):
+    if isinstance(exc, (StorageError, StoreBusyError)):  # the disk, or another process: not the input
         return 1, _worker_message(exc)
     if isinstance(exc, KdlibError):
         return 2, _worker_message(exc)

@@ -137,6 +137,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         if todo:
             # packed params are quantized before rendering: the stored value is what the teacher saw
             params = unpack_params(pack_params(make_plan(recipe, sizes, epoch), meta.param_packing), meta.param_packing)
+            store.check_plan(epoch, params, done)  # a resumed epoch must not mix two plans
             _run_epoch(store, teacher, source, recipe, params, epoch, todo, batch, cfg.workers, state, log_path,
                        skipped=len(mine) - len(todo))
         state.wait_for_everyone()

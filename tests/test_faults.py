@@ -286,3 +286,38 @@ def test_store_error_in_a_worker_prints_one_line(store_copy, tmp_path):
     assert "DataLoader" not in lines[1]
     debug = kdlib(*args[:-1], tmp_path / "debug", env={**ENV, "KDLIB_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # asked for: the whole story
+
+
+# -- optional rows: one writer per store; a resumed epoch never mixes two plans ---------------
+def test_second_precompute_into_a_store_being_written_is_refused(store_copy, teacher_dir):
+    from kdlib.store import open_store
+
+    holder = open_store(store_copy)
+    holder.lock_for_writing()  # a real flock, as a running precompute holds it
+    (Path(store_copy) / "precompute.lock").write_text("pid 999999 on elsewhere\n")  # who it says holds it
+    before = snapshot(store_copy)
+    p = kdlib(*precompute_args(teacher_dir, store_copy))
+    one_line(p, 1, store_copy, "pid 999999 on elsewhere", "precompute.lock")
+    assert snapshot(store_copy) == before
+    holder.unlock()
+    p = kdlib(*precompute_args(teacher_dir, store_copy))  # the lock is free: the complete store is reopened
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_resume_with_a_changed_random_stream_is_refused(store_copy, teacher_dir):
+    """Epoch 1 half written; its committed chunk 0 holds params another RNG stream drew (here: epoch 0's
+    chunk 0, written and committed through the store's own API), so the plan drawn now differs."""
+    from kdlib.store import open_store
+
+    s = open_store(store_copy)
+    s.write_chunk(1, 0, s.read_chunk(0, 0))
+    last = s.meta.chunks_per_epoch - 1
+    (Path(store_copy) / "commits" / "e00001" / f"c{last:06d}.json").unlink()
+    s.write_meta(s.meta.replace(epochs_done=1))
+    before = snapshot(store_copy)
+    p = kdlib(*precompute_args(teacher_dir, store_copy))
+    one_line(p, 2, "epoch 1", "chunk 0", "random stream changed", "new --out")
+    after = snapshot(store_copy)
+    for files in (before, after):
+        files.pop("precompute.lock", None)  # it names whoever held the write lock last
+    assert after == before  # nothing else written: no chunk of the other plan

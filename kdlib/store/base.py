@@ -246,6 +246,30 @@ class Store:
                     f"hold views {list(m.chunk_range(last))} ({m.views_per_epoch} views per epoch) but {rel} says "
                     f"{views!r}; the store is corrupt")
 
+    def check_plan(self, epoch: int, params: dict[str, np.ndarray], committed: set[int]) -> None:
+        """Refuse to finish a half-written epoch with a plan other than the one its committed chunks hold.
+
+        The plan of an epoch is redrawn when precompute resumes; if the random stream changed since
+        (another numpy, another kdlib), the epoch would mix two plans. The first committed chunk's
+        stored params must equal the new plan's, byte for byte (DESIGN invariant 1)."""
+        if not committed:
+            return
+        from ..plan import pack_params
+
+        chunk = min(committed)
+        a, b = self.meta.chunk_range(chunk)
+        want = pack_params({k: v[a:b] for k, v in params.items()}, self.meta.param_packing)
+        stored = self.read_chunk(epoch, chunk)
+        for name in sorted(want):
+            if name in stored and np.ascontiguousarray(want[name]).tobytes() != stored[name].tobytes():
+                from ..errors import StoreMismatchError
+
+                raise StoreMismatchError(
+                    f"{self.url} epoch {epoch}: the plan drawn now differs from the views stored in its committed "
+                    f"chunk {chunk} (column {name!r}): the random stream changed since the epoch was started "
+                    f"(meta.json: kdlib {self.meta.kdlib_version or '?'}; now numpy {np.__version__}); finish the "
+                    f"store with the kdlib and numpy that began it, or precompute into a new --out")
+
     def content_digest(self) -> str:
         """sha256 of every complete epoch's params and soft labels in a canonical order (epoch, chunk,
         column): the same content gives the same digest whichever backend or world size wrote it."""
