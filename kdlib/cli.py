@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,32 @@ LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each split (quick tries, tests).")
 WORKERS = click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
                        help="DataLoader worker processes that decode and render.")
+
+
+# what libraries that do their own I/O (safetensors' Rust writer) say instead of raising OSError
+_FOREIGN_ERRNOS = {"(os error 28)": errno.ENOSPC, "(os error 30)": errno.EROFS, "(os error 13)": errno.EACCES,
+                   "(os error 122)": errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def _disk_faults(out: str, todo_full: str):
+    """Turn a full or read-only disk under `out` into one StorageError line (exit 1) that says what to do."""
+    try:
+        yield
+    except KdlibError:
+        raise
+    except OSError as exc:
+        if exc.errno not in ENV_ERRNOS:
+            raise
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StorageError(describe_os_error(exc, where=out, todo=todo_full if full else None)) from exc
+    except Exception as exc:
+        code = next((c for tag, c in _FOREIGN_ERRNOS.items() if tag in str(exc)), None)
+        if code is None:
+            raise
+        os_exc = OSError(code, os.strerror(code))
+        full = code in (errno.ENOSPC, errno.EDQUOT)
+        raise StorageError(describe_os_error(os_exc, where=out, todo=todo_full if full else None)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -54,15 +81,9 @@ def precompute(**kw) -> None:
     from .precompute import PrecomputeConfig, precompute as run
 
     test = not kw.pop("no_test")
-    try:
+    with _disk_faults(kw["out"], "free some space and rerun the same command: it resumes from the chunks "
+                                 "committed so far"):
         store = run(PrecomputeConfig(**kw, test=test))
-    except OSError as exc:
-        if isinstance(exc, KdlibError) or exc.errno not in ENV_ERRNOS:
-            raise
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        todo = "free some space and rerun the same command: it resumes from the chunks committed so far" \
-            if full else None
-        raise StorageError(describe_os_error(exc, where=kw["out"], todo=todo)) from exc
     m = store.meta
     from ._dist import process_state
 
@@ -114,7 +135,8 @@ def train(config_file: str | None, **kw) -> None:
     kw["eval"] = not kw.pop("no_eval")
     if "no_eval" in given:
         given.add("eval")
-    run(resolve_config(kw, given, config_file))
+    with _disk_faults(kw["out"], "free some space and rerun with --resume: the last checkpoint is kept"):
+        run(resolve_config(kw, given, config_file))
 
 
 @cli.command()

@@ -254,21 +254,27 @@ def test_precompute_on_a_full_disk_says_so_and_resumes(backend, teacher_dir, sto
         assert open_store(str(out)).content_digest() == store.content_digest()  # as if never interrupted
 
 
-# -- row 17: a train checkpoint on a full disk ------------------------------------------------
-def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one(store_dir, tmp_path):
-    # one checkpoint of resnet8 is ~0.95 MB (weights + Adam moments): room for one, not for the swap
-    with tmpfs(tmp_path / "small", "1500k") as disk:
+# -- row 17: a train checkpoint (or the final model) on a full disk ---------------------------
+# One checkpoint of resnet8 is ~0.95 MB (weights + Adam moments), the model 0.32 MB. 1500k: room for
+# one checkpoint, not for the swap to the next; 1100k with --checkpoint-every 0: room for the epoch-end
+# checkpoint, not for model.safetensors after it.
+@pytest.mark.parametrize("size, every, kept, words", [
+    ("1500k", "3", 3, ["checkpoint.tmp", "no space left on device", "previous checkpoint", "--resume"]),
+    ("1100k", "0", 8, ["no space left on device", "--resume", "last checkpoint is kept"]),
+])
+def test_train_on_a_full_disk_keeps_the_last_checkpoint(size, every, kept, words, store_dir, tmp_path):
+    with tmpfs(tmp_path / "small", size) as disk:
         out = disk / "run"
-        p = kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--checkpoint-every", "3",
-                  "--out", out)
-        one_line(p, 1, "no space left on device", "checkpoint.tmp", "previous checkpoint", "--resume")
-        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3  # kept
+        args = ["train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--checkpoint-every", every, "--out", out]
+        one_line(kdlib(*args), 1, str(out), *words)
+        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == kept
         assert not (out / "checkpoint.tmp").exists()
+        assert not (out / "model.safetensors").exists()
         remount(disk, "8m")
-        p = kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--checkpoint-every", "3",
-                  "--out", out, "--resume")
+        p = kdlib(*args, "--resume")
         assert p.returncode == 0, p.stderr[-3000:]
-        assert "resumed from" in p.stdout and "at step 3 of 8" in p.stdout
+        assert "resumed from" in p.stdout and f"at step {kept} of 8" in p.stdout
+        assert (out / "model.safetensors").is_file()
 
 
 # -- row 20: an error inside a DataLoader worker is the same one line ------------------------
