@@ -327,3 +327,12 @@ def test_resume_with_a_changed_random_stream_is_refused(store_copy, teacher_dir)
     for files in (before, after):
         files.pop("precompute.lock", None)  # it names whoever held the write lock last
     assert after == before  # nothing else written: no chunk of the other plan
+
+
+# -- the rule: one line by default, the traceback only when asked for ------------------------
+def test_debug_flag_shows_the_traceback_one_line_otherwise(tmp_path):
+    args = ["train", "--shards", tmp_path / "nope", "--out", tmp_path / "run"]
+    one_line(kdlib(*args), 2, "no store at", str(tmp_path / "nope"))
+    p = kdlib("--debug", *args)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "StoreNotFoundError" in p.stderr
+    assert not (tmp_path / "run").exists()
