@@ -71,15 +71,24 @@ def check_numbers(values: dict[str, Any], rules: dict[str, tuple], origin: str) 
 ENV_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # only a write meets these
+
+
 def describe_os_error(exc: OSError, where: str | None = None, todo: str | None = None) -> str:
-    """One line for an environment fault: the path (the file, else `where`), what the filesystem said,
-    and what to do (`todo`, else a default for the errno)."""
-    path = exc.filename if exc.filename is not None else (where or "?")
+    """One line for an environment fault: the path (the file, else `where`: the command's --out), what
+    the filesystem said, and what to do (`todo`, else a default for the errno)."""
+    path = str(exc.filename) if exc.filename is not None else (where or "?")
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-              errno.EPERM: "operation not permitted"}.get(exc.errno, exc.strerror or str(exc))
+              errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}.get(
+        exc.errno, exc.strerror or str(exc))
+    under_out = where is not None and (path == where or path.startswith(where.rstrip("/") + "/"))
+    writing = exc.errno in WRITE_ERRNOS or under_out
     if todo is None:
-        todo = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-                errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out",
-                errno.EPERM: "choose a writable --out"}.get(exc.errno, "check the disk")
-    return f"cannot write {path}: {reason}; {todo}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            todo = "free some space"
+        elif writing:
+            todo = "choose a writable --out"
+        else:
+            todo = "check its permissions and the disk"
+    return f"cannot {'write' if writing else 'access'} {path}: {reason}; {todo}"
