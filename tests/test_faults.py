@@ -336,3 +336,14 @@ def test_debug_flag_shows_the_traceback_one_line_otherwise(tmp_path):
     p = kdlib("--debug", *args)
     assert p.returncode != 0 and "Traceback" in p.stderr and "StoreNotFoundError" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_store_source_path_from_meta_says_whose_path_it_is(store_copy, tmp_path):
+    meta_path = Path(store_copy) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["source"]["data"] = str(tmp_path / "moved-away")
+    meta_path.write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    p = kdlib("train", "--shards", store_copy, "--epochs", "1", *TRAIN, "--out", out)
+    one_line(p, 2, str(tmp_path / "moved-away"), "meta.json", "give --data")
+    assert not out.exists()

@@ -63,13 +63,22 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
     from ..errors import StoreMismatchError
     from ..source import open_source
 
+    from ..errors import KdlibError
+
     meta = store.meta
+    from_meta = not data  # then the path is the one the store's meta.json names, not the user's
+    whose = f" (the path named in {store.url}/meta.json: give --data to name the source)" if from_meta else ""
     data = data or meta.source.get("data")
     limit = limit if limit is not None else meta.source.get("limit")
-    source = open_source(data, "train", limit)
+    try:
+        source = open_source(data, "train", limit)
+    except (KdlibError, FileNotFoundError) as exc:
+        if not from_meta:
+            raise
+        raise type(exc)(f"{exc}{whose}") from exc
     if source.fingerprint() != meta.source["fingerprint"]:
         raise StoreMismatchError(
             f"store {store.url} was written for source {meta.source.get('data')!r} (limit {meta.source.get('limit')}, "
-            f"fingerprint {meta.source['fingerprint'][:12]}); this command has {data!r} (limit {limit}, "
+            f"fingerprint {meta.source['fingerprint'][:12]}); this command has {data!r}{whose} (limit {limit}, "
             f"fingerprint {source.fingerprint()[:12]})")
     return source
