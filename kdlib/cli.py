@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import sys
 
 import click
 
-from .errors import KdlibError
+from ._checks import ENV_ERRNOS, TRAIN_NUMBERS, Number, describe_os_error
+from .errors import KdlibError, StorageError, StoreBusyError
 
 LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each split (quick tries, tests).")
@@ -29,9 +33,38 @@ TRUST_CODE = click.option("--trust-code", is_flag=True,
                           help="Allow a run dir's config.json to name a package.module:factory to import.")
 
 
+# what libraries that do their own I/O (safetensors' Rust writer) say instead of raising OSError
+_FOREIGN_ERRNOS = {"(os error 28)": errno.ENOSPC, "(os error 30)": errno.EROFS, "(os error 13)": errno.EACCES,
+                   "(os error 122)": errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def _disk_faults(out: str, todo_full: str):
+    """Turn a full or read-only disk under `out` into one StorageError line (exit 1) that says what to do."""
+    try:
+        yield
+    except KdlibError:
+        raise
+    except OSError as exc:
+        if exc.errno not in ENV_ERRNOS:
+            raise
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StorageError(describe_os_error(exc, where=out, todo=todo_full if full else None)) from exc
+    except Exception as exc:
+        code = next((c for tag, c in _FOREIGN_ERRNOS.items() if tag in str(exc)), None)
+        if code is None:
+            raise
+        os_exc = OSError(code, os.strerror(code))
+        full = code in (errno.ENOSPC, errno.EDQUOT)
+        raise StorageError(describe_os_error(os_exc, where=out, todo=todo_full if full else None)) from exc
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="On an error, show the full traceback (also: KDLIB_DEBUG=1).")
+def cli(debug: bool) -> None:
     """kdlib: pay for the teacher once, distill many students from its stored soft labels."""
+    if debug:
+        os.environ["KDLIB_DEBUG"] = "1"  # DataLoader workers and `main` see it too
 
 
 @cli.command()
@@ -79,7 +112,9 @@ def precompute(**kw) -> None:
     from .precompute import PrecomputeConfig, precompute as run
 
     test = not kw.pop("no_test")
-    store = run(PrecomputeConfig(**kw, test=test))
+    with _disk_faults(kw["out"], "free some space and rerun the same command: it resumes from the chunks "
+                                 "committed so far"):
+        store = run(PrecomputeConfig(**kw, test=test))
     m = store.meta
     from ._dist import process_state
 
@@ -99,15 +134,16 @@ def precompute(**kw) -> None:
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML without --shards.")
 @click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist", "dih", "ce"]), default=None,
               help="Default: kl with --shards/--teacher, ce otherwise. dih: the cohort of a teacher with heads.")
-@click.option("--temperature", "-T", type=float, default=1.0, help="KL/DIST temperature.")
-@click.option("--gamma", type=float, default=0.5, help="TTM/WTTM power.")
-@click.option("--ce-weight", type=float, default=0.0, help="Add CE on (mixed) ground-truth labels.")
+@click.option("--temperature", "-T", type=Number(*TRAIN_NUMBERS["temperature"]), default=1.0, help="KL/DIST temperature.")
+@click.option("--gamma", type=Number(*TRAIN_NUMBERS["gamma"]), default=0.5, help="TTM/WTTM power.")
+@click.option("--ce-weight", type=Number(*TRAIN_NUMBERS["ce_weight"]), default=0.0,
+              help="Add CE on (mixed) ground-truth labels.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Global batch, in views.")
-@click.option("--lr", type=float, default=2e-3)
-@click.option("--weight-decay", type=float, default=5e-4)
-@click.option("--warmup", type=click.FloatRange(0, 1), default=0.05, help="Warmup, fraction of all steps.")
-@click.option("--clip", type=float, default=1.0, help="Gradient norm clip (0: off).")
+@click.option("--lr", type=Number(*TRAIN_NUMBERS["lr"]), default=2e-3)
+@click.option("--weight-decay", type=Number(*TRAIN_NUMBERS["weight_decay"]), default=5e-4)
+@click.option("--warmup", type=Number(*TRAIN_NUMBERS["warmup"]), default=0.05, help="Warmup, fraction of all steps.")
+@click.option("--clip", type=Number(*TRAIN_NUMBERS["clip"]), default=1.0, help="Gradient norm clip (0: off).")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
               help="Student autocast [default: what accelerate's config says, else no].")
 @PRECISION
@@ -118,7 +154,8 @@ def precompute(**kw) -> None:
 @click.option("--weights", default=None, help="Initial student weights file.")
 @click.option("--stored-epochs", type=click.IntRange(min=1), default=None,
               help="Cycle only the first N stored epochs (default: all the store holds).")
-@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (written by this kdlib; loads its pickled RNG/optimizer state).")
+@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (refused if a flag that changes the math differs).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in an existing --out (without it, a used --out is refused).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
@@ -148,7 +185,8 @@ def train(config_file: str | None, **kw) -> None:
     kw["eval"] = not kw.pop("no_eval")
     if "no_eval" in given:
         given.add("eval")
-    run(resolve_config(kw, given, config_file))
+    with _disk_faults(kw["out"], "free some space and rerun with --resume: the last checkpoint is kept"):
+        run(resolve_config(kw, given, config_file))
 
 
 @cli.command()
@@ -206,10 +244,11 @@ def eval_(model: str, weights: str | None, data: str | None, split: str, shards:
 @cli.command()
 @click.argument("shards")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--temperature", "-T", type=float, default=1.0, help="KL/DIST temperature the target error is measured at.")
+@click.option("--temperature", "-T", type=Number(0.0, open=True), default=1.0,
+              help="KL/DIST temperature the target error is measured at.")
 @click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist"]), default="kl",
               help="Loss whose teacher target the full-logit sample is compared at.")
-@click.option("--gamma", type=float, default=0.5, help="TTM/WTTM power the target error is measured at.")
+@click.option("--gamma", type=Number(0.0, open=True), default=0.5, help="TTM/WTTM power the target error is measured at.")
 @click.option("--max-chunks", type=click.IntRange(min=1), default=None,
               help="Label statistics from the first N chunks of each epoch only (the digest reads everything).")
 def inspect(shards: str, as_json: bool, temperature: float, loss: str, gamma: float, max_chunks: int | None) -> None:
@@ -257,20 +296,60 @@ def heads(**kw) -> None:
     result = fit_heads(HeadsConfig(**kw))
     click.echo(f"teacher with {len(result['layers'])} heads on {result['layers']} saved to {result['out']} "
                f"(backbone digest {result['backbone_digest'][:12]}, unchanged)")
+def _worker_message(exc: BaseException) -> str:
+    """The original message of an error re-raised by a DataLoader worker (torch prepends
+    "Caught X in DataLoader worker process N." and the worker's traceback to it)."""
+    msg = str(exc)
+    first = msg.split("\n", 1)[0]
+    if not (first.startswith("Caught ") and "DataLoader worker process" in first):
+        return msg
+    t = type(exc)
+    for name in (f"{t.__module__}.{t.__qualname__}: ", f"{t.__qualname__}: "):
+        at = msg.rfind("\n" + name)
+        if at >= 0:
+            return msg[at + 1 + len(name):].strip()
+    return msg.strip().splitlines()[-1]
+
+
+def _one_line(exc: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) for an error the user can act on; None for a bug (traceback)."""
+    if isinstance(exc, (StorageError, StoreBusyError)):  # the disk, or another process: not the input
+        return 1, _worker_message(exc)
+    if isinstance(exc, KdlibError):
+        return 2, _worker_message(exc)
+    if isinstance(exc, FileNotFoundError):
+        return 2, _worker_message(exc)
+    if isinstance(exc, OSError) and exc.errno in ENV_ERRNOS:
+        return 1, describe_os_error(exc)
+    return None
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an error left open now, so that their last refresh comes before the error line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main() -> None:
+    """The console entry point: every error the user can act on ends in one line, never a traceback
+    (unless --debug / KDLIB_DEBUG=1): exit 2 for bad input, exit 1 for the disk or filesystem."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(f"error: {exc.format_message()} (see '{exc.ctx.command_path} -h')", err=True)
+        else:
+            click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except KdlibError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FileNotFoundError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    except Exception as exc:
+        found = _one_line(exc)
+        if found is None or os.environ.get("KDLIB_DEBUG", "") not in ("", "0"):
+            raise
+        code, line = found
+        _close_progress_bars()
+        click.echo(f"error: {line}", err=True)
+        sys.exit(code)

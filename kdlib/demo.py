@@ -43,13 +43,13 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
     t0 = time.time()
     print(f"kdlib demo: Fashion-MNIST, first {limit} training images, full test split; runs in {out}, store in {shards}")
     _run(["train", *common, "--model", "resnet14", "--loss", "ce", "--recipe", recipe, "--epochs", teacher_epochs,
-          "--batch-size", "256", "--out", teacher])
+          "--batch-size", "256", "--overwrite", "--out", teacher])
     _run(["precompute", "--teacher", teacher, *common, "--recipe", recipe, "--epochs", epochs, "--out", shards])
     _run(["verify", "--shards", shards, "--teacher", teacher, "--views", "256"])
     _run(["train", "--shards", shards, "--student", "resnet8", "--epochs", epochs, "--batch-size", "256",
-          "--out", student])
+          "--overwrite", "--out", student])
     _run(["train", *common, "--model", "resnet8", "--loss", "ce", "--recipe", recipe, "--epochs", epochs,
-          "--batch-size", "256", "--out", control])
+          "--batch-size", "256", "--overwrite", "--out", control])
     rows = [("teacher resnet14, CE", _last_json(_run(["eval", "--model", teacher, "--split", "test"]))),
             ("student resnet8 from the cache (KL)", _last_json(_run(["eval", "--model", student, "--split", "test"]))),
             ("student resnet8, plain CE", _last_json(_run(["eval", "--model", control, "--split", "test",

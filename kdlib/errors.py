@@ -1,5 +1,9 @@
 """One error hierarchy for kdlib.
 
+Bad input (a flag, a file, a store that does not fit) is a ``KdlibError``: the CLI prints one
+line and exits 2. An environment fault (a full disk, a read-only filesystem, no permission)
+is a ``StorageError`` (or a bare ``OSError`` with such an errno): one line, exit 1.
+
 Each error is also the built-in kind a caller would expect (a missing file is a
 ``FileNotFoundError``, a bad value a ``ValueError``), so generic handlers still work.
 Messages name the bad value and the path it came from.
@@ -17,7 +21,9 @@ __all__ = [
     "StoreMismatchError",
     "StoreVersionError",
     "CorruptStoreError",
+    "StoreBusyError",
     "ConfigError",
+    "StorageError",
 ]
 
 
@@ -59,3 +65,11 @@ class StoreVersionError(StoreError, ValueError):
 
 class CorruptStoreError(StoreError, IOError):
     """A chunk failed its checksum, is truncated, or cannot be decoded."""
+
+
+class StoreBusyError(StoreError, BlockingIOError):
+    """Another precompute holds the store's write lock."""
+
+
+class StorageError(KdlibError, OSError):
+    """The filesystem refused a write (full, read-only, no permission): an environment fault, exit 1."""

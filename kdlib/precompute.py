@@ -153,9 +153,13 @@ def precompute(cfg: PrecomputeConfig) -> Store:
             store.prepare_epoch(epoch)
     state.wait_for_everyone()
     mine = [c for c in range(meta.chunks_per_epoch) if c % state.num_processes == state.process_index]
-    todo = {e: [c for c in mine if c not in store.committed_chunks(e)] for e in epochs}
-    batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
+    done = {e: store.committed_chunks(e) for e in epochs}
+    todo = {e: [c for c in mine if c not in done[e]] for e in epochs}
     plan = PlanParams(recipe, source.sizes(), meta.param_packing)  # packed params are quantized before rendering
+    for epoch in epochs:
+        if todo[epoch]:
+            store.check_plan(epoch, plan.epoch(epoch), done[epoch])  # a resumed epoch must not mix two plans
+    batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
     feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft"), device,
                 cfg.workers, cfg.render)
     items = iter(feed)

@@ -51,10 +51,26 @@ class Recipe:
         def bad(key: str, why: str) -> RecipeError:
             return RecipeError(f"recipe {self.name!r}: {key}={getattr(self, key)!r} {why}")
 
-        if not isinstance(self.size, int) or self.size < 1:
+        # types first (a YAML "0.3" or "false" is a string, never coerced): then ranges
+        if not isinstance(self.name, str):
+            raise bad("name", "must be a string")
+        for key in ("size", "images_per_group", "crops_per_image", "seed"):
+            if not _is_int(getattr(self, key)):
+                raise bad(key, f"must be an integer, not {type(getattr(self, key)).__name__}")
+        for key in ("center_fraction", "mix_prob", "alpha"):
+            if not _is_number(getattr(self, key)):
+                raise bad(key, f"must be a finite number, not {_kind(getattr(self, key))}")
+        for key in ("scale", "ratio"):
+            v = getattr(self, key)
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)):
+                raise bad(key, "must be a pair [min, max] of finite numbers")
+        if not isinstance(self.flip, bool):
+            raise bad("flip", f"must be a boolean (true or false, unquoted), not {_kind(self.flip)}")
+        for key, choices in (("crop", CROPS), ("mix", MIXES), ("lam", LAMBDA_LAWS)):
+            if not (isinstance(getattr(self, key), str) and getattr(self, key) in choices):
+                raise bad(key, f"must be one of {choices}")
+        if self.size < 1:
             raise bad("size", "must be a positive integer")
-        if self.crop not in CROPS:
-            raise bad("crop", f"must be one of {CROPS}")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise bad("scale", "must satisfy 0 < min <= max <= 1")
@@ -63,21 +79,17 @@ class Recipe:
             raise bad("ratio", "must satisfy 0 < min <= max")
         if not 0 < self.center_fraction <= 1:
             raise bad("center_fraction", "must be in (0, 1]")
-        if self.mix not in MIXES:
-            raise bad("mix", f"must be one of {MIXES}")
         if not 0 <= self.mix_prob <= 1:
             raise bad("mix_prob", "must be in [0, 1]")
-        if self.lam not in LAMBDA_LAWS:
-            raise bad("lam", f"must be one of {LAMBDA_LAWS}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+        if not self.alpha > 0:
             raise bad("alpha", "must be a positive number")
-        if not isinstance(self.images_per_group, int) or self.images_per_group < 1:
+        if self.images_per_group < 1:
             raise bad("images_per_group", "must be a positive integer")
-        if not isinstance(self.crops_per_image, int) or self.crops_per_image < 1:
+        if self.crops_per_image < 1:
             raise bad("crops_per_image", "must be a positive integer")
         if self.mix != "none" and self.images_per_group < 2:
             raise bad("images_per_group", "must be >= 2 when mixing: a view mixes with a different image")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed < 0:
             raise bad("seed", "must be a non-negative integer")
 
     @property
@@ -100,10 +112,13 @@ class Recipe:
         for key in ("scale", "ratio"):
             if key in d:
                 v = d[key]
-                if not (isinstance(v, (list, tuple)) and len(v) == 2):
-                    raise RecipeError(f"{origin}: {key}={v!r} must be a pair [min, max]")
+                if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)):
+                    raise RecipeError(f"{origin}: {key}={v!r} must be a pair [min, max] of finite numbers")
                 d[key] = (float(v[0]), float(v[1]))
-        return cls(**d)
+        try:
+            return cls(**d)
+        except RecipeError as exc:
+            raise RecipeError(f"{origin}: {exc}") from None
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -113,6 +128,18 @@ class Recipe:
         d = self.to_dict()
         d.pop("notes")
         return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _kind(v: Any) -> str:
+    return f"a string ({v!r} is quoted)" if isinstance(v, str) else type(v).__name__
 
 
 def load_recipe(path: str | Path | None, **overrides: Any) -> Recipe:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,8 +30,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
+from ._checks import TRAIN_NUMBERS, check_numbers
 from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
+from .checkpoint import (check_out_dir, check_resume, clear_run, find_checkpoint, load_checkpoint, math_config,
+                         read_state, save_checkpoint)
 from .errors import ConfigError
 from .evaluate import evaluate_model
 from .extras import attention_term, check_dih_source, cohort_logits, dih_loss_fn
@@ -95,6 +97,10 @@ class TrainConfig:
     attention_grid: int | None = None  # online only (default 8); a store's maps say their own grid
     mean: str | None = None  # the student's input contract when --weights do not define one
     std: str | None = None
+    overwrite: bool = False  # replace the run files in an existing --out (else a used --out is refused)
+
+    def __post_init__(self) -> None:
+        check_numbers(vars(self), TRAIN_NUMBERS, "train config")
 
 
 def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | None) -> TrainConfig:
@@ -303,6 +309,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     check_world(accelerator.num_processes)
     out = Path(cfg.out)
+    replace_run = check_out_dir(out, cfg.resume, cfg.overwrite)  # before anything is built or written
     set_seed(cfg.seed)  # nothing in the loop draws; views never come from here
     targets = _Targets(cfg, accelerator)
     source, recipe = targets.source, targets.recipe
@@ -335,24 +342,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(student, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     loss_fn = _loss_fn(cfg, targets.num_classes)
     if targets.store is not None and cfg.loss != "ce" and accelerator.is_main_process:
         _warn_target_error(targets.store, cfg, accelerator)
 
     ckpt = out / "checkpoint"
     start_step = 0
+    run_math = math_config(cfg, targets, recipe)  # what a resume must not change
+    run_math["mixed_precision"] = accelerator.mixed_precision  # as resolved (the flag may defer to a config)
+
+    def _save_checkpoint(accelerator: Accelerator, ckpt: Path, step: int) -> None:  # safetensors + JSON, no pickle
+        save_checkpoint(accelerator, ckpt, step, model, optimizer, scheduler, run_math)
+
     if cfg.resume:
-        if not ckpt.exists() and (ckpt.with_name(ckpt.name + ".old") / "progress.json").exists():
-            ckpt = ckpt.with_name(ckpt.name + ".old")  # killed between the two renames of a swap
-        if (ckpt / "progress.json").exists():
-            accelerator.load_state(str(ckpt))
-            start_step = json.loads((ckpt / "progress.json").read_text())["step"]
-            accelerator.print(f"resumed from {ckpt} at step {start_step} of {total_steps}")
-            ckpt = out / "checkpoint"
+        found = find_checkpoint(ckpt)  # never opens a pickle; a pickled (old) checkpoint is refused
+        if found is not None:
+            check_resume(read_state(found)["config"], run_math, found)
+            start_step = load_checkpoint(accelerator, found, model, optimizer, scheduler)
+            accelerator.print(f"resumed from {found} at step {start_step} of {total_steps}")
         else:
             accelerator.print(f"notice: --resume given but {ckpt} holds no checkpoint; starting from step 0")
     if accelerator.is_main_process:
+        if replace_run:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(
             {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
@@ -454,22 +466,6 @@ def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
 
 def _store_limit(targets: _Targets) -> int | None:
     return targets.store.meta.source.get("limit") if targets.store else None
-
-
-def _save_checkpoint(accelerator: Accelerator, ckpt: Path, step: int) -> None:
-    """save_state into a temp dir, then swap it in: a kill mid-save leaves the previous checkpoint."""
-    accelerator.wait_for_everyone()
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({"step": step}))
-        old = ckpt.with_name(ckpt.name + ".old")
-        if ckpt.exists():
-            ckpt.rename(old)
-        tmp.rename(ckpt)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def _truncate_logs(out: Path, step: int) -> None:

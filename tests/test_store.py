@@ -125,6 +125,11 @@ def test_arrays_without_commit_record_do_not_count(kind, tmp_path):
 
 def test_fixture_store_with_a_lost_commit_reads_as_incomplete(store_copy):
     os.remove(Path(store_copy) / "commits" / "e00001" / "c000003.json")
+    # meta.json still counts epoch 1 as done: opening the store says that they disagree (issue 12, row 11)
+    with pytest.raises(CorruptStoreError, match="epoch 1 chunk 3 is not committed"):
+        open_store(store_copy)
+    meta = json.loads((Path(store_copy) / "meta.json").read_text())
+    (Path(store_copy) / "meta.json").write_text(json.dumps({**meta, "epochs_done": 1}))
     s = open_store(store_copy)
     assert s.committed_chunks(0) == set(range(s.meta.chunks_per_epoch)) and s.epoch_complete(0)
     assert s.committed_chunks(1) == set(range(s.meta.chunks_per_epoch)) - {3}

@@ -27,22 +27,35 @@ def _backend(name: str) -> type[Store]:
 
 
 def open_store(url: str) -> Store:
-    """An existing store (raises StoreNotFoundError / StoreVersionError with the path)."""
+    """An existing store (raises StoreNotFoundError / StoreVersionError with the path, CorruptStoreError when
+    meta.json disagrees with the commit records)."""
     meta = Store.read_meta(str(url))
-    return _backend(meta.backend)(str(url), meta)
+    store = _backend(meta.backend)(str(url), meta)
+    store.check_consistent()
+    return store
 
 
 def create_store(url: str, meta: StoreMeta) -> Store:
-    """A new store with `meta`, or the existing one at `url` if it was written for the same thing."""
+    """A new store with `meta`, or the existing one at `url` if it was written for the same thing.
+
+    The store comes back holding its write lock (a second precompute into it is refused); temp
+    files a killed or failed writer left are removed before anything is written."""
     url = str(url)
     try:
         found = Store.read_meta(url)
     except StoreNotFoundError:
         store = _backend(meta.backend)(url, meta)
+        store.fs.makedirs(store.root, exist_ok=True)
+        store.lock_for_writing()
         store.write_meta()
         return store
     check_compatible(found, meta, url)
-    return _backend(found.backend)(url, found)
+    store = _backend(found.backend)(url, found)
+    store.lock_for_writing()
+    store.meta = Store.read_meta(url)  # as the lock holder saw it last
+    store.check_consistent()
+    store.remove_temp_files()
+    return store
 
 
 def open_store_source(store: Store, data: str | None = None, limit: int | None = None):
@@ -50,13 +63,22 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
     from ..errors import StoreMismatchError
     from ..source import open_source
 
+    from ..errors import KdlibError
+
     meta = store.meta
+    from_meta = not data  # then the path is the one the store's meta.json names, not the user's
+    whose = f" (the path named in {store.url}/meta.json: give --data to name the source)" if from_meta else ""
     data = data or meta.source.get("data")
     limit = limit if limit is not None else meta.source.get("limit")
-    source = open_source(data, "train", limit, index_dirs=(f"{store.root}/index",))  # sizes kept by precompute
+    try:
+        source = open_source(data, "train", limit, index_dirs=(f"{store.root}/index",))  # sizes kept by precompute
+    except (KdlibError, FileNotFoundError) as exc:
+        if not from_meta:
+            raise
+        raise type(exc)(f"{exc}{whose}") from exc
     if source.fingerprint() != meta.source["fingerprint"]:
         raise StoreMismatchError(
             f"store {store.url} was written for source {meta.source.get('data')!r} (limit {meta.source.get('limit')}, "
-            f"fingerprint {meta.source['fingerprint'][:12]}); this command has {data!r} (limit {limit}, "
+            f"fingerprint {meta.source['fingerprint'][:12]}); this command has {data!r}{whose} (limit {limit}, "
             f"fingerprint {source.fingerprint()[:12]})")
     return source

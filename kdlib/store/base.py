@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import socket
 import uuid
 import zlib
 from typing import Any
@@ -20,13 +22,19 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
+from ..errors import CorruptStoreError, StoreBusyError, StoreError, StoreNotFoundError
 from .format import StoreMeta
 
 __all__ = ["Store", "Chunk", "ChunkCache", "decoded"]
 
 Chunk = dict[str, np.ndarray]
 META = "meta.json"
+LOCK = "precompute.lock"  # advisory: held (flock) by the one precompute writing the store; says who
+TMP = ".tmp-"  # a file being written: `<final name>.tmp-<8 hex>`, moved to its final name when whole
+
+
+def _owner() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def crc32(a: np.ndarray) -> int:
@@ -43,6 +51,46 @@ class Store:
         self.meta = meta
         self.fs, self.root = fsspec.core.url_to_fs(url)
 
+    def __getstate__(self) -> dict:  # a copy in a DataLoader worker is a reader: it holds no lock
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def lock_for_writing(self) -> None:
+        """Take the store's advisory write lock (local stores), or refuse naming the process that holds it.
+
+        The kernel drops the lock when its process ends, however it ends, so a killed precompute
+        never leaves a stale lock; the file only says who held it last."""
+        if "file" not in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            return  # object stores have no flock; one writer per store is the user's to keep
+        import fcntl
+
+        path = self._path(LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if owner == _owner():
+                return  # this very process holds it (an earlier store object not yet collected)
+            raise StoreBusyError(f"store {self.url} is being written by {owner} ({path}); wait for it to finish, "
+                                 f"or stop it: a rerun then resumes where it stopped") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (_owner() + "\n").encode(), 0)
+        self._lock = fd
+
+    def unlock(self) -> None:
+        fd = self.__dict__.pop("_lock", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __del__(self) -> None:
+        try:
+            self.unlock()
+        except Exception:
+            pass
+
     # -- meta and commit records (fsspec, atomic puts) ------------------------------------
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -50,9 +98,28 @@ class Store:
     def _put_atomic(self, rel: str, data: bytes) -> None:
         final = self._path(rel)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        tmp = f"{final}{TMP}{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    def _discard(self, path: str) -> None:
+        """Remove a temp file after a failed write (a full disk must not keep the partial bytes)."""
+        try:
+            if self.fs.exists(path):
+                self.fs.rm_file(path)
+        except OSError:
+            pass
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete the `*.tmp-*` files a killed or failed writer left (rank 0, before anyone writes)."""
+        found = [p for p in self.fs.find(self.root) if TMP in posixpath.basename(p)] if self.fs.exists(self.root) else []
+        for p in found:
+            self._discard(p)
+        return found
 
     @staticmethod
     def read_meta(url: str) -> StoreMeta:
@@ -113,6 +180,8 @@ class Store:
             raise StoreError(f"{where}: not committed (no {rel}); was precompute interrupted? rerun it to resume") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(f"{where}: commit record {rel} is corrupt: {exc}") from exc
+        self._check_record(record, rel, where, {"epoch": epoch, "chunk": chunk,
+                                                "views": list(self.meta.chunk_range(chunk))}, self.meta.columns)
         ranges = {name: self.meta.rows(name, chunk) for name in self.meta.columns}
         try:
             cols = self._read_arrays(epoch, chunk, ranges)
@@ -125,6 +194,81 @@ class Store:
                 raise CorruptStoreError(f"{where}: checksum mismatch in column {name!r} "
                                         f"({self._describe_file(epoch, chunk, name)}); the store is corrupt")
         return cols
+
+    def _check_record(self, record: Any, rel: str, where: str, expect: dict[str, Any], columns: dict) -> None:
+        """A commit record must say what it commits: these keys, and a crc32 for every column."""
+        problem = None
+        if not isinstance(record, dict):
+            problem = f"is a {type(record).__name__}, not a mapping"
+        else:
+            for key, want in expect.items():
+                if record.get(key) != want:
+                    problem = f"has {key}={record.get(key)!r}, expected {want!r}"
+                    break
+            else:
+                crcs = record.get("crc32")
+                if not isinstance(crcs, dict):
+                    problem = "has no crc32 table"
+                else:
+                    lacking = sorted(c for c in columns if not isinstance(crcs.get(c), int))
+                    if lacking:
+                        problem = f"has no crc32 for column(s) {lacking}"
+        if problem:
+            raise CorruptStoreError(f"{where}: commit record {self._path(rel)} {problem}; the store is corrupt "
+                                    f"(rerun `kdlib precompute` into a new --out)")
+
+    def check_consistent(self) -> None:
+        """meta.json against the commit records: every epoch it calls done has exactly its chunks committed,
+        and the records' view ranges match `views_per_epoch` and `chunk_views` (an edited meta is caught)."""
+        m = self.meta
+        for epoch in range(m.epochs_done):
+            done = self.committed_chunks(epoch)
+            want = set(range(m.chunks_per_epoch))
+            if done != want:
+                extra, missing = sorted(done - want), sorted(want - done)
+                what = (f"epoch {epoch} chunk {missing[0]} is not committed"
+                        + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")) if missing else \
+                       (f"epoch {epoch} has commit records past its end (chunks {extra[:5]})")
+                raise CorruptStoreError(
+                    f"{self.url}/{META} counts epoch {epoch} as done ({m.views_per_epoch} views per epoch, chunks of "
+                    f"{m.chunk_views}) but {what}: meta.json and the commit records disagree; the store is corrupt "
+                    f"(rerun `kdlib precompute` into a new --out)")
+            last = m.chunks_per_epoch - 1
+            rel = self._commit_rel(epoch, last)
+            try:
+                record = json.loads(self.fs.cat_file(self._path(rel)))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CorruptStoreError(f"{self.url}: commit record {rel} is corrupt: {exc}") from exc
+            views = record.get("views") if isinstance(record, dict) else None
+            if views != list(m.chunk_range(last)):
+                raise CorruptStoreError(
+                    f"{self.url}/{META} is inconsistent with its commit records: epoch {epoch} chunk {last} should "
+                    f"hold views {list(m.chunk_range(last))} ({m.views_per_epoch} views per epoch) but {rel} says "
+                    f"{views!r}; the store is corrupt")
+
+    def check_plan(self, epoch: int, params: dict[str, np.ndarray], committed: set[int]) -> None:
+        """Refuse to finish a half-written epoch with a plan other than the one its committed chunks hold.
+
+        The plan of an epoch is redrawn when precompute resumes; if the random stream changed since
+        (another numpy, another kdlib), the epoch would mix two plans. The first committed chunk's
+        stored params must equal the new plan's, byte for byte (DESIGN invariant 1)."""
+        if not committed:
+            return
+        from ..plan import pack_params
+
+        chunk = min(committed)
+        a, b = self.meta.chunk_range(chunk)
+        want = pack_params({k: v[a:b] for k, v in params.items()}, self.meta.param_packing)
+        stored = self.read_chunk(epoch, chunk)
+        for name in sorted(want):
+            if name in stored and np.ascontiguousarray(want[name]).tobytes() != stored[name].tobytes():
+                from ..errors import StoreMismatchError
+
+                raise StoreMismatchError(
+                    f"{self.url} epoch {epoch}: the plan drawn now differs from the views stored in its committed "
+                    f"chunk {chunk} (column {name!r}): the random stream changed since the epoch was started "
+                    f"(meta.json: kdlib {self.meta.kdlib_version or '?'}; now numpy {np.__version__}); finish the "
+                    f"store with the kdlib and numpy that began it, or precompute into a new --out")
 
     def content_digest(self) -> str:
         """sha256 of every complete epoch's params and soft labels in a canonical order (epoch, chunk,
@@ -153,7 +297,15 @@ class Store:
     def read_test(self) -> Chunk | None:
         if self.meta.test is None:
             return None
-        record = json.loads(self.fs.cat_file(self._path("commits/test.json")))
+        rel = "commits/test.json"
+        try:
+            record = json.loads(self.fs.cat_file(self._path(rel)))
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{self.url}: meta.json lists test predictions but {rel} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptStoreError(f"{self.url}: commit record {rel} is corrupt: {exc}") from exc
+        self._check_record(record, rel, f"{self.url} test predictions", {"views": self.meta.test.get("views")},
+                           self.meta.label_fields)
         fields = self.meta.label_fields
         try:
             cols = self._read_named("test", fields, record["views"])

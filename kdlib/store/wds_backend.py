@@ -59,7 +59,7 @@ import uuid
 import numpy as np
 
 from ..errors import StoreError
-from .base import Chunk, Store
+from .base import TMP, Chunk, Store
 
 __all__ = ["WdsStore", "shard_urls", "tar_bytes"]
 
@@ -133,10 +133,14 @@ class WdsStore(Store):
     def _put_tar(self, name: str, data: bytes) -> None:
         final = self._path(self._rel(name))
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
+        tmp = f"{final}{TMP}{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            self._discard(tmp)  # a full disk must not leave a partial tar behind
+            raise
 
     def prepare_epoch(self, epoch: int) -> None:
         self.fs.makedirs(self._path(DIR), exist_ok=True)

@@ -31,7 +31,7 @@ class ZarrStore(Store):
         self._zarr_url = self.root if self.fs.protocol in ("file", ("file", "local")) else url
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen arrays lazily
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_arrays"] = {}
         return state
 
