@@ -237,6 +237,7 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
     c = {"student": cfg.student, "loss": cfg.loss, "ce_weight": cfg.ce_weight, "epochs": cfg.epochs,
          "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup": cfg.warmup,
          "clip": cfg.clip, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed, "weights": cfg.weights,
+         "mean": cfg.mean, "std": cfg.std,
          "recipe": recipe.digest_dict(), "source fingerprint": targets.source.fingerprint()}
     if cfg.loss in ("kl", "dist"):
         c["temperature"] = cfg.temperature
@@ -250,7 +251,8 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
     if targets.store is not None:
         m = targets.store.meta
         c["store"] = {"teacher digest": m.teacher.get("digest"), "k": m.k, "logit_codec": m.logit_codec,
-                      "param_packing": m.param_packing, "views_per_epoch": m.views_per_epoch}
+                      "param_packing": m.param_packing, "views_per_epoch": m.views_per_epoch, "heads": m.heads,
+                      "attention": m.attention}
         c["stored epochs cycled"] = targets.stored_epochs
     else:
         c["store"] = None

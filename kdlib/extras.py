@@ -71,8 +71,12 @@ def extra_columns(teacher: nn.Module, meta: Any) -> dict[str, Tensor]:
         if len(heads) != len(meta.heads):
             raise ConfigError(f"the store holds {len(meta.heads)} DIH heads; this teacher gave {len(heads)}")
         for j, z in enumerate(heads, 1):
-            labels = to_codec(encode(z.float(), meta.k), meta.logit_codec)
+            if z.shape[1] != meta.num_classes:
+                raise ConfigError(f"DIH head {j} gives {z.shape[1]} classes, the store holds {meta.num_classes}")
+            raw = encode(z.float(), meta.k, check=False)  # the writer thread checks the host copy
+            labels = to_codec(raw, meta.logit_codec)
             out.update({f"h{j}_{k}": v for k, v in labels.items()})  # the writer copies them to the host
+            out[f"_h{j}_logits16"] = raw["logits"]
     if meta.attention:
         maps = teacher_maps(teacher, meta.attention["grid"])
         for i, m in enumerate(maps, 1):

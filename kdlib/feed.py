@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .render import render_decoded
 from .views import ViewBatches
 
-__all__ = ["RENDER_PLACES", "render_place", "Feed"]
+__all__ = ["RENDER_PLACES", "render_place", "render_device", "Feed"]
 
 RENDER_PLACES = ("auto", "device", "workers")
 
@@ -41,6 +41,11 @@ def render_place(choice: str, device: torch.device, workers: int) -> str:
     if choice == "workers" and workers == 0:
         return "device"  # no workers: the main process renders, on the CPU it runs on
     return choice
+
+
+def render_device(choice: str, device: torch.device, workers: int) -> str:
+    """The kind of device (`cpu`, `cuda`) that renders the views: what a store records of its pixels."""
+    return "cpu" if render_place(choice, device, workers) == "workers" else device.type
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

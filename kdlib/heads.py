@@ -38,7 +38,8 @@ from torch import nn
 from ._layers import LayerTaps, resolve_layers, stage_layers
 from .errors import ConfigError, ModelError
 from .losses import mixed_label_targets, soft_cross_entropy
-from .models import WEIGHTS_NAME, Classifier, _digest_state, build_model, load_model, save_model, weights_digest
+from .models import (WEIGHTS_NAME, Classifier, _digest_state, build_model, load_model, resolve_model, save_model,
+                     weights_digest)
 
 __all__ = ["HeadedClassifier", "HeadsConfig", "attach_heads", "backbone_digest", "fit_heads", "load_headed_run",
            "head_names"]
@@ -51,8 +52,12 @@ class HeadedClassifier(Classifier):
 
     def __init__(self, base: Classifier, layers: Sequence[str], input_size: int) -> None:
         cfg = base.config
+        if base.class_index is not None:  # heads answer over the net's classes: a mapped teacher would mix two sets
+            raise ModelError(f"{cfg['arch']}: DIH heads cannot be mounted on a teacher mapped onto other classes "
+                             "(--class-map); fit them on a teacher whose classes are the data's")
         super().__init__(base.net, arch=cfg["arch"], num_classes=cfg["num_classes"], in_channels=cfg["in_channels"],
-                         mean=cfg["mean"], std=cfg["std"], net_channels=cfg["net_channels"])
+                         mean=cfg["mean"], std=cfg["std"], net_channels=cfg["net_channels"], contract=base.contract)
+        self.classes = getattr(base, "classes", None)
         self.mean.copy_(base.mean)
         self.std.copy_(base.std)
         if isinstance(input_size, bool) or int(input_size) < 1:
@@ -149,6 +154,8 @@ def load_headed_run(path: str | Path, cfg: Mapping[str, Any]) -> HeadedClassifie
         raise ModelError(f"{w_path} does not fit {cfg['arch']} with heads on {spec['layers']}: {e}") from e
     if spec.get("backbone_digest") and backbone_digest(model) != spec["backbone_digest"]:
         raise ModelError(f"{w_path}: backbone weights differ from the backbone_digest in config.json")
+    classes = cfg.get("classes")  # so that a folder in another order is mapped by name, not by position
+    model.classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes else None
     return model
 
 
@@ -196,9 +203,9 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     source = open_source(cfg.data, "train", cfg.limit)
     recipe = load_recipe(cfg.recipe)
-    mean, std = source.mean_std()
-    base = load_model(cfg.teacher, num_classes=source.num_classes, in_channels=source.channels, mean=mean, std=std,
-                      weights=cfg.weights)
+    # the teacher's input contract as every stage settles it (its weights', never guessed for pretrained ones)
+    base = resolve_model(cfg.teacher, classes=source.classes, in_channels=source.channels, weights=cfg.weights,
+                         data_stats=source.mean_std)
     before = weights_digest(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -264,7 +271,7 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
             print(f"test top-1: {result['test_top1']}")
     extra = {HEADS_KEY: {"layers": list(model.head_layers), "input_size": recipe.size, "backbone_digest": before,
                          "fit": {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "cpu")}},
-             "input_size": recipe.size, "recipe": recipe.to_dict()}
+             "input_size": recipe.size, "recipe": recipe.to_dict(), "classes": list(source.classes)}
     model.cpu()
     save_model(model, cfg.out, extra=extra)
     Path(cfg.out, "heads.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -428,6 +428,10 @@ def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, 
             raise ModelError(f"{role} {spec} gives {model.num_classes} outputs but the data has {n} classes")
     elif model.class_index is None:
         index, how = resolve_class_map(list(classes), model.num_classes, names, class_map, spec)
+        if index is not None and getattr(model, "head_layers", None):
+            raise ModelError(f"{role} {spec} has DIH heads, which answer over its own {model.num_classes} classes: "
+                             "it cannot be mapped onto the data's classes (fit the heads on a teacher of the data's "
+                             "classes, or drop the heads)")
         if index is not None:
             model.class_index = torch.tensor(index, dtype=torch.int64)
             model.num_classes = len(index)

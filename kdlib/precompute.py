@@ -32,7 +32,7 @@ from ._dist import process_state
 from .contract import parse_floats, size_note
 from .errors import ConfigError
 from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
-from .feed import Feed
+from .feed import Feed, render_device
 from .models import Classifier, model_id, resolve_model, weights_digest
 from .plan import center_params, pack_params, views_per_epoch
 from .recipe import Recipe, load_recipe
@@ -132,7 +132,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
-        render={"device": device.type, "decoder": cfg.decode, "renderer": RENDERER},
+        render={"device": render_device(cfg.render, device, cfg.workers), "decoder": cfg.decode, "renderer": RENDERER},
         kdlib_version=__version__, **extras)
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
@@ -157,7 +157,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     todo = {e: [c for c in mine if c not in done[e]] for e in epochs}
     plan = PlanParams(recipe, source.sizes(), meta.param_packing)  # packed params are quantized before rendering
     for epoch in epochs:
-        if todo[epoch]:
+        if done[epoch]:  # on every rank, so that all of them refuse together
             store.check_plan(epoch, plan.epoch(epoch), done[epoch])  # a resumed epoch must not mix two plans
     batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
     feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft"), device,
@@ -230,6 +230,8 @@ def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], p
     """In the writer thread: the device-to-host copy of the chunk's labels, the write, the commit."""
     host = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
     check_finite(host.pop("_logits16") if "_logits16" in host else host["logits"], host["lse"])
+    for name in [k for k in host if k.startswith("_h")]:  # DIH heads: _h{j}_logits16
+        check_finite(host.pop(name), host[name[1:].replace("_logits16", "_lse")])
     cols.update(host)
     store.write_chunk(epoch, chunk, cols)
     with store.fs.open(log_path, "a") as f:

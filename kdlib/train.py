@@ -38,7 +38,7 @@ from .checkpoint import (check_out_dir, check_resume, clear_run, find_checkpoint
 from .errors import ConfigError
 from .evaluate import evaluate_model
 from .extras import attention_term, check_dih_source, cohort_logits, dih_loss_fn
-from .feed import Feed
+from .feed import Feed, render_device
 from .plots import save_curves
 from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
 from .contract import parse_floats
@@ -376,7 +376,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     global_batches = split_range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size)
     batches = [Batch(e, *rank_slice(a, b, rank, world, g)) for e in range(first_epoch, cfg.epochs)
                for a, b in global_batches[(start_step - e * steps_per_epoch if e == first_epoch else 0):]]
-    items = iter(Feed(targets.dataset(batches), accelerator.device, cfg.workers, cfg.render))
+    feed = Feed(targets.dataset(batches), accelerator.device, cfg.workers, cfg.render)
+    if targets.store is not None:  # another kind of device replays within 1 LSB on a few pixels: say so, once
+        here = render_device(cfg.render, accelerator.device, cfg.workers)
+        there = targets.store.meta.rendered["device"]
+        if here != there:
+            accelerator.print(f"notice: the store's views were rendered on {there}, this run renders them on {here}: "
+                              "a few pixels may differ by 1 (roi_align); `kdlib verify --device` measures it")
+    items = iter(feed)
     log = _StepLog(out / "steps.jsonl", accelerator, cfg.log_every)
     channels_last = accelerator.device.type == "cuda"
 

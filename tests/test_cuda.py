@@ -83,3 +83,10 @@ def test_gpu_store_records_bf16_and_verifies(tmp_path):
     report = json.loads(other.stdout)
     assert report["rendered_on"] == "cuda" and report["replayed_on"] == "cpu" and report["pixels"]["ok"], report
     kdlib("train", "--shards", store, "--student", "resnet8", "--out", str(tmp_path / "student"), "--no-eval")
+    # rendered in the CPU workers on a GPU machine: the store says cpu, and verify on the GPU allows the gap
+    cpu_store = str(tmp_path / "cpu-store")
+    kdlib("precompute", "--teacher", teacher, "--recipe", FMNIST_RECIPE, "--limit", "512", "--k", "3",
+          "--out", cpu_store, "--no-test", "--render", "workers", "--workers", "2")
+    assert json.loads((tmp_path / "cpu-store" / "meta.json").read_text())["render"]["device"] == "cpu"
+    cross = json.loads(kdlib("verify", "--shards", cpu_store, "--teacher", teacher).stdout)
+    assert cross["rendered_on"] == "cpu" and cross["replayed_on"] == "cuda" and cross["ok"], cross

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import FMNIST_RECIPE, LIMIT
-from kdlib.feed import Feed, render_place
+from kdlib.feed import Feed, render_device, render_place
 from kdlib.plan import make_plan
 from kdlib.recipe import Recipe
 from kdlib.render import decode_batch, draft_scales, param_tensors, render_decoded
@@ -58,6 +58,9 @@ def test_render_place():
     assert render_place("auto", CPU, 2) == "workers" and render_place("auto", CPU, 0) == "device"
     assert render_place("auto", torch.device("cuda"), 8) == "device"
     assert render_place("workers", CPU, 0) == "device"  # no workers: the main process renders
+    # what a store records: the kind of device that really rendered (workers render on the CPU)
+    assert render_device("workers", torch.device("cuda"), 8) == "cpu"
+    assert render_device("auto", torch.device("cuda"), 8) == "cuda" and render_device("auto", CPU, 2) == "cpu"
 
 
 def test_one_feed_over_many_epochs_gives_each_epochs_views(train_source):

@@ -90,5 +90,24 @@ def test_heads_command_line(teacher_dir, tmp_path):
     assert load_model(str(out)).head_layers == ["blocks.1", "blocks.2"]
     bad = subprocess.run(cmd[:-4] + ["--head-layers", "conv9", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: head layer 'conv9'") and "Traceback" not in bad.stderr
+    lines = bad.stderr.strip().splitlines()  # the teacher's input contract is printed first, then the one error
+    assert bad.returncode == 2 and lines[-1].startswith("error: head layer 'conv9'") and "Traceback" not in bad.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_heads_refuse_a_teacher_mapped_onto_other_classes():
+    """Heads answer over the net's own classes; on a class-mapped teacher they would store ids outside the data's."""
+    import pytest as _pytest
+
+    from kdlib.errors import ModelError
+    from kdlib.heads import attach_heads
+    from kdlib.models import Classifier, build_model
+
+    base = build_model("resnet8", 4, 1, [0.5], [0.25])
+    mapped = Classifier(base.net, arch="resnet8", num_classes=4, in_channels=1, mean=[0.5], std=[0.25],
+                        net_channels=base.net_channels, class_index=[2, 0])
+    assert mapped.num_classes == 2
+    with _pytest.raises(ModelError, match="class-map"):
+        attach_heads(mapped, None, 28)
+    assert attach_heads(base, None, 28).num_classes == 4  # unmapped: fine
