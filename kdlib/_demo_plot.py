@@ -36,6 +36,7 @@ def save_demo_plot(result: dict, path: str | Path) -> Path | None:
     ax.set(xlabel="student training seconds (2-core CPU; start-up and evaluations not counted)",
            ylabel="test top-1 (after each epoch)",
            title=f"Fashion-MNIST, {s['limit']} training images, {s['epochs']} epochs per student")
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
     fig.tight_layout()

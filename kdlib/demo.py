@@ -117,6 +117,7 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
                        "--epochs", str(s.teacher_epochs), *batch, "--no-eval", "--out", teacher], log)
     _, t_pre = _run(["precompute", "--teacher", teacher, *common, "--recipe", recipe,
                      "--epochs", str(s.stored_epochs), "--out", shards], log)
+    t_train, t_pre = round(t_train, 1), round(t_pre, 1)  # the table, the JSON and the picture show the same numbers
     verify, t_verify = _run(["verify", "--shards", shards, "--teacher", teacher, "--views", str(s.verify_views)], log)
 
     # 2. Students from the one store (no teacher in memory); 3. online KD; 4. labels only.
