@@ -80,6 +80,15 @@ def _last_json(text: str) -> dict:
     return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
 
+def _verify_summary(text: str) -> dict:
+    """The headline of `kdlib verify`'s JSON report (top-1 agreement, logit error, ok)."""
+    try:
+        report = json.loads(text[text.index("{"):])
+    except ValueError:
+        return {"output": text.strip()[-500:]}
+    return {k: report.get(k) for k in ("views", "top1_agreement", "max_logit_error", "ok")}
+
+
 def _metrics(run: str) -> tuple[list[dict], dict | None]:
     """Per-epoch records and the final evaluation of a run's metrics.jsonl."""
     recs = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -148,12 +157,12 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
 
     teacher_top1 = next(r["teacher_top1"] for r in runs if r.get("teacher_top1") is not None)
     online = next(r for r in runs if r["kind"] == "online")
-    table = _table(s, runs, teacher_top1, t_train, t_pre, online)
+    table = _table(s, runs, teacher_top1, t_train, t_pre, online, _verify_summary(verify))
     total = time.time() - t_start
     print("\n" + table)
     result = {"settings": asdict(s), "recipe": RECIPE, "teacher": {"arch": s.teacher, "top1": teacher_top1,
               "train_s": round(t_train, 1), "precompute_s": round(t_pre, 1), "verify_s": round(t_verify, 1),
-              "verify": verify.strip().splitlines()[-1] if verify.strip() else ""},
+              "verify": _verify_summary(verify)},
               "students": runs, "total_s": round(total, 1), "load_average": list(os.getloadavg()), "steps": log}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.md").write_text(table + "\n")
@@ -166,7 +175,8 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
     return result
 
 
-def _table(s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t_pre: float, online: dict) -> str:
+def _table(s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t_pre: float, online: dict,
+           verify: dict) -> str:
     n_test = runs[0]["test_images"]
     lines = [f"Fashion-MNIST, first {s.limit} training images, {s.epochs} student epochs ({s.stored_epochs} stored "
              f"epochs, cycled), recipe {RECIPE}; test top-1 and agreement with the teacher on the first {n_test} "
@@ -184,8 +194,12 @@ def _table(s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t
     best = max(cached, key=lambda r: r["top1"])
     verdict = ("beats" if best["top1"] > ce["top1"] else "does NOT beat") + " CE on labels"
     lines += ["", f"Best student from the store ({best['loss'].upper()}): {best['top1']:.4f} top-1, {verdict} "
-              f"({ce['top1']:.4f}, {100 * (best['top1'] - ce['top1']):+.2f} points). "
+              f"({ce['top1']:.4f}, {100 * (best['top1'] - ce['top1']):+.2f} points); every student from the store "
+              f"against CE: " + ", ".join(f"{r['loss'].upper()} {100 * (r['top1'] - ce['top1']):+.2f} points"
+                                         for r in cached) + ". "
               f"Each student from the store costs {cached[0]['train_s']:.0f} s against {online['train_s']:.0f} s online "
               f"(the teacher's {t_pre:.0f} s precompute is paid once, for all of them; the {t_train:.0f} s of its "
-              f"training are paid by online KD too)."]
+              f"training are paid by online KD too).",
+              f"`kdlib verify`: top-1 agreement {verify.get('top1_agreement')} over {verify.get('views')} re-rendered "
+              f"stored views, max logit error {verify.get('max_logit_error') or 0:.2g}, ok: {verify.get('ok')}."]
     return "\n".join(lines)
