@@ -264,7 +264,7 @@ def inspect(shards: str, as_json: bool, temperature: float, loss: str, gamma: fl
 @click.option("--shards", default="shards/demo", help="Where the demo's store goes.")
 @click.option("--quick", is_flag=True, help="A tiny version (a few hundred images), for a smoke test.")
 def demo(out: str, shards: str, quick: bool) -> None:
-    """The whole pipeline on Fashion-MNIST, ending with a table of accuracies."""
+    """The teacher paid once, several students from its one store, online KD and CE beside them: a table and a picture."""
     from .demo import run_demo
 
     run_demo(out, shards, quick)
