@@ -225,7 +225,8 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
     batches = [Batch(e, a, b) for e in range(cfg.epochs) for a, b in ranges]
     items = iter(Feed(ViewBatches(source, batches, recipe.size, g, PlanParams(recipe, sizes)), device, cfg.workers))
     for epoch in range(cfg.epochs):
-        loss_sum, correct, seen = 0.0, np.zeros(model.num_heads), 0
+        # summed on the device and read once per epoch: no host sync per step
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros(model.num_heads, device=device), 0
         for item in (next(items) for _ in ranges):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_at(step, total, cfg.warmup)
@@ -239,12 +240,13 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(target)
+            loss_sum += loss.detach() * len(target)
             own = target.argmax(1)
-            correct += np.array([float((z.argmax(1) == own).sum()) for z in logits])
+            correct += torch.stack([(z.argmax(1) == own).sum() for z in logits])
             seen += len(target)
-        log.append({"epoch": epoch, "loss": loss_sum / max(seen, 1),
-                    "train_top1": dict(zip(model.head_layers, (correct / max(seen, 1)).round(6).tolist()))})
+        correct_np = correct.cpu().numpy().astype(np.float64)
+        log.append({"epoch": epoch, "loss": float(loss_sum) / max(seen, 1),
+                    "train_top1": dict(zip(model.head_layers, (correct_np / max(seen, 1)).round(6).tolist()))})
         print(f"heads epoch {epoch}: loss {log[-1]['loss']:.4f}, train top-1 per head {log[-1]['train_top1']}")
 
     after = backbone_digest(model)
