@@ -430,6 +430,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             rec["eval"] = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets), recipe.size,
                                          recipe.center_fraction, cfg.shards, cfg.workers, accelerator=accelerator)
         if accelerator.is_main_process:
+            if n < steps_per_epoch:  # resumed mid-epoch: the epoch's loss is over all its steps, as logged
+                losses = [r["loss"] for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())
+                          if r["epoch"] == epoch]
+                rec["loss"] = sum(losses) / max(len(losses), 1)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"

@@ -111,3 +111,7 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(store_dir, tmp_path)
     resumed_steps = _lines(out / "steps.jsonl")
     assert [s["step"] for s in resumed_steps] == list(range(1, steps_total + 1))  # no step logged twice
     assert [s["views"] for s in resumed_steps] == [s["views"] for s in full_steps]
+    # an epoch resumed mid-way reports the loss over all its steps, as the uninterrupted run does
+    full_loss = {r["epoch"]: r["loss"] for r in _lines(tmp_path / "full/metrics.jsonl") if "epoch" in r}
+    resumed_loss = {r["epoch"]: r["loss"] for r in _lines(out / "metrics.jsonl") if "epoch" in r}
+    assert resumed_loss and all(resumed_loss[e] == full_loss[e] for e in resumed_loss), (resumed_loss, full_loss)
