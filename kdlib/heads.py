@@ -31,15 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
 from ._layers import LayerTaps, resolve_layers, stage_layers
 from .errors import ConfigError, ModelError
 from .losses import mixed_label_targets, soft_cross_entropy
-from .models import (WEIGHTS_NAME, Classifier, _digest_state, build_model, load_model, resolve_model, save_model,
-                     weights_digest)
+from .models import (WEIGHTS_NAME, Classifier, _digest_state, build_model, load_run_weights, resolve_model,
+                     save_model, weights_digest)
 
 __all__ = ["HeadedClassifier", "HeadsConfig", "attach_heads", "backbone_digest", "fit_heads", "load_headed_run",
            "head_names"]
@@ -142,16 +141,7 @@ def load_headed_run(path: str | Path, cfg: Mapping[str, Any]) -> HeadedClassifie
     base = build_model(cfg["arch"], cfg["num_classes"], cfg["in_channels"], cfg["mean"], cfg["std"])
     model = HeadedClassifier(base, spec["layers"], spec["input_size"])
     w_path = path / WEIGHTS_NAME
-    try:
-        state = safetensors.torch.load_file(str(w_path))
-    except Exception as e:
-        raise ModelError(f"cannot read {w_path}: {e}") from e
-    if "weights_digest" in cfg and _digest_state(state) != cfg["weights_digest"]:
-        raise ModelError(f"{w_path}: weights do not match the digest in config.json (corrupt file?)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"{w_path} does not fit {cfg['arch']} with heads on {spec['layers']}: {e}") from e
+    load_run_weights(model, w_path, cfg, f"{cfg['arch']} with heads on {spec['layers']}")
     if spec.get("backbone_digest") and backbone_digest(model) != spec["backbone_digest"]:
         raise ModelError(f"{w_path}: backbone weights differ from the backbone_digest in config.json")
     classes = cfg.get("classes")  # so that a folder in another order is mapped by name, not by position

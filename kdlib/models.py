@@ -588,6 +588,12 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
     if cfg.get("net_channels", model.net_channels) != model.net_channels:
         raise ModelError(f"{path}: saved net_channels={cfg['net_channels']}, "
                          f"{cfg['arch']} now builds with {model.net_channels}")
+    load_run_weights(model, w_path, cfg, str(cfg["arch"]))
+    return model
+
+
+def load_run_weights(model: nn.Module, w_path: Path, cfg: Mapping, what: str) -> None:
+    """A run dir's model.safetensors into `model`, checked against the digest its config.json recorded."""
     try:
         state = safetensors.torch.load_file(str(w_path))
     except Exception as e:
@@ -597,8 +603,7 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelError(f"{w_path} does not fit {cfg['arch']}: {e}") from e
-    return model
+        raise ModelError(f"{w_path} does not fit {what}: {e}") from e
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -46,7 +46,7 @@ from .models import Classifier, resolve_model, save_model
 from .plan import views_per_epoch
 from .recipe import Recipe, load_recipe
 from .softlabel import reconstruct
-from .source import Source, open_source
+from .source import open_source
 from .store import ChunkCache, Store, decoded, open_store, open_store_source
 from .teacher import check_precision, prepare_model, teacher_logits
 from .views import Batch, PlanParams, ViewBatches, rank_slice, split_range
