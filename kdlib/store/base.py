@@ -289,39 +289,19 @@ class Store:
     def write_test(self, arrays: Chunk, source: dict[str, Any]) -> None:
         fields = self.meta.label_fields
         cols = {k: np.ascontiguousarray(arrays[k], dtype=dt) for k, (dt, _) in fields.items()}
-        self._write_named("test", cols)
-        record = {"crc32": {k: crc32(a) for k, a in cols.items()}, "views": len(cols["lse"])}
-        self._put_atomic("commits/test.json", json.dumps(record).encode())
+        self._write_set("test", cols)
         self.write_meta(self.meta.replace(test={"source": source, "views": len(cols["lse"])}))
 
     def read_test(self) -> Chunk | None:
         if self.meta.test is None:
             return None
-        rel = "commits/test.json"
-        try:
-            record = json.loads(self.fs.cat_file(self._path(rel)))
-        except FileNotFoundError:
-            raise CorruptStoreError(f"{self.url}: meta.json lists test predictions but {rel} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptStoreError(f"{self.url}: commit record {rel} is corrupt: {exc}") from exc
-        self._check_record(record, rel, f"{self.url} test predictions", {"views": self.meta.test.get("views")},
-                           self.meta.label_fields)
-        fields = self.meta.label_fields
-        try:
-            cols = self._read_named("test", fields, record["views"])
-        except Exception as exc:
-            raise CorruptStoreError(f"{self.url} test predictions are corrupt ({type(exc).__name__}: {exc})") from exc
-        for name, a in cols.items():
-            if crc32(a) != record["crc32"][name]:
-                raise CorruptStoreError(f"{self.url} test predictions: checksum mismatch in column {name!r}")
-        return cols
+        return self._read_set("test", self.meta.label_fields, self.meta.test.get("views"), "test predictions")
 
     # -- a sample of rendered views (verify measures pixel parity against it) ---------------
     def write_pixels(self, views: np.ndarray, epoch: int, start: int) -> None:
         """Keep rendered views [start, start + len(views)) of `epoch` as the renderer made them."""
         views = np.ascontiguousarray(views, dtype=np.uint8)
-        self._write_named("pixels", {"views": views})
-        self._put_atomic("commits/pixels.json", json.dumps({"crc32": crc32(views)}).encode())
+        self._write_set("pixels", {"views": views})
         info = {"epoch": epoch, "start": start, "views": len(views), "shape": list(views.shape[1:])}
         self.write_meta(self.meta.replace(render={**self.meta.rendered, "pixels": info}))
 
@@ -330,14 +310,33 @@ class Store:
         info = (self.meta.render or {}).get("pixels")
         if not info:
             return None
+        fields = {"views": ("uint8", tuple(info["shape"]))}
+        return info, self._read_set("pixels", fields, info["views"], "pixel sample")["views"]
+
+    # -- named sets (test predictions, pixel sample): arrays outside the epochs, with a commit record --
+    def _write_set(self, name: str, cols: Chunk) -> None:
+        self._write_named(name, cols)
+        record = {"crc32": {k: crc32(a) for k, a in cols.items()}, "views": len(next(iter(cols.values())))}
+        self._put_atomic(f"commits/{name}.json", json.dumps(record).encode())
+
+    def _read_set(self, name: str, fields: dict, views: Any, what: str) -> Chunk:
+        """The set's columns, checked against its commit record (which meta.json says exists)."""
+        rel, where = f"commits/{name}.json", f"{self.url} {what}"
         try:
-            record = json.loads(self.fs.cat_file(self._path("commits/pixels.json")))
-            views = self._read_named("pixels", {"views": ("uint8", tuple(info["shape"]))}, info["views"])["views"]
+            record = json.loads(self.fs.cat_file(self._path(rel)))
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{self.url}: meta.json lists the {what} but {rel} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptStoreError(f"{self.url}: commit record {rel} is corrupt: {exc}") from exc
+        self._check_record(record, rel, where, {"views": views}, fields)
+        try:
+            cols = self._read_named(name, fields, record["views"])
         except Exception as exc:
-            raise CorruptStoreError(f"{self.url} pixel sample is corrupt ({type(exc).__name__}: {exc})") from exc
-        if crc32(views) != record.get("crc32"):
-            raise CorruptStoreError(f"{self.url} pixel sample: checksum mismatch")
-        return info, views
+            raise CorruptStoreError(f"{where} are corrupt ({type(exc).__name__}: {exc})") from exc
+        for col, a in cols.items():
+            if crc32(a) != record["crc32"][col]:
+                raise CorruptStoreError(f"{where}: checksum mismatch in column {col!r}")
+        return cols
 
     # -- what a backend implements --------------------------------------------------------
     def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
