@@ -561,28 +561,22 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
          for d in sets}, TARGETS["cached"], "cached_vs_bare", ratio)
     row("online train (teacher in memory), steady views/s",
         {d: med([x["steady_views_per_s"] for x in get(d, "online")]) for d in sets}, key="online_steady")
-    row("cached / online, measured speed-up",
-        {d: med(per_round(get(d, "cached"), get(d, "online"),
-                          lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},
-        key="cached_over_online", fmt=speed)
-    eff = {}
-    for d in sets:
-        c, o = get(d, "cached"), get(d, "online")
-        eff[d] = med([x["steady_views_per_s"] / y["steady_views_per_s"] / b["ideal_speedup"]
-                      for x, y, b in zip(c, o, bare)]) if c and o and bare else None
-    row("(cached / online) / ideal", eff, TARGETS["online_eff"], "online_efficiency", ratio)
-    row("competitor: online KD, torchvision ImageFolder loader, steady views/s",
-        {d: med([x["steady_views_per_s"] for x in get(d, "competitor")]) for d in sets}, key="competitor_steady")
-    row("cached / competitor, measured speed-up",
-        {d: med(per_round(get(d, "cached"), get(d, "competitor"),
-                          lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},
-        key="cached_over_competitor", fmt=speed)
-    eff = {}
-    for d in sets:
-        c, o = get(d, "cached"), get(d, "competitor")
-        eff[d] = med([x["steady_views_per_s"] / y["steady_views_per_s"] / b["ideal_speedup"]
-                      for x, y, b in zip(c, o, bare)]) if c and o and bare else None
-    row("(cached / competitor) / ideal", eff, TARGETS["competitor_eff"], "competitor_efficiency", ratio)
+    for base, label in (("online", "online"), ("competitor", "competitor")):
+        if base == "competitor":
+            row("competitor: online KD, torchvision ImageFolder loader, steady views/s",
+                {d: med([x["steady_views_per_s"] for x in get(d, "competitor")]) for d in sets},
+                key="competitor_steady")
+        row(f"cached / {label}, measured speed-up",
+            {d: med(per_round(get(d, "cached"), get(d, base),
+                              lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},
+            key=f"cached_over_{base}", fmt=speed)
+        eff = {}
+        for d in sets:
+            c, o = get(d, "cached"), get(d, base)
+            eff[d] = med([x["steady_views_per_s"] / y["steady_views_per_s"] / b["ideal_speedup"]
+                          for x, y, b in zip(c, o, bare)]) if c and o and bare else None
+        row(f"(cached / {label}) / ideal", eff, TARGETS[f"{base}_eff"],
+            "online_efficiency" if base == "online" else "competitor_efficiency", ratio)
     for name in ("cached", "online"):
         row(f"{name} train: whole epoch / steady, epochs after the first",
             {d: med([x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None

@@ -1,12 +1,12 @@
 """Render: the one function that turns view params and decoded images into pixels.
 
-Precompute, train, verify and eval all call `render`, so for the same params and source bytes
+Precompute, train, verify and eval all call `render_decoded`, so for the same params and source bytes
 the teacher and the student see identical uint8 tensors. It is split in two halves so that
 each runs where it is cheapest:
 
 - `decode_batch` (DataLoader workers, CPU): decode each distinct image of a batch once and
   stack same-shape images; nothing is resized here.
-- `render` (wherever the tensors are: the accelerator in the main process, or the CPU):
+- `render_decoded` (wherever the tensors are: the accelerator in the main process, or the CPU):
   cut every crop of the batch with torchvision's `roi_align` (bilinear, adaptive sampling
   that averages when a crop is shrunk) in one vectorised call per image shape, flip, and mix
   in float32 on the unrounded crops; round to uint8 once.
@@ -23,7 +23,7 @@ pixel centres consistent). It changes pixels, so the decoder is recorded in the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 
 from .plan import MIX_CUTMIX, MIX_MIXUP
 
-__all__ = ["RENDERER", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors", "render",
+__all__ = ["RENDERER", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors",
            "render_decoded", "render_views"]
 
 RENDERER = "roi_align-1"  # the crop-resize + mix arithmetic; bump if it changes pixels
@@ -148,16 +148,6 @@ def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) 
     for index, values in mixed:
         crops.index_copy_(0, index, values)
     return crops.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def render(params: dict[str, np.ndarray], images: Sequence[np.ndarray], size: int, group_size: int) -> torch.Tensor:
-    """Views as uint8 [V, C, size, size] on the CPU; `images[j]` is the decoded image of view j
-    (views of one image may share one array, which is then stacked once)."""
-    index: dict[int, int] = {}
-    decode_of = [index.setdefault(id(a), len(index)) for a in images]
-    arrays = {index[id(a)]: a for a in images}
-    remapped = {**params, "image": np.asarray(decode_of, np.int64)}
-    return render_decoded(param_tensors(params, group_size), decode_batch(remapped, arrays.__getitem__), size)
 
 
 def render_views(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int,

@@ -8,7 +8,7 @@ import torch
 
 from kdlib.plan import MIX_CUTMIX, MIX_MIXUP, PARAM_FIELDS, center_params, make_plan
 from kdlib.recipe import Recipe
-from kdlib.render import render, render_views
+from kdlib.render import render_views
 from kdlib.source import Source, open_source
 from kdlib.store import open_store_source
 from kdlib.feed import Feed
@@ -243,5 +243,5 @@ def test_rgb_imagefolder_mixed_sizes(rgb_folder):
     plain = {**params, "mix": np.zeros_like(params["mix"])}
     unmixed = render_views(plain, src.decode, r.size, r.group_size)
     for j in range(16):
-        alone = render({k: a[j:j + 1] for k, a in plain.items()}, [src.decode(int(params["image"][j]))], r.size, 1)
+        alone = render_views({k: a[j:j + 1] for k, a in plain.items()}, src.decode, r.size, 1)
         assert torch.equal(unmixed[j], alone[0]), j
