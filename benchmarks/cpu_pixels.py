@@ -6,8 +6,11 @@ pipelines, measured side by side on one thread in one run (issue 10).
 
 Rows (each the median over --rounds of a pass over --views views, ms per view):
 - a worker's share when rendering on the device: read the params and decode (`ViewBatches` item, no render);
-- kdlib's CPU-only path: decode + render (roi_align cut, flip, MixUp on --mix-prob of views, round to uint8),
-  with each part timed alone too, and with `--decode pil-draft`;
+- kdlib's CPU-only path, as a DataLoader worker runs it for new stores (renderer pil-bilinear-1: decode with
+  Pillow, Pillow's resample of each box, flip, MixUp on --mix-prob of views), also with `--decode pil-draft`;
+- the same renderer's batched integer implementation (what the accelerator runs), here on the CPU;
+- the older renderer roi_align-1 (stores written before pil-bilinear-1): decode + roi_align cut + flip / mix /
+  round in float32, each part timed alone too;
 - torchvision's standard PIL pipeline: open + RGB + RandomResizedCrop(224) + RandomHorizontalFlip + PILToTensor;
 - torchvision v2 on uint8 tensors: decode_jpeg + RandomResizedCrop(224, antialias) + flip.
 Crops are drawn from the same law in both (inception crop, scale 0.08-1) but not the same boxes.
@@ -52,7 +55,7 @@ def main() -> None:
 
     from kdlib.plan import make_plan
     from kdlib.recipe import Recipe
-    from kdlib.render import _crop_resize, _flip_mix_round, decode_batch, param_tensors, render_decoded
+    from kdlib.render import _crop_resize, _flip_mix_round, decode_batch, param_tensors, render_decoded, render_pil
     from kdlib.source import open_source
     from kdlib.views import Batch, FixedParams, ViewBatches
 
@@ -77,17 +80,22 @@ def main() -> None:
     tv_pil = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.PILToTensor()])
     tv_v2 = v2.Compose([v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip()])
     dec = decode_batch(p, src.decode, r.size)
-    pt = param_tensors(p, r.group_size)
-    crops = _crop_resize(pt["box"], dec, r.size)
+    old = "roi_align-1"
+    pt_old = param_tensors(p, dec, r.size, r.group_size, old)
+    crops = _crop_resize(pt_old["box"], dec, r.size)
     fns = {
-        "worker share, render on device (params + decode)": lambda: ds[0],
+        "worker share, render on device (params + decode + taps)": lambda: ds[0],
+        "kdlib CPU path: decode + render (pil-bilinear-1, in a worker)": lambda: render_pil(
+            p, src.decode_image, r.size, r.group_size),
+        "kdlib CPU path, pil-draft": lambda: render_pil(p, src.decode_image, r.size, r.group_size, draft=True),
+        "pil-bilinear-1 as the accelerator runs it (batched integer taps), on the CPU": lambda: render_decoded(
+            param_tensors(p, dec, r.size, r.group_size), dec, r.size),
         "decode (PIL, full)": lambda: decode_batch(p, src.decode, r.size),
         "decode (pil-draft)": lambda: decode_batch(p, src.decode, r.size, src.decode_draft),
-        "cut (roi_align, float32)": lambda: _crop_resize(pt["box"], dec, r.size),
-        "flip + mix + round": lambda: _flip_mix_round(pt, crops.clone(), r.size),
-        "kdlib CPU path (decode + render)": lambda: render_decoded(pt, decode_batch(p, src.decode, r.size), r.size),
-        "kdlib CPU path, pil-draft": lambda: render_decoded(
-            pt, decode_batch(p, src.decode, r.size, src.decode_draft), r.size),
+        "roi_align-1: cut (roi_align, float32)": lambda: _crop_resize(pt_old["box"], dec, r.size),
+        "roi_align-1: flip + mix + round": lambda: _flip_mix_round(pt_old, crops.clone(), r.size),
+        "roi_align-1: decode + render": lambda: render_decoded(
+            pt_old, decode_batch(p, src.decode, r.size), r.size, old),
         "torchvision PIL: RandomResizedCrop + flip": lambda: [
             tv_pil(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[:v]],
         "torchvision v2 uint8: decode_jpeg + RandomResizedCrop + flip": lambda: [

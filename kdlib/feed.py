@@ -9,7 +9,9 @@ into views. Where it runs is one decision, made here and recorded in a store:
 - `workers` (the default on a CPU-only machine with workers): each worker renders its batch, so
   rendering runs in parallel with the model instead of in front of it.
 
-Both call the same `render_decoded`; on one kind of device they give identical uint8 views.
+Both make the same bytes: the store's renderer (`kdlib.render`) decides the arithmetic, and on a
+CPU both places run Pillow's C resample for `pil-bilinear-1` (the batched integer taps of
+`render_decoded` are for accelerators, where they give the same bytes).
 The feed keeps one batch ready ahead of the one the model is working on (on CUDA its copy and
 render run on a side stream, so they overlap the model's kernels), and one iterator (one set of
 workers) lives for the whole run.
@@ -24,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .errors import ConfigError
-from .render import render_decoded
+from .render import pillow_agrees, render_decoded, render_decoded_pil
 from .views import ViewBatches
 
 __all__ = ["RENDER_PLACES", "render_place", "render_device", "Feed"]
@@ -96,7 +98,15 @@ class Feed:
         item = _to(item, self.device)
         item["image_cpu"] = image
         if "decoded" in item:
-            item["views"] = render_decoded(item.pop("render"), item.pop("decoded"), self.data.size)
+            data = self.data
+            # the DataLoader turned the numpy params into tensors (default_convert); Pillow's path wants numpy
+            params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.pop("params").items()}
+            if self.device.type == "cpu" and data.renderer == "pil-bilinear-1" and pillow_agrees():
+                # on a CPU Pillow's C resample is the fast way to the same bytes (the batched taps are for accelerators)
+                item["views"] = render_decoded_pil(params, item.pop("decoded"), data.size, data.group_size, data.draft)
+                item.pop("render")
+            else:
+                item["views"] = render_decoded(item.pop("render"), item.pop("decoded"), data.size, data.renderer)
         return item
 
     def _hand_over(self, item: dict[str, Any], done: Any) -> dict[str, Any]:

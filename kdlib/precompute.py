@@ -30,7 +30,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from . import __version__
 from ._dist import process_state
 from .contract import parse_floats, size_note
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
 from .feed import Feed, render_device
 from .models import Classifier, model_id, resolve_model, weights_digest
@@ -132,7 +132,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
-        render={"device": render_device(cfg.render, device, cfg.workers), "decoder": cfg.decode, "renderer": RENDERER},
+        render={"device": render_device(cfg.render, device, cfg.workers), "decoder": cfg.decode,
+                "renderer": (renderer := _renderer_of(cfg.out))},
         kdlib_version=__version__, **extras)
     batch = _round_to_groups(cfg.batch_size, g, "batch_size")
 
@@ -160,8 +161,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         if done[epoch]:  # on every rank, so that all of them refuse together
             store.check_plan(epoch, plan.epoch(epoch), done[epoch])  # a resumed epoch must not mix two plans
     batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
-    feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft"), device,
-                cfg.workers, cfg.render)
+    feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft", renderer=renderer),
+                device, cfg.workers, cfg.render)
     items = iter(feed)
     for epoch in epochs:
         if todo[epoch]:
@@ -179,6 +180,14 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         _store_test_predictions(store, teacher, precision, cfg, recipe, device, batch)
     state.wait_for_everyone()
     return open_store(cfg.out)
+
+
+def _renderer_of(url: str) -> str:
+    """The renderer of the store being resumed at `url` (its pixels must not change), else the current one."""
+    try:
+        return Store.read_meta(url).rendered["renderer"]
+    except StoreError:  # none there yet; an unreadable one is refused by create_store with its reason
+        return RENDERER
 
 
 def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterator[dict[str, Any]],

@@ -102,6 +102,12 @@ class Source(abc.ABC):
         scaling), and the scale actually applied; by default the full image and 1."""
         return self.decode(i), 1
 
+    def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
+        """The pixels of ``decode_draft(i, scale)`` as a PIL image (mode L or RGB), and the scale
+        applied: what a worker's Pillow renderer reads."""
+        pixels, applied = self.decode_draft(i, scale) if scale > 1 else (self.decode(i), 1)
+        return Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0)), applied
+
     def _sizes_head(self, n: int) -> np.ndarray:
         """Sizes of the first ``n`` ids (a limited view need not read every header)."""
         return self.sizes()[:n]
@@ -370,16 +376,19 @@ def _read_sizes(paths: list[str]) -> np.ndarray:
     return sizes
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """uint8 HWC RGB; 16-bit and 32-bit integer images are scaled, not clipped, to 8 bits."""
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image, loaded; 16-bit and 32-bit integer images are scaled, not clipped, to 8 bits."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(im).astype(np.int64)
         if im.mode == "I" and (a.min() < 0 or a.max() > 65535):
             raise SourceError(f"32-bit integer pixels outside 0..65535 (mode {im.mode})")
         # PNG 16-bit samples are 0..65535: v * 255 / 65535, rounded (65535 -> 255, 257 -> 1)
         a = ((a * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+        return Image.fromarray(np.repeat(a[:, :, None], 3, axis=2))
+    if im.mode == "RGB":
+        im.load()  # decoded now, while the file is open; no copy
+        return im
+    return im.convert("RGB")
 
 
 def _listing(root: str, classes: list[str]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
@@ -533,25 +542,23 @@ class ImageFolderSource(Source):
         return self._labels.copy()
 
     def decode(self, i: int) -> np.ndarray:
-        path = self._path(self._check_id(i))
-        try:
-            with Image.open(path) as im:
-                rgb = _to_rgb(im)
-        except Exception as e:  # see _read_sizes
-            raise SourceError(f"cannot decode image {path}: {e!r}") from e
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.asarray(self.decode_image(i)[0]).transpose(2, 0, 1))
 
     def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
+        im, applied = self.decode_image(i, scale)
+        return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)), applied
+
+    def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
         path = self._path(self._check_id(i))
         try:
             with Image.open(path) as im:
                 width = im.size[0]
-                drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale))  # None: not a JPEG
-                rgb = np.asarray(im.convert("RGB"))
+                # JPEG's DCT-domain downscale (None: not a JPEG, or no scale asked)
+                drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale)) if scale > 1 else None
+                rgb = _to_rgb(im)
         except Exception as e:  # see _read_sizes
             raise SourceError(f"cannot decode image {path}: {e!r}") from e
-        applied = 1 if drafted is None else round(width / drafted[1][2])
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1)), applied
+        return rgb, 1 if drafted is None else round(width / drafted[1][2])
 
     def _content(self, i: int) -> bytes:
         # The encoded file, not decoded pixels: a JPEG decoder update must not change the fingerprint.
@@ -626,6 +633,9 @@ class LimitedSource(Source):
 
     def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
         return self.source.decode_draft(self._check_id(i), scale)
+
+    def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
+        return self.source.decode_image(self._check_id(i), scale)
 
     def _content(self, i: int) -> bytes:
         return self.source._content(i)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .extras import item_columns
 from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
 from .recipe import Recipe
-from .render import decode_batch, param_tensors, render_decoded
+from .render import RENDERER, check_renderer, decode_batch, param_tensors, pillow_agrees, render_decoded, render_pil
 from .source import Source
 
 __all__ = ["Batch", "ParamReader", "PlanParams", "FixedParams", "ViewBatches", "split_range", "rank_slice"]
@@ -89,12 +89,13 @@ class ViewBatches(Dataset):
     """Item i: batch `batches[i]`: its params, decoded images, labels (and stored soft labels).
 
     With `render=True` the worker also renders the views (`item["views"]`, uint8 on the CPU):
-    the CPU-only path; otherwise `kdlib.feed.Feed` renders them on the model's device."""
+    the CPU-only path; otherwise `kdlib.feed.Feed` renders them on the model's device.
+    `renderer` is the store's when replaying one (`meta.rendered["renderer"]`)."""
 
     def __init__(self, source: Source, batches: list[Batch], size: int, group_size: int, params: ParamReader, *,
-                 render: bool = False, draft: bool = False) -> None:
+                 render: bool = False, draft: bool = False, renderer: str = RENDERER) -> None:
         self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
-        self.params, self.render, self.draft = params, render, draft
+        self.params, self.render, self.draft, self.renderer = params, render, draft, check_renderer(renderer)
         self._labels = source.labels()
 
     def __len__(self) -> int:
@@ -107,11 +108,8 @@ class ViewBatches(Dataset):
         image = p["image"].astype(np.int64)
         group_start = np.arange(len(image)) // self.group_size * self.group_size
         partner_image = image[group_start + p["partner"].astype(np.int64)]
-        draft = self.source.decode_draft if self.draft else None
         out: dict[str, Any] = {
             "index": i, "epoch": epoch, "start": start, "stop": stop,
-            "render": param_tensors(p, self.group_size),
-            "decoded": decode_batch(p, self.source.decode, self.size, draft),
             "label": torch.from_numpy(self._labels[image]),
             "partner_label": torch.from_numpy(self._labels[partner_image]),
             "lam": torch.from_numpy(p["lam"].copy()),
@@ -121,6 +119,13 @@ class ViewBatches(Dataset):
                 a = cols[k]
                 out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
         out.update(item_columns(cols))  # DIH head labels h{j}_*, attention maps at{l} (issue 13)
+        if self.render and self.renderer == "pil-bilinear-1" and pillow_agrees():
+            out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)
+            return out
+        decoded = decode_batch(p, self.source.decode, self.size, self.source.decode_draft if self.draft else None)
+        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer)
         if self.render:
-            out["views"] = render_decoded(out.pop("render"), out.pop("decoded"), self.size)
+            out["views"] = render_decoded(render, decoded, self.size, self.renderer)
+        else:
+            out["render"], out["decoded"], out["params"] = render, decoded, p
         return out

@@ -92,7 +92,7 @@ def test_report_describes_the_store(report, store):
     assert report["k"] == STORE_K and report["num_classes"] == 10 and report["id_dtype"] == "uint8"
     assert report["teacher"] == {"id": m.teacher["id"], "arch": "resnet8", "digest": m.teacher["digest"],
                                  "precision": "fp32"}
-    assert report["rendered"] == {"device": "cpu", "decoder": "pil", "renderer": "roi_align-1"}
+    assert report["rendered"] == {"device": "cpu", "decoder": "pil", "renderer": "pil-bilinear-1"}
     assert report["source"]["fingerprint"] == m.source["fingerprint"] and report["source"]["images"] == LIMIT
     assert report["source"]["limit"] == LIMIT and report["source"]["data"] == "fashion-mnist"
     assert report["recipe"]["group"] == [4, 1] and report["recipe"]["mix"] == "mixup"

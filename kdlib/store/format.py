@@ -82,7 +82,8 @@ class StoreMeta:
     logit_codec: str = "fp16"  # fp16, or q8 (8-bit distances below the top-1 logit)
     param_packing: str = "none"  # none, or packed (uint16 boxes, lambda on a 1/65535 grid)
     test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
-    # what rendered the views: {"device": "cpu"|"cuda", "decoder": "pil"|"pil-draft", "renderer": "roi_align-1"},
+    # what rendered the views: {"device": "cpu"|"cuda", "decoder": "pil"|"pil-draft",
+    # "renderer": "pil-bilinear-1"|"roi_align-1"},
     # and optionally "pixels": {"epoch", "start", "views"} (a sample of rendered views kept for verify)
     render: dict[str, Any] | None = None
     heads: list[str] = field(default_factory=list)  # v2: DIH head layers of the teacher, one label set each
