@@ -336,7 +336,7 @@ def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, gro
     first, last = _band(heights, y0, y1, size)
     top, bottom = y0 - first.astype(np.float32), y1 - first.astype(np.float32)
     channels = len(decoded[ids[0]][0].getbands())
-    out = np.empty((v, size, size, channels), np.uint8)
+    out = np.empty((v, channels, size, size), np.uint8)
     bilinear = Image.Resampling.BILINEAR
     for j, i in enumerate(ids):
         im, a, b = decoded[i][0], int(first[j]), int(last[j])
@@ -345,7 +345,7 @@ def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, gro
         crop = band.resize((size, size), bilinear, box=(0.0, float(top[j]), size, float(bottom[j])))
         if params["flip"][j]:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out[j] = np.asarray(crop).reshape(size, size, channels)
+        out[j] = np.asarray(crop).reshape(size, size, channels).transpose(2, 0, 1)  # HWC -> CHW while in cache
     partner = np.arange(v) // group_size * group_size + params["partner"].astype(np.int64)
     mix = params["mix"].astype(np.int64)
     mixed = []  # mixed views read their partners' unmixed (flipped) crops: compute every mix first, then write
@@ -360,11 +360,11 @@ def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, gro
     for j in np.flatnonzero(mix == MIX_CUTMIX).tolist():
         t, left, h, w = (int(x) for x in params["cutbox"][j])
         m = out[j].copy()
-        m[t:t + h, left:left + w] = out[partner[j], t:t + h, left:left + w]
+        m[:, t:t + h, left:left + w] = out[partner[j], :, t:t + h, left:left + w]
         mixed.append((j, m))
     for j, m in mixed:
         out[j] = m
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(out)
 
 
 def render_decoded_pil(params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int,
