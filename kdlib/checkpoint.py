@@ -260,7 +260,7 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
         from .models import weights_digest
 
         c["online teacher"] = {"spec": cfg.teacher, "digest": weights_digest(targets.teacher),
-                               "precision": targets.precision}
+                               "precision": targets.precision, "contract": targets.teacher.contract.to_dict()}
     else:
         c["online teacher"] = None
     return json.loads(json.dumps(c))  # tuples -> lists, as read back from the checkpoint

@@ -174,6 +174,11 @@ def precompute(**kw) -> None:
               help="Online AT: pool maps to G x G [default 8]; with --shards the store's grid.")
 @MEAN
 @STD
+@click.option("--teacher-weights", default=None, help="Online teacher: weights file for an architecture name.")
+@click.option("--teacher-mean", default=None, help="Online teacher: input mean, as precompute's --mean.")
+@click.option("--teacher-std", default=None, help="Online teacher: input std, as precompute's --std.")
+@CLASS_MAP
+@TRUST_CODE
 @LIMIT
 @WORKERS
 def train(config_file: str | None, **kw) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather
 from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
 from . import __version__
@@ -176,8 +177,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         state.wait_for_everyone()
         store.meta = Store.read_meta(cfg.out)
 
-    if cfg.test and state.is_main_process:
-        _store_test_predictions(store, teacher, precision, cfg, recipe, device, batch)
+    if cfg.test:  # every rank predicts its share of the test split on its device; the main process writes
+        _store_test_predictions(store, teacher, precision, cfg, recipe, state, batch)
     state.wait_for_everyone()
     return open_store(cfg.out)
 
@@ -248,20 +249,38 @@ def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], p
 
 
 def _store_test_predictions(store: Store, teacher: Classifier, precision: str, cfg: PrecomputeConfig, recipe: Recipe,
-                            device: torch.device, batch: int) -> None:
+                            state: PartialState, batch: int) -> None:
     try:
         test = open_source(cfg.data, "test", cfg.limit)
     except Exception as exc:  # a source without a test split still makes a valid store
-        print(f"note: no test split for {cfg.data} ({exc}); eval will not report teacher agreement")
+        if state.is_main_process:
+            print(f"note: no test split for {cfg.data} ({exc}); eval will not report teacher agreement")
         return
     if store.meta.test is not None and store.meta.test["source"]["fingerprint"] == test.fingerprint():
         return
-    params = FixedParams(center_params(test.sizes(), np.arange(len(test)), recipe.center_fraction))
-    batches = [Batch(0, a, b) for a, b in split_range(0, len(test), batch)]
-    feed = Feed(ViewBatches(test, batches, recipe.size, 1, params, draft=cfg.decode == "pil-draft"), device,
-                cfg.workers, cfg.render)
-    parts = []
-    for item in tqdm(feed, desc="teacher on test split", unit="batch"):
-        labels = encode(teacher_logits(teacher, item["views"], device, precision), store.meta.k)
-        parts.append(to_codec(labels, store.meta.logit_codec))
-    store.write_test({k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}, test.describe())
+    n, world, device = len(test), state.num_processes, state.device
+    share = -(-n // world)
+    lo, hi = min(n, state.process_index * share), min(n, (state.process_index + 1) * share)
+    params = FixedParams(center_params(test.sizes(), np.arange(n), recipe.center_fraction))
+    batches = [Batch(0, a, b) for a, b in split_range(lo, hi, batch)]
+    feed = Feed(ViewBatches(test, batches, recipe.size, 1, params, draft=cfg.decode == "pil-draft",
+                            renderer=store.meta.rendered["renderer"]), device, cfg.workers, cfg.render)
+    parts = [encode(teacher_logits(teacher, item["views"], device, precision), store.meta.k)
+             for item in tqdm(feed, desc="teacher on test split", unit="batch", disable=not state.is_local_main_process)]
+    k = min(store.meta.k, store.meta.num_classes)
+    # ids as int64 and values as float32 for the collective (not every backend moves uint16 / fp16);
+    # equal shares, the last one padded, cut back to n after the gather
+    cols = {"ids": torch.zeros((share, k), dtype=torch.int64, device=device),
+            "logits": torch.zeros((share, k), dtype=torch.float32, device=device),
+            "lse": torch.zeros(share, dtype=torch.float32, device=device)}
+    for name, col in cols.items():
+        if parts:
+            mine = torch.cat([p[name] for p in parts])
+            col[: len(mine)] = mine.to(col.dtype)
+        if world > 1:
+            cols[name] = gather(col)
+    if state.is_main_process:
+        labels = {"ids": cols["ids"][:n].to(getattr(torch, store.meta.id_dtype)),
+                  "logits": cols["logits"][:n].to(torch.float16), "lse": cols["lse"][:n]}
+        store.write_test({c: v.cpu().numpy() for c, v in to_codec(labels, store.meta.logit_codec).items()},
+                         test.describe())

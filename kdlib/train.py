@@ -97,6 +97,12 @@ class TrainConfig:
     attention_grid: int | None = None  # online only (default 8); a store's maps say their own grid
     mean: str | None = None  # the student's input contract when --weights do not define one
     std: str | None = None
+    # the online teacher (--teacher), as precompute takes it
+    teacher_weights: str | None = None
+    teacher_mean: str | None = None
+    teacher_std: str | None = None
+    class_map: str | None = None
+    trust_code: bool = False
     overwrite: bool = False  # replace the run files in an existing --out (else a used --out is refused)
 
     def __post_init__(self) -> None:
@@ -132,6 +138,11 @@ class _Targets:
         self.max_stored = cfg.stored_epochs
         self.dih_heads = 0  # --loss dih: heads in the cohort besides the main classifier
         self.teacher: Classifier | None = None
+        online_only = [f"--{k.replace('_', '-')}" for k in ("teacher_weights", "teacher_mean", "teacher_std", "class_map")
+                       if getattr(cfg, k) is not None]
+        if online_only and not cfg.teacher:
+            raise ConfigError(f"{', '.join(online_only)} describe the online --teacher; without one there is nothing "
+                              "to apply them to (a store's teacher is fixed when it is written)")
         if cfg.shards:
             if cfg.teacher:
                 raise ConfigError("give --shards (cached teacher) or --teacher (online), not both")
@@ -157,7 +168,11 @@ class _Targets:
             self.views = views_per_epoch(self.recipe, len(self.source))
             if cfg.teacher:
                 self.teacher = resolve_model(cfg.teacher, classes=self.source.classes,
-                                             in_channels=self.source.channels, data_stats=self.source.mean_std)
+                                             in_channels=self.source.channels, weights=cfg.teacher_weights,
+                                             mean=parse_floats(cfg.teacher_mean, "--teacher-mean"),
+                                             std=parse_floats(cfg.teacher_std, "--teacher-std"),
+                                             class_map=cfg.class_map, data_stats=self.source.mean_std,
+                                             trust_code=cfg.trust_code)
                 self.teacher = prepare_model(self.teacher.eval(), accelerator.device)
                 self.precision = check_precision(cfg.precision, accelerator.device)
                 if cfg.loss == "dih":
@@ -332,7 +347,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         student = resolve_model(cfg.student, classes=targets.num_classes, in_channels=source.channels,
                                 weights=cfg.weights, mean=parse_floats(cfg.mean, "--mean"),
-                                std=parse_floats(cfg.std, "--std"), data_stats=source.mean_std, role="student")
+                                std=parse_floats(cfg.std, "--std"), data_stats=source.mean_std,
+                                trust_code=cfg.trust_code, role="student")
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
     at_term = attention_term(cfg, targets.store, targets.teacher, student)  # 0.0 without --attention-student

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conftest import STORE_EPOCHS
@@ -75,7 +76,12 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
          "--out", str(out)], CPU_ENV)
     from kdlib.store import open_store
 
-    assert open_store(str(out)).content_digest() == store.content_digest()
+    two = open_store(str(out))
+    assert two.content_digest() == store.content_digest()
+    # the test split's teacher predictions: each rank predicted half, gathered and written once
+    mine, ref = two.read_test(), store.read_test()
+    assert ref is not None and mine.keys() == ref.keys()
+    assert all(np.array_equal(mine[k], ref[k]) for k in ref), {k: np.abs(mine[k] - ref[k]).max() for k in ref}
     by_rank = {r: [json.loads(x) for x in (out / f"logs/precompute-rank{r}.jsonl").read_text().splitlines()]
                for r in (0, 1)}
     chunks = {r: {(x["epoch"], x["chunk"]) for x in lines} for r, lines in by_rank.items()}
