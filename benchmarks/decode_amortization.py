@@ -3,8 +3,8 @@
 For each c in --crops, a recipe with `images_per_group=m, crops_per_image=c` is written and the
 real pipeline is run: `kdlib.precompute.precompute` (plan path) then `kdlib.train.train` from the
 store it wrote (store path), both with their DataLoader workers. Every decode made while
-rendering views is counted by wrapping the `decode` that `kdlib.views.ViewBatches` hands to
-`decode_batch` (the counter lives in shared memory, so the workers' decodes count too; decodes
+rendering views is counted by wrapping the decoder that `kdlib.views.ViewBatches` hands to
+`decode_batch` or `render_pil` (the counter lives in shared memory, so the workers' decodes count too; decodes
 made at start-up, e.g. for the source fingerprint and mean/std, are not on the view path and
 are not counted). The time spent inside decode is summed the same way.
 
@@ -31,29 +31,40 @@ COUNTERS: dict[str, "mp.sharedctypes.Synchronized"] = {}
 
 
 def install_counter() -> None:
-    """Wrap kdlib.views.decode_batch so that each decode it makes is counted (in any process)."""
+    """Wrap the two decoding entry points of kdlib.views (`decode_batch` for rendering on the device,
+    `render_pil` for rendering in a worker) so that each decode they make is counted (in any process)."""
     import kdlib.views as views_mod
 
     COUNTERS.update(decodes=mp.Value("q", 0), views=mp.Value("q", 0), calls=mp.Value("q", 0),
                     decode_s=mp.Value("d", 0.0))
-    original = views_mod.decode_batch
 
-    def counting_decode_batch(params, decode, size=None, draft=None):
-        def counted(i):
+    def counting(decode):
+        def counted(*args):
             t0 = time.perf_counter()
-            out = decode(i)
+            out = decode(*args)
             dt = time.perf_counter() - t0
             with COUNTERS["decodes"].get_lock():
                 COUNTERS["decodes"].value += 1
                 COUNTERS["decode_s"].value += dt
             return out
+        return counted
 
+    def count_views(params) -> None:
         with COUNTERS["views"].get_lock():
             COUNTERS["views"].value += len(params["image"])
             COUNTERS["calls"].value += 1
-        return original(params, counted, size, draft)
 
-    views_mod.decode_batch = counting_decode_batch
+    decode_batch, render_pil = views_mod.decode_batch, views_mod.render_pil
+
+    def counting_decode_batch(params, decode, size=None, draft=None):
+        count_views(params)
+        return decode_batch(params, counting(decode), size, draft)
+
+    def counting_render_pil(params, image, size, group_size, draft=False):
+        count_views(params)
+        return render_pil(params, counting(image), size, group_size, draft)
+
+    views_mod.decode_batch, views_mod.render_pil = counting_decode_batch, counting_render_pil
 
 
 def snapshot() -> dict[str, float]:
