@@ -285,3 +285,29 @@ def test_pil_draft_store_is_replayed_with_its_decoder(jpeg_folder, tmp_path):
         precompute(PrecomputeConfig(teacher=teacher, data=jpeg_folder, out=out, recipe=str(recipe), k=2, epochs=2,
                                     chunk_views=8, batch_size=8, workers=0, decode="pil", test=False))
     shutil.rmtree(out)
+
+
+def test_a_resumed_store_keeps_the_renderer_it_was_written_with(store_copy, teacher_dir):
+    """A store written before pil-bilinear-1 (roi_align-1) is extended with roi_align-1, not refused or mixed."""
+    from conftest import CHUNK_VIEWS, LIMIT, STORE_K
+    from kdlib.precompute import PrecomputeConfig, precompute
+
+    _mark(store_copy, renderer="roi_align-1")
+    before = open_store(store_copy)
+    grown = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=store_copy, recipe=FMNIST_RECIPE,
+                                        epochs=before.meta.epochs_done + 1, k=STORE_K, limit=LIMIT,
+                                        chunk_views=CHUNK_VIEWS, workers=0, test=False))
+    assert grown.meta.epochs_done == before.meta.epochs_done + 1
+    assert grown.meta.rendered["renderer"] == "roi_align-1"
+    # the new epoch's views were rendered with roi_align-1: replaying it gives the teacher's stored answers
+    r = Recipe.from_dict(grown.meta.recipe)
+    epoch = before.meta.epochs_done
+    src = open_source("fashion-mnist", "train", LIMIT)
+    cols = grown.read_chunk(epoch, 0)
+    views = _views(ViewBatches(src, [Batch(epoch, 0, 64)], r.size, r.group_size, ChunkCache(grown),
+                               renderer="roi_align-1"), 0, "device")[0][1]
+    from kdlib.models import load_model
+
+    with torch.no_grad():
+        top = load_model(teacher_dir).eval()(views).argmax(1).numpy()
+    assert (top == np.asarray(cols["ids"])[:, 0].astype(np.int64)).all()
