@@ -48,8 +48,8 @@ class Settings:
 
 # Chosen on a validation range of the *training* split (images 55,000-59,999, never trained on), from the
 # fidelity table's evidence (README.md): see README.md "Results" and benchmarks/demo_settings.py.
-DEMO_SETTINGS = Settings(limit=5000, teacher="resnet20x2", teacher_epochs=3, stored_epochs=2, student="resnet8",
-                         epochs=6, losses=("kl", "dist"))
+DEMO_SETTINGS = Settings(limit=4000, teacher="resnet20x2", teacher_epochs=3, stored_epochs=2, student="resnet8",
+                         epochs=4, losses=("kl", "dist"))
 QUICK_SETTINGS = Settings(limit=384, teacher="resnet14", teacher_epochs=1, stored_epochs=1, student="resnet8",
                           epochs=2, losses=("kl", "dist"), verify_views=32)
 
