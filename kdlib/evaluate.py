@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .feed import Feed
 from .models import load_model, resolve_model
 from .plan import center_params
+from .render import RENDERER
 from .source import open_source
 from .store import open_store
 from .teacher import precision_context
@@ -28,7 +29,7 @@ __all__ = ["evaluate", "evaluate_model", "predict"]
 
 def predict(model: torch.nn.Module, source, size: int, center_fraction: float, batch_size: int = 512,
             workers: int = 0, device: torch.device | None = None, accelerator: Any = None,
-            precision: str = "fp32") -> torch.Tensor:
+            precision: str = "fp32", renderer: str = RENDERER) -> torch.Tensor:
     """float32 logits [N, C] of the model on every image's center view.
 
     With an `accelerator` of N processes, each rank predicts a contiguous share of the images on
@@ -43,7 +44,7 @@ def predict(model: torch.nn.Module, source, size: int, center_fraction: float, b
     model.eval()
     out = []
     with torch.inference_mode(), precision_context(precision, device):
-        for item in Feed(ViewBatches(source, batches, size, 1, params), device, workers):
+        for item in Feed(ViewBatches(source, batches, size, 1, params, renderer=renderer), device, workers):
             out.append(model(item["views"]).float())
     classes = out[0].shape[1] if out else int(getattr(model, "num_classes", 0))
     logits = torch.cat(out) if out else torch.zeros((0, classes), device=device)
@@ -91,7 +92,12 @@ def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: f
 
     With an `accelerator`, every rank must call it: each predicts its share on its device."""
     was_training = model.training
-    logits = predict(model, source, size, center_fraction, batch_size, workers, accelerator=accelerator)
+    store = open_store(shards) if shards else None
+    # with a store, the center views are rendered as its teacher's test predictions were, so that agreement
+    # compares answers on the same pixels
+    renderer = store.meta.rendered["renderer"] if store is not None else RENDERER
+    logits = predict(model, source, size, center_fraction, batch_size, workers, accelerator=accelerator,
+                     renderer=renderer)
     model.train(was_training)
     labels = torch.from_numpy(source.labels())
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -100,8 +106,7 @@ def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: f
         "top1": round(float((top5[:, 0] == labels).float().mean()), 6),
         "top5": round(float((top5 == labels[:, None]).any(1).float().mean()), 6),
     }
-    if shards:
-        store = open_store(shards)
+    if store is not None:
         test = store.read_test()
         if test is not None and store.meta.test["source"]["fingerprint"] == source.fingerprint():
             teacher_top1 = torch.from_numpy(test["ids"][:, 0].astype(np.int64))

@@ -95,14 +95,15 @@ class Feed:
 
     def _place(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
+        params = item.pop("params", None)  # host-side numpy params: never copied to the device
         item = _to(item, self.device)
         item["image_cpu"] = image
         if "decoded" in item:
             data = self.data
-            # the DataLoader turned the numpy params into tensors (default_convert); Pillow's path wants numpy
-            params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.pop("params").items()}
             if self.device.type == "cpu" and data.renderer == "pil-bilinear-1" and pillow_agrees():
-                # on a CPU Pillow's C resample is the fast way to the same bytes (the batched taps are for accelerators)
+                # on a CPU Pillow's C resample is the fast way to the same bytes (the batched taps are for
+                # accelerators); the DataLoader turned the numpy params into (CPU) tensors: back to numpy
+                params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
                 item["views"] = render_decoded_pil(params, item.pop("decoded"), data.size, data.group_size, data.draft)
                 item.pop("render")
             else:

@@ -1,7 +1,8 @@
-"""Render: the one function that turns view params and decoded images into pixels.
+"""Render: how view params and decoded images become pixels.
 
-Precompute, train, verify and eval all call `render_decoded`, so for the same params and source bytes
-the teacher and the student see identical uint8 tensors. It is split in two halves so that
+Precompute, train, verify and eval all render through this module (`render_pil` in a worker or on
+a CPU, `render_decoded` on an accelerator), so for the same params and source bytes the teacher
+and the student see identical uint8 tensors. It is split in two halves so that
 each runs where it is cheapest:
 
 - `decode_batch` (DataLoader workers, CPU): decode each distinct image of a batch once and
@@ -165,7 +166,8 @@ def render_decoded(p: dict[str, torch.Tensor], images: Decoded, size: int, rende
 
 
 def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
-    """Flip, mix (in float32, on the unrounded crops) and round to uint8, in place on `crops`."""
+    """Flip, mix (in float32, on the crops as the renderer made them: unrounded for roi_align-1, uint8
+    values for pil-bilinear-1) and round to uint8, in place on `crops`."""
     if len(p["flip"]):
         crops.index_copy_(0, p["flip"], crops.index_select(0, p["flip"]).flip(-1))
     # Mixed views read their partners' unmixed (flipped) crops: compute every mix first, then write.
@@ -292,26 +294,26 @@ def _resample(p: dict[str, torch.Tensor], images: Decoded, size: int) -> torch.T
     """uint8 [V, C, size, size]: the two integer passes of every view, as batched gathers on the
     device of `images` (exact integer arithmetic: the same bytes on a CPU and a GPU)."""
     if len(images.stacks) == 1:
-        return _resample_stack(images.stacks[0].index_select(0, images.slot), *(p[t] for t in _TAPS))
+        return _resample_stack(images.stacks[0], images.slot, *(p[t] for t in _TAPS))
     first = images.stacks[0]
     out = torch.empty((len(images.slot), first.shape[1], size, size), dtype=torch.uint8, device=first.device)
     for stack, views in zip(images.stacks, images.members):
-        img = stack.index_select(0, images.slot.index_select(0, views))
-        out.index_copy_(0, views, _resample_stack(img, *(p[t].index_select(0, views) for t in _TAPS)))
+        out.index_copy_(0, views, _resample_stack(stack, images.slot.index_select(0, views),
+                                                  *(p[t].index_select(0, views) for t in _TAPS)))
     return out
 
 
-def _resample_stack(img: torch.Tensor, rows: torch.Tensor, hidx: torch.Tensor, hw: torch.Tensor,
-                    vidx: torch.Tensor, vw: torch.Tensor) -> torch.Tensor:
-    v, c, _, width = img.shape
-    r, s = rows.shape[1], hidx.shape[1]
+def _resample_stack(stack: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, hidx: torch.Tensor,
+                    hw: torch.Tensor, vidx: torch.Tensor, vw: torch.Tensor) -> torch.Tensor:
+    c = stack.shape[1]
+    v, r, s = len(slot), rows.shape[1], hidx.shape[1]
     half = 1 << (_BITS - 1)
-    band = img.gather(2, rows[:, None, :, None].expand(v, c, r, width))
-    acc = torch.full((v, c, r, s), half, dtype=torch.int32, device=img.device)
+    band = stack[slot[:, None], :, rows].permute(0, 2, 1, 3)  # [V, C, R, W]: only the rows each view reads
+    acc = torch.full((v, c, r, s), half, dtype=torch.int32, device=stack.device)
     for j in range(hidx.shape[2]):
         acc += band.gather(3, hidx[:, None, None, :, j].expand(v, c, r, s)).int() * hw[:, None, None, :, j]
     mid = (acc >> _BITS).clamp_(0, 255)  # each pass is rounded to uint8, as Pillow stores it
-    acc = torch.full((v, c, s, s), half, dtype=torch.int32, device=img.device)
+    acc = torch.full((v, c, s, s), half, dtype=torch.int32, device=stack.device)
     for j in range(vidx.shape[2]):
         acc += mid.gather(2, vidx[:, None, :, j, None].expand(v, c, s, s)) * vw[:, None, :, j, None]
     return (acc >> _BITS).clamp_(0, 255).to(torch.uint8)

@@ -311,3 +311,29 @@ def test_a_resumed_store_keeps_the_renderer_it_was_written_with(store_copy, teac
     with torch.no_grad():
         top = load_model(teacher_dir).eval()(views).argmax(1).numpy()
     assert (top == np.asarray(cols["ids"])[:, 0].astype(np.int64)).all()
+
+
+def test_accelerator_path_keeps_host_params_on_the_host(train_source):
+    """On a non-CPU device the feed renders with the batched taps and never moves the host-side numpy params
+    (a 'meta' device stands in for CUDA here: every op runs, no data)."""
+    r = Recipe(mix="both", images_per_group=2, crops_per_image=2, size=20, mix_prob=0.7)
+    ds = ViewBatches(train_source, [Batch(0, 0, 16), Batch(1, 16, 32)], r.size, r.group_size,
+                     PlanParams(r, train_source.sizes()))
+    items = list(Feed(ds, torch.device("meta"), 0, "device"))
+    assert [it["views"].shape for it in items] == [(16, 1, 20, 20)] * 2
+    assert all(it["views"].device.type == "meta" and it["views"].dtype == torch.uint8 for it in items)
+    assert all("params" not in it and "decoded" not in it for it in items)
+
+
+def test_only_roi_align_stores_are_tied_to_a_device_kind(store):
+    """Extending a store on another device kind: refused for roi_align-1 (its pixels would differ by 1 LSB),
+    allowed for pil-bilinear-1 (integer arithmetic, the same bytes)."""
+    from kdlib.errors import StoreMismatchError
+    from kdlib.store.format import check_compatible
+
+    meta = store.meta
+    on_gpu = meta.replace(render={**meta.render, "device": "cuda"})
+    check_compatible(meta, on_gpu, "here")  # pil-bilinear-1: fine
+    old = meta.replace(render={**meta.render, "renderer": "roi_align-1"})
+    with pytest.raises(StoreMismatchError, match="render"):
+        check_compatible(old, old.replace(render={**old.render, "device": "cuda"}), "here")

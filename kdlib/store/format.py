@@ -206,6 +206,14 @@ def _check_version(version: Any) -> None:
                                 f"{list(READABLE_VERSIONS)}" + (" (written by a newer kdlib: upgrade)" if newer else ""))
 
 
+def _render_key(meta: StoreMeta) -> dict[str, Any]:
+    """What must match to extend a store's views: pil-bilinear-1 is integer arithmetic, the same bytes
+    on any device, so only roi_align-1 stores are tied to the device kind that rendered them."""
+    r = meta.rendered
+    keys = [k for k in LEGACY_RENDER if not (k == "device" and r["renderer"] == "pil-bilinear-1")]
+    return {k: r[k] for k in keys}
+
+
 def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
     """Refuse to extend or read `found` for a command that would write `wanted`: name every difference."""
     diffs = []
@@ -221,8 +229,8 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("chunk_views", found.chunk_views, wanted.chunk_views),
         ("sample_views (full-logit sample per chunk)", found.sample_views, wanted.sample_views),
         ("teacher precision", found.precision, wanted.precision),
-        # pixels must come from one renderer: another decoder or device kind would change some of them
-        ("render", {k: found.rendered[k] for k in LEGACY_RENDER}, {k: wanted.rendered[k] for k in LEGACY_RENDER}),
+        # pixels must come from one renderer: another decoder (or, for roi_align-1, device kind) changes some
+        ("render", _render_key(found), _render_key(wanted)),
         ("DIH heads", found.heads, wanted.heads),
         ("attention maps", found.attention, wanted.attention),
     ]
