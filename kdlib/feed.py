@@ -75,6 +75,7 @@ class Feed:
         self.data, self.device = data, device
         self.place = render_place(render, device, workers)
         data.render = self.place == "workers"
+        data.pillow_main = device.type == "cpu"  # the main process renders with Pillow: no taps to make
         self.loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                  prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                                  persistent_workers=False)

@@ -128,12 +128,13 @@ def decode_batch(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarr
 
 
 def param_tensors(params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int,
-                  renderer: str = RENDERER) -> dict[str, torch.Tensor]:
+                  renderer: str = RENDERER, taps: bool = True) -> dict[str, torch.Tensor]:
     """What `render_decoded` needs besides the images, as CPU tensors made on the host: the boxes,
     the index lists of flipped / mixed views (so rendering on a device never waits on a boolean
-    mask) and, for `pil-bilinear-1`, the resample taps of each view's decoded image."""
+    mask) and, for `pil-bilinear-1`, the resample taps of each view's decoded image (`taps=False`
+    when Pillow will render instead)."""
     out = _mix_tensors(params, group_size)
-    if renderer != "roi_align-1":
+    if renderer != "roi_align-1" and taps:
         out.update(resample_taps(params, images, size))
     return out
 

@@ -96,6 +96,7 @@ class ViewBatches(Dataset):
                  render: bool = False, draft: bool = False, renderer: str = RENDERER) -> None:
         self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
         self.params, self.render, self.draft, self.renderer = params, render, draft, check_renderer(renderer)
+        self.pillow_main = False  # set by the feed when the main process renders on a CPU with Pillow (no taps)
         self._labels = source.labels()
 
     def __len__(self) -> int:
@@ -123,7 +124,9 @@ class ViewBatches(Dataset):
             out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)
             return out
         decoded = decode_batch(p, self.source.decode, self.size, self.source.decode_draft if self.draft else None)
-        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer)
+        # the integer taps only matter where `render_decoded` runs them (an accelerator, or Pillow unusable)
+        taps = not (self.pillow_main and not self.render and self.renderer == "pil-bilinear-1" and pillow_agrees())
+        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer, taps=taps)
         if self.render:
             out["views"] = render_decoded(render, decoded, self.size, self.renderer)
         else:
