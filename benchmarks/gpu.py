@@ -531,6 +531,10 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
                 summary[key]["met"] = (None if not cuda else all(v >= target for v in values.values()
                                                                   if v is not None) if values else None)
 
+    def per_set(part: str, field: str) -> dict[str, float | None]:
+        """`field` of `part`'s runs, the median over rounds, for each JPEG set."""
+        return {d: med([x[field] for x in get(d, part)]) for d in sets}
+
     ratio = lambda v: f"{v:.3f}"  # noqa: E731
     speed = lambda v: f"{v:.2f}x"  # noqa: E731
     t_views = med([b["teacher_views_per_s"] for b in bare])
@@ -540,31 +544,31 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
     row("bare student step (fwd, KL, bwd, clip, AdamW), views/s", {d: s_views for d in sets}, key="bare_student")
     row("ideal speed-up (t_teacher + t_student) / t_student", {d: ideal for d in sets}, key="ideal", fmt=speed)
     row("kdlib loader alone (Feed, no model), steady views/s",
-        {d: med([x["steady_views_per_s"] for x in get(d, "loader")]) for d in sets}, key="loader_steady")
+        per_set("loader", "steady_views_per_s"), key="loader_steady")
     row("kdlib loader alone, whole run (incl. worker start), views/s",
-        {d: med([x["whole_views_per_s"] for x in get(d, "loader")]) for d in sets}, key="loader_whole")
+        per_set("loader", "whole_views_per_s"), key="loader_whole")
     row("render alone (decoded batch on the device), views/s",
-        {d: med([x["render_views_per_s"] for x in get(d, "render")]) for d in sets}, key="render")
+        per_set("render", "render_views_per_s"), key="render")
     row("pinned copy of the decoded batch + render, views/s",
-        {d: med([x["copy_render_views_per_s"] for x in get(d, "render")]) for d in sets}, key="copy_render")
+        per_set("render", "copy_render_views_per_s"), key="copy_render")
     row("precompute, steady views/s",
-        {d: med([x["steady_views_per_s"] for x in get(d, "precompute")]) for d in sets}, key="precompute_steady")
+        per_set("precompute", "steady_views_per_s"), key="precompute_steady")
     row("precompute, its own epoch rate (incl. start-up, writes), views/s",
-        {d: med([x["epoch_views_per_s"] for x in get(d, "precompute")]) for d in sets}, key="precompute_epoch")
+        per_set("precompute", "epoch_views_per_s"), key="precompute_epoch")
     row("precompute / bare teacher (per round)",
         {d: med(per_round(get(d, "precompute"), bare, lambda a, b: a["steady_views_per_s"] / b["teacher_views_per_s"]))
          for d in sets}, TARGETS["precompute"], "precompute_vs_bare", ratio)
     row("cached train, steady views/s",
-        {d: med([x["steady_views_per_s"] for x in get(d, "cached")]) for d in sets}, key="cached_steady")
+        per_set("cached", "steady_views_per_s"), key="cached_steady")
     row("cached train / bare student step (per round)",
         {d: med(per_round(get(d, "cached"), bare, lambda a, b: a["steady_views_per_s"] / b["student_views_per_s"]))
          for d in sets}, TARGETS["cached"], "cached_vs_bare", ratio)
     row("online train (teacher in memory), steady views/s",
-        {d: med([x["steady_views_per_s"] for x in get(d, "online")]) for d in sets}, key="online_steady")
+        per_set("online", "steady_views_per_s"), key="online_steady")
     for base, label in (("online", "online"), ("competitor", "competitor")):
         if base == "competitor":
             row("competitor: online KD, torchvision ImageFolder loader, steady views/s",
-                {d: med([x["steady_views_per_s"] for x in get(d, "competitor")]) for d in sets},
+                per_set("competitor", "steady_views_per_s"),
                 key="competitor_steady")
         row(f"cached / {label}, measured speed-up",
             {d: med(per_round(get(d, "cached"), get(d, base),
@@ -591,12 +595,12 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
     row("competitor: whole epoch / steady, epochs after the first",
         {d: med([x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None
                  for x in get(d, "competitor")]) for d in sets}, key="competitor_whole_vs_steady", fmt=ratio)
-    mc = {d: med([x["steady_views_per_s"] for x in get(d, "multicrop")]) for d in sets}
+    mc = per_set("multicrop", "steady_views_per_s")
     if any(v is not None for v in mc.values()):
         crops = runs.get("crops", 4)
         row(f"cached train, c = {crops} crops per image, steady views/s", mc, key="multicrop_steady")
         row("plain CE train (c = 1, labels), steady views/s",
-            {d: med([x["steady_views_per_s"] for x in get(d, "ce")]) for d in sets}, key="ce_steady")
+            per_set("ce", "steady_views_per_s"), key="ce_steady")
         row(f"cached c = {crops} / plain CE c = 1 (per round)",
             {d: med(per_round(get(d, "multicrop"), get(d, "ce"),
                               lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},

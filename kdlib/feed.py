@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .errors import ConfigError
-from .render import pillow_agrees, render_decoded, render_decoded_pil
+from .render import pillow_renders, render_decoded, render_decoded_pil
 from .views import ViewBatches
 
 __all__ = ["RENDER_PLACES", "render_place", "render_device", "Feed"]
@@ -75,7 +75,7 @@ class Feed:
         self.data, self.device = data, device
         self.place = render_place(render, device, workers)
         data.render = self.place == "workers"
-        data.pillow_main = device.type == "cpu"  # the main process renders with Pillow: no taps to make
+        data.pillow_main = device.type == "cpu" and pillow_renders(data.renderer)  # no taps to make then
         self.loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                  prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                                  persistent_workers=False)
@@ -101,7 +101,7 @@ class Feed:
         item["image_cpu"] = image
         if "decoded" in item:
             data = self.data
-            if self.device.type == "cpu" and data.renderer == "pil-bilinear-1" and pillow_agrees():
+            if data.pillow_main:
                 # on a CPU Pillow's C resample is the fast way to the same bytes (the batched taps are for
                 # accelerators); the DataLoader turned the numpy params into (CPU) tensors: back to numpy
                 params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in params.items()}

@@ -46,8 +46,9 @@ from torchvision.ops import roi_align
 
 from .errors import StoreError
 from .plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE
+from .source import pil_image
 
-__all__ = ["RENDERER", "RENDERERS", "check_renderer", "pillow_agrees", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors",
+__all__ = ["RENDERER", "RENDERERS", "check_renderer", "pillow_agrees", "pillow_renders", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors",
            "render_decoded", "render_decoded_pil", "render_pil", "render_views"]
 
 RENDERERS = ("pil-bilinear-1", "roi_align-1")  # the crop-resize + mix arithmetic; a new id if it changes pixels
@@ -382,10 +383,14 @@ def render_decoded_pil(params: dict[str, np.ndarray], images: Decoded, size: int
     def image(i: int, scale: int) -> tuple[Image.Image, int]:  # decode_batch applied the same draft scale
         v = view_of[i]
         pixels = images.stacks[stack_of[v]][images.slot[v]].numpy()
-        pil = Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
-        return pil, round(1.0 / float(images.scale[v]))
+        return pil_image(pixels), round(1.0 / float(images.scale[v]))
 
     return render_pil(params, image, size, group_size, draft)
+
+
+def pillow_renders(renderer: str) -> bool:
+    """Whether Pillow's C code can render `renderer` here (the fast CPU path)."""
+    return renderer == "pil-bilinear-1" and pillow_agrees()
 
 
 @functools.cache
@@ -395,24 +400,18 @@ def pillow_agrees() -> bool:
     for years, but a build that rounds differently must not change a store's pixels: if it
     disagrees, the CPU renders with `_resample` instead (slower, same bytes) and says so once."""
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (c, h, w), dtype=np.uint8) for c, h, w in ((3, 61, 97), (1, 83, 45))]
-    n, size = 24, 29
-    ids = np.arange(n) % 2
-    hw = np.array([im.shape[1:] for im in images])[ids].astype(np.float64)
-    h, w = hw[:, 0] * rng.uniform(0.05, 1, n), hw[:, 1] * rng.uniform(0.05, 1, n)
-    box = np.stack([rng.uniform(0, hw[:, 0] - h), rng.uniform(0, hw[:, 1] - w), h, w], 1).astype(np.float32)
-    box[::3] = np.floor(box[::3]).clip(min=1)
-    params = {"image": ids, "box": box, "flip": np.arange(n) % 3 == 0, "partner": (np.arange(n) + 1) % 2,
-              "mix": np.where(np.arange(n) % 4 == 1, MIX_MIXUP, np.where(np.arange(n) % 4 == 2, MIX_CUTMIX, MIX_NONE)),
-              "lam": rng.uniform(0, 1, n).astype(np.float32), "cutbox": np.tile([3, 5, 11, 13], (n, 1))}
-    agree = True
-    for c in (0, 1):  # one RGB and one L batch (stacks differ in channels, so render them apart)
-        sub = {k: a[ids == c] for k, a in params.items()}
-        sub["image"], sub["partner"] = np.zeros(len(sub["image"]), np.int64), (np.arange(len(sub["image"])) + 1) % 2
-        decode = lambda i, c=c: images[c]  # noqa: E731
-        pil = render_pil(sub, lambda i, s, c=c: (Image.fromarray(images[c][0] if c else images[c].transpose(1, 2, 0)), 1),
-                         size, 2)
-        agree &= torch.equal(pil, render_views(sub, decode, size, 2))
+    n, size, agree = 12, 29, True
+    for img in (rng.integers(0, 256, (3, 61, 97), dtype=np.uint8), rng.integers(0, 256, (1, 83, 45), dtype=np.uint8)):
+        hw = np.array(img.shape[1:], np.float64)
+        h, w = hw[0] * rng.uniform(0.05, 1, n), hw[1] * rng.uniform(0.05, 1, n)  # shrunk and enlarged
+        box = np.stack([rng.uniform(0, hw[0] - h), rng.uniform(0, hw[1] - w), h, w], 1).astype(np.float32)
+        box[::3] = np.floor(box[::3]).clip(min=1)  # whole-pixel boxes too
+        v = np.arange(n)
+        params = {"image": np.zeros(n, np.int64), "box": box, "flip": v % 3 == 0, "partner": (v + 1) % 2,
+                  "mix": np.where(v % 4 == 1, MIX_MIXUP, np.where(v % 4 == 2, MIX_CUTMIX, MIX_NONE)),
+                  "lam": rng.uniform(0, 1, n).astype(np.float32), "cutbox": np.tile([3, 5, 11, 13], (n, 1))}
+        pil = render_pil(params, lambda i, s, img=img: (pil_image(img), 1), size, 2)
+        agree &= torch.equal(pil, render_views(params, lambda i, img=img: img, size, 2))
     if not agree:
         import PIL
         warnings.warn(f"Pillow {PIL.__version__} resamples differently from kdlib's renderer pil-bilinear-1; "

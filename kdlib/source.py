@@ -106,7 +106,7 @@ class Source(abc.ABC):
         """The pixels of ``decode_draft(i, scale)`` as a PIL image (mode L or RGB), and the scale
         applied: what a worker's Pillow renderer reads."""
         pixels, applied = self.decode_draft(i, scale) if scale > 1 else (self.decode(i), 1)
-        return Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0)), applied
+        return pil_image(pixels), applied
 
     def _sizes_head(self, n: int) -> np.ndarray:
         """Sizes of the first ``n`` ids (a limited view need not read every header)."""
@@ -374,6 +374,11 @@ def _read_sizes(paths: list[str]) -> np.ndarray:
         for j, hw in enumerate(pool.map(_read_size, rest, chunksize=64), start=i + 1):
             sizes[j] = hw
     return sizes
+
+
+def pil_image(pixels: np.ndarray) -> Image.Image:
+    """uint8 [C, H, W] pixels (C = 1 or 3) as a PIL image (mode L or RGB)."""
+    return Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

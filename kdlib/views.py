@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .extras import item_columns
 from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
 from .recipe import Recipe
-from .render import RENDERER, check_renderer, decode_batch, param_tensors, pillow_agrees, render_decoded, render_pil
+from .render import RENDERER, check_renderer, decode_batch, param_tensors, pillow_renders, render_decoded, render_pil
 from .source import Source
 
 __all__ = ["Batch", "ParamReader", "PlanParams", "FixedParams", "ViewBatches", "split_range", "rank_slice"]
@@ -96,7 +96,7 @@ class ViewBatches(Dataset):
                  render: bool = False, draft: bool = False, renderer: str = RENDERER) -> None:
         self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
         self.params, self.render, self.draft, self.renderer = params, render, draft, check_renderer(renderer)
-        self.pillow_main = False  # set by the feed when the main process renders on a CPU with Pillow (no taps)
+        self.pillow_main = False  # set by the feed: the main process renders with Pillow (a CPU device)
         self._labels = source.labels()
 
     def __len__(self) -> int:
@@ -120,15 +120,17 @@ class ViewBatches(Dataset):
                 a = cols[k]
                 out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
         out.update(item_columns(cols))  # DIH head labels h{j}_*, attention maps at{l} (issue 13)
-        if self.render and self.renderer == "pil-bilinear-1" and pillow_agrees():
+        if self.render and pillow_renders(self.renderer):
             out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)
             return out
         decoded = decode_batch(p, self.source.decode, self.size, self.source.decode_draft if self.draft else None)
+        pillow_main = self.pillow_main and not self.render
         # the integer taps only matter where `render_decoded` runs them (an accelerator, or Pillow unusable)
-        taps = not (self.pillow_main and not self.render and self.renderer == "pil-bilinear-1" and pillow_agrees())
-        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer, taps=taps)
+        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer, taps=not pillow_main)
         if self.render:
             out["views"] = render_decoded(render, decoded, self.size, self.renderer)
         else:
-            out["render"], out["decoded"], out["params"] = render, decoded, p
+            out["render"], out["decoded"] = render, decoded
+            if pillow_main:
+                out["params"] = p  # Pillow's path reads the host params
         return out

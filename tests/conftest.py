@@ -116,6 +116,18 @@ def snapshot(root: str | Path) -> dict[str, str]:
 
 
 # -- tiny RGB sources of non-square images ------------------------------------------------
+def smooth_jpegs(root: Path, sizes: list[tuple[int, int]], n: int, seed: int, grid: tuple[int, int] = (6, 5)) -> str:
+    """An ImageFolder of `n` smooth RGB JPEGs (a random `grid` enlarged bicubically, quality 90), sizes
+    (width, height) taken from `sizes` in turn, 2 classes."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % 2}"
+        d.mkdir(exist_ok=True)
+        small = rng.integers(0, 256, size=(*grid, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(sizes[i % len(sizes)], Image.BICUBIC).save(d / f"img{i}.jpg", quality=90)
+    return str(root)
+
+
 RGB_SIZES = [(20, 32), (32, 20), (17, 45), (40, 24), (24, 40), (31, 29), (12, 50), (50, 12)]  # (h, w)
 
 

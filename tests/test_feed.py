@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import FMNIST_RECIPE, LIMIT
+from conftest import FMNIST_RECIPE, LIMIT, smooth_jpegs
 from kdlib.feed import Feed, render_device, render_place
 from kdlib.plan import make_plan
 from kdlib.recipe import Recipe
@@ -228,15 +227,7 @@ def test_golden_v1_store_replays_the_pixels_it_was_made_from(workers, render):
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory) -> str:
     """16 smooth RGB JPEGs of 96x80 and 80x120, 2 classes."""
-    rng = np.random.default_rng(5)
-    root = tmp_path_factory.mktemp("jpegs")
-    for i in range(16):
-        d = root / f"class{i % 2}"
-        d.mkdir(exist_ok=True)
-        small = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
-        size = (80, 96) if i % 3 else (120, 80)  # PIL: (width, height)
-        Image.fromarray(small).resize(size, Image.BICUBIC).save(d / f"img{i}.jpg", quality=90)
-    return str(root)
+    return smooth_jpegs(tmp_path_factory.mktemp("jpegs"), [(120, 80), (80, 96), (80, 96)], 16, seed=5)
 
 
 def test_draft_scales_need_every_box_shrunk():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import smooth_jpegs
 from kdlib.plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE, make_plan
 from kdlib.recipe import Recipe
 from kdlib.render import (RENDERER, Decoded, decode_batch, param_tensors, pillow_agrees, render_decoded, render_pil,
@@ -72,15 +73,8 @@ def test_pinned_pillow_is_the_fast_path():
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> str:
     """Smooth JPEGs of photo-like sizes (landscape and portrait), 2 classes."""
-    rng = np.random.default_rng(9)
-    root = tmp_path_factory.mktemp("photos")
-    for i in range(12):
-        d = root / f"c{i % 2}"
-        d.mkdir(exist_ok=True)
-        size = [(200, 150), (150, 200), (173, 97)][i % 3]  # PIL: (width, height)
-        small = rng.integers(0, 256, size=(7, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize(size, Image.BICUBIC).save(d / f"p{i}.jpg", quality=90)
-    return str(root)
+    return smooth_jpegs(tmp_path_factory.mktemp("photos"), [(200, 150), (150, 200), (173, 97)], 12, seed=9,
+                        grid=(7, 6))
 
 
 @pytest.mark.parametrize("draft", [False, True])
