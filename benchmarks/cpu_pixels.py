@@ -130,7 +130,8 @@ def render_place_rates(work: Path, data: str, recipe, rounds: int, batch: int) -
     process or in the 2 workers (resnet8 student)."""
     import json
 
-    from kdlib.models import build_model, save_model
+    from kdlib.models import build_model
+    from kdlib.rundir import save_model
     from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.train import TrainConfig, train
 

@@ -32,7 +32,7 @@ import _common as C
 import torch
 
 from kdlib.evaluate import predict
-from kdlib.models import load_model
+from kdlib.resolve import load_model
 from kdlib.precompute import PrecomputeConfig, precompute
 from kdlib.source import open_source
 from kdlib.train import TrainConfig, train

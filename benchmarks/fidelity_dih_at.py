@@ -32,7 +32,7 @@ from fidelity import FMNIST, REPO, _run, _scores
 
 from kdlib.heads import HeadsConfig, fit_heads
 from kdlib.inspect import inspect_store
-from kdlib.models import load_model
+from kdlib.resolve import load_model
 from kdlib.plan import center_params
 from kdlib.precompute import PrecomputeConfig, precompute
 from kdlib.source import open_source

@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -207,7 +208,7 @@ class Bench:
         self.torch, self.args, self.work = torch, args, work
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        from kdlib.teacher import default_precision
+        from kdlib.precision import default_precision
 
         self.precision = default_precision(self.device)
         self.mixed = "bf16" if self.cuda else "no"
@@ -242,7 +243,8 @@ class Bench:
         return paths[0], paths[1]
 
     def save_teacher(self) -> str:
-        from kdlib.models import build_model, save_model
+        from kdlib.models import build_model
+        from kdlib.rundir import save_model
 
         self.torch.manual_seed(0)
         out = self.work / "teacher"
@@ -253,8 +255,9 @@ class Bench:
     def bare(self, teacher_dir: str) -> dict[str, float]:
         torch = self.torch
         from kdlib.losses import get_loss
-        from kdlib.models import build_model, load_model
-        from kdlib.teacher import precision_context, prepare_model, teacher_logits
+        from kdlib.models import build_model
+        from kdlib.resolve import load_model
+        from kdlib.precision import precision_context, prepare_model, teacher_logits
 
         dev, steps = self.device, self.args.bare_steps
         g = torch.Generator().manual_seed(0)
@@ -377,7 +380,7 @@ class Bench:
 
     # kdlib precompute
     def precompute(self, data: str, recipe: str, teacher: str, out: Path, limit: int | None = None) -> dict[str, Any]:
-        import kdlib.precompute as pre
+        pre = importlib.import_module("kdlib.precompute")  # the module (kdlib.precompute is its function)
         from kdlib.plan import views_per_epoch
         from kdlib.recipe import load_recipe
 
@@ -400,7 +403,7 @@ class Bench:
 
     # kdlib train
     def train(self, out: Path, **kw: Any) -> dict[str, Any]:
-        import kdlib.train as tr
+        tr = importlib.import_module("kdlib.train")  # the module (kdlib.train is its function)
 
         cfg = tr.TrainConfig(out=str(out), student=self.args.student, epochs=self.args.epochs, batch_size=self.batch,
                              workers=self.args.workers, eval=False, checkpoint_every=0, mixed_precision=self.mixed,
@@ -432,8 +435,9 @@ class Bench:
         from torchvision import transforms as T
 
         from kdlib.losses import get_loss
-        from kdlib.models import build_model, load_model
-        from kdlib.teacher import precision_context
+        from kdlib.models import build_model
+        from kdlib.resolve import load_model
+        from kdlib.precision import precision_context
 
         dev = self.device
         to_tensor = T.ToTensor() if hasattr(T, "ToTensor") else T.Compose([T.PILToTensor(),

@@ -98,7 +98,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from kdlib.models import build_model, save_model
+    from kdlib.models import build_model
+    from kdlib.rundir import save_model
     from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.source import open_source
     from kdlib.store import open_store

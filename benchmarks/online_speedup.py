@@ -33,7 +33,7 @@ def bare_times(teacher, student, views, device, steps: int, warmup: int = 2) -> 
     import torch
 
     from kdlib.losses import get_loss
-    from kdlib.teacher import default_precision, teacher_logits
+    from kdlib.precision import default_precision, teacher_logits
 
     def sync() -> None:
         if device.type == "cuda":
@@ -89,7 +89,9 @@ def main() -> None:
 
     import torch
 
-    from kdlib.models import build_model, load_model, save_model
+    from kdlib.models import build_model
+    from kdlib.resolve import load_model
+    from kdlib.rundir import save_model
     from kdlib.plan import make_plan
     from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.recipe import load_recipe
@@ -116,8 +118,7 @@ def main() -> None:
     # One real batch of epoch 0 for the bare calls (the same views both trainers see first).
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, source.sizes(), 0)
-    views = ViewBatches(source, [Batch(0, 0, args.batch_size)], recipe.size, recipe.group_size, FixedParams(plan),
-                        render=True)[0]["views"]
+    views = ViewBatches(source, [Batch(0, 0, args.batch_size)], recipe.size, recipe.group_size, FixedParams(plan))[0]["views"]
     teacher = load_model(str(teacher_dir)).eval().to(device)
     student = build_model(args.student, source.num_classes, source.channels, mean, std).to(device)
 

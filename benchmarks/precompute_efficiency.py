@@ -47,10 +47,10 @@ def main() -> None:
 
     import torch
 
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
     from kdlib.plan import make_plan, views_per_epoch
     from kdlib.precompute import PrecomputeConfig, precompute
-    from kdlib.teacher import default_precision, prepare_model, teacher_logits
+    from kdlib.precision import default_precision, prepare_model, teacher_logits
     from kdlib.recipe import load_recipe
     from kdlib.source import open_source
     from kdlib.views import Batch, FixedParams, ViewBatches, split_range
@@ -64,8 +64,7 @@ def main() -> None:
     n_views = views_per_epoch(recipe, len(source))
     plan = make_plan(recipe, source.sizes(), 0)
     ranges = split_range(0, n_views, args.batch_size)[: args.cached_batches]
-    ds = ViewBatches(source, [Batch(0, a, b) for a, b in ranges], recipe.size, recipe.group_size, FixedParams(plan),
-                     render=True)
+    ds = ViewBatches(source, [Batch(0, a, b) for a, b in ranges], recipe.size, recipe.group_size, FixedParams(plan))
     batches = [ds[i]["views"] for i in range(len(ds))]
     mean, std = source.mean_std()
     teacher = load_model(args.teacher, num_classes=source.num_classes, in_channels=source.channels,

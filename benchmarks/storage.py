@@ -77,9 +77,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from kdlib.models import build_model, load_model, save_model
+    from kdlib.models import build_model
+    from kdlib.resolve import load_model
+    from kdlib.rundir import save_model
     from kdlib.precompute import PrecomputeConfig, precompute
-    from kdlib.teacher import teacher_logits
+    from kdlib.precision import teacher_logits
     from kdlib.softlabel import decode_logits, encode, reconstruct, to_codec
     from kdlib.source import open_source
     from kdlib.store import open_store

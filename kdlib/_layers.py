@@ -30,12 +30,9 @@ def _net(model: nn.Module) -> nn.Module:
 
 def stage_layers(model: nn.Module) -> list[str]:
     """The output layer of each group of residual blocks, shallow to deep; [] when unknown."""
-    from .models import CifarResNet
-
     net = _net(model)
-    if isinstance(net, CifarResNet):
-        n = len(net.blocks) // 3  # three stages of n blocks each
-        return [f"blocks.{n * (i + 1) - 1}" for i in range(3)]
+    if callable(getattr(net, "stage_layers", None)):  # kdlib's CIFAR ResNets say where their stages end
+        return list(net.stage_layers())
     # torchvision's ResNet family (resnet*, resnext*, wide_resnet*) names its stages layer1..layer4
     return [f"layer{i}" for i in range(1, 5) if isinstance(getattr(net, f"layer{i}", None), nn.Module)]
 

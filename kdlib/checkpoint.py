@@ -38,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from ._checks import ENV_ERRNOS, describe_os_error
 from .errors import ConfigError, StorageError
+from .losses import loss_settings
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "find_checkpoint", "read_state", "load_checkpoint",
            "has_checkpoint", "math_config", "check_resume", "check_out_dir", "clear_run", "RUN_FILES"]
@@ -239,12 +240,11 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
          "clip": cfg.clip, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed, "weights": cfg.weights,
          "mean": cfg.mean, "std": cfg.std,
          "recipe": recipe.digest_dict(), "source fingerprint": targets.source.fingerprint()}
-    if cfg.loss in ("kl", "dist"):
-        c["temperature"] = cfg.temperature
-    if cfg.loss in ("ttm", "wttm"):
-        c["gamma"] = cfg.gamma
+    settings = loss_settings(cfg.loss, cfg)  # exactly the settings this loss takes (kdlib.losses.LOSS_SETTINGS)
     if cfg.loss == "dih":
-        c["dih"] = {"alpha": cfg.dih_alpha, "temperature": cfg.dih_temperature}
+        c["dih"] = settings
+    else:
+        c.update(settings)
     if cfg.attention_student:
         c["attention"] = {"student": cfg.attention_student, "teacher": cfg.attention_teacher,
                           "weight": cfg.attention_weight, "grid": cfg.attention_grid}
@@ -257,10 +257,9 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
     else:
         c["store"] = None
     if targets.teacher is not None:
-        from .models import weights_digest
-
-        c["online teacher"] = {"spec": cfg.teacher, "digest": weights_digest(targets.teacher),
-                               "precision": targets.precision, "contract": targets.teacher.contract.to_dict()}
+        t = targets.teacher
+        c["online teacher"] = {"spec": cfg.teacher, "digest": t.digest, "precision": t.precision,
+                               "contract": t.contract.to_dict()}
     else:
         c["online teacher"] = None
     return json.loads(json.dumps(c))  # tuples -> lists, as read back from the checkpoint

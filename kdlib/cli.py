@@ -1,4 +1,8 @@
-"""The `kdlib` command line: click commands only; each parses flags and calls one library function."""
+"""The `kdlib` command line: click commands only; each parses flags and calls one library function.
+
+Each command imports its library function when it runs, so that `kdlib --help` and a refused flag
+answer at once instead of after torch, accelerate and zarr have loaded (nothing here is a cycle:
+every import points down, see .importlinter)."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ CLASS_MAP = click.option("--class-map", default=None, type=click.Path(dir_okay=F
                               "the data's (default: by the teacher's class names, else refused).")
 TRUST_CODE = click.option("--trust-code", is_flag=True,
                           help="Allow a run dir's config.json to name a package.module:factory to import.")
+CPU = click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
 
 
 # what libraries that do their own I/O (safetensors' Rust writer) say instead of raising OSError
@@ -105,6 +110,7 @@ def cli(debug: bool) -> None:
 @STD
 @CLASS_MAP
 @TRUST_CODE
+@CPU
 @LIMIT
 @WORKERS
 def precompute(**kw) -> None:
@@ -114,13 +120,7 @@ def precompute(**kw) -> None:
     test = not kw.pop("no_test")
     with _disk_faults(kw["out"], "free some space and rerun the same command: it resumes from the chunks "
                                  "committed so far"):
-        store = run(PrecomputeConfig(**kw, test=test))
-    m = store.meta
-    from ._dist import process_state
-
-    if process_state().is_main_process:
-        click.echo(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
-                   f"teacher {m.teacher['id']}")
+        run(PrecomputeConfig(**kw, test=test))  # the main process prints what it wrote
 
 
 @cli.command()
@@ -159,7 +159,7 @@ def precompute(**kw) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
-@click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@CPU
 # issue 13: DIH cohort loss and attention transfer
 @click.option("--dih-alpha", type=click.FloatRange(0, 1, min_open=True), default=0.1,
               help="DIH: weight of each cohort member's KD term (CE gets 1 - alpha per member).")
@@ -202,18 +202,25 @@ def train(config_file: str | None, **kw) -> None:
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="Fail below this top-1 agreement [default: 1.0 on the kind of device and in fp32 that wrote the "
                    "store, else 0.99].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when there is one.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where to replay [default: the GPU when there is one]; a store written on the other kind is "
+                   "checked within the measured cross-device bounds.")
+@click.option("--data", default=None, help="The store's source, when the path its meta.json names is not where "
+              "the images are here (its fingerprint must match).")
 @MEAN
 @STD
 @CLASS_MAP
 @TRUST_CODE
+@CPU
+@LIMIT
 def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float | None,
-           device: str | None, mean: str | None, std: str | None, class_map: str | None, trust_code: bool) -> None:
+           device: str | None, data: str | None, mean: str | None, std: str | None, class_map: str | None,
+           trust_code: bool, cpu: bool, limit: int | None) -> None:
     """Re-render stored views, re-run the teacher, compare pixels and logits; exit 1 when they disagree."""
     from .verify import verify as run
 
-    result = run(shards, teacher, views=views, weights=weights, min_agreement=min_agreement, device=device, mean=mean,
-                 std=std, class_map=class_map, trust_code=trust_code)
+    result = run(shards, teacher, views=views, weights=weights, data=data, min_agreement=min_agreement, device=device,
+                 mean=mean, std=std, class_map=class_map, trust_code=trust_code, cpu=cpu, limit=limit)
     click.echo(json.dumps(result, indent=1))
     if not result["ok"]:
         pixels = result.get("pixels")
@@ -235,15 +242,16 @@ def verify(shards: str, teacher: str, weights: str | None, views: int, min_agree
 @STD
 @CLASS_MAP
 @TRUST_CODE
+@CPU
 @LIMIT
 @WORKERS
 def eval_(model: str, weights: str | None, data: str | None, split: str, shards: str | None, mean: str | None,
-          std: str | None, class_map: str | None, trust_code: bool, limit: int | None, workers: int) -> None:
+          std: str | None, class_map: str | None, trust_code: bool, cpu: bool, limit: int | None, workers: int) -> None:
     """Print JSON with top1, top5 and, when cached, agreement with the teacher."""
     from .evaluate import evaluate
 
     click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers, weights=weights, mean=mean,
-                                   std=std, class_map=class_map, trust_code=trust_code)))
+                                   std=std, class_map=class_map, trust_code=trust_code, cpu=cpu)))
 
 
 @cli.command()
@@ -290,7 +298,7 @@ def demo(out: str, shards: str, quick: bool) -> None:
 @click.option("--lr", type=float, default=1e-3, help="AdamW learning rate of the heads.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Heads' initialisation seed.")
 @click.option("--no-eval", is_flag=True, help="Skip the per-head test-split top-1.")
-@click.option("--cpu", is_flag=True, help="Force CPU even when a GPU is present.")
+@CPU
 @LIMIT
 @WORKERS
 def heads(**kw) -> None:

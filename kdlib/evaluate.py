@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .contract import parse_floats
 from .errors import ConfigError
 from .feed import Feed
-from .models import load_model, resolve_model
+from .runtime import process_state
+from .teacher import load_teacher
+from .resolve import load_model, resolve_model
 from .plan import center_params
 from .render import RENDERER
 from .source import open_source
 from .store import open_store
-from .teacher import precision_context
+from .precision import precision_context
 from .views import Batch, FixedParams, ViewBatches, split_range
 
 __all__ = ["evaluate", "evaluate_model", "predict"]
@@ -58,9 +59,11 @@ def predict(model: torch.nn.Module, source, size: int, center_fraction: float, b
 def evaluate(model_spec: str, data: str | None = None, split: str = "test", limit: int | None = None,
              shards: str | None = None, workers: int = 0, batch_size: int = 512, weights: str | None = None,
              mean: str | None = None, std: str | None = None, class_map: str | None = None,
-             trust_code: bool = False) -> dict[str, Any]:
+             trust_code: bool = False, cpu: bool = False) -> dict[str, Any]:
     """JSON-able metrics of a model (a run directory, or an arch / factory / pretrained name with
-    `data`) on `data`'s `split`. A named model is fed at the size and center crop of its contract."""
+    `data`) on `data`'s `split`. A named model is fed at the size and center crop of its contract.
+    It runs on the process state's device (a GPU when there is one, unless `cpu`)."""
+    device = process_state(cpu).device
     cfg: dict[str, Any] = {}
     cfg_path = Path(model_spec) / "config.json"
     if Path(model_spec).is_dir():
@@ -74,13 +77,12 @@ def evaluate(model_spec: str, data: str | None = None, split: str = "test", limi
     source = open_source(data, split, limit)
     recipe = cfg.get("recipe") or {}
     fraction = float(recipe.get("center_fraction", 1.0))
-    if not Path(model_spec).is_dir():
-        model = resolve_model(model_spec, classes=source.classes, in_channels=source.channels, weights=weights,
-                              mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), class_map=class_map,
-                              data_stats=source.mean_std, trust_code=trust_code).eval()
+    if not Path(model_spec).is_dir():  # a named model is loaded as every teacher is
+        model = load_teacher(model_spec, source, device=device, weights=weights, mean=mean, std=std,
+                             class_map=class_map, trust_code=trust_code).model
         fraction = float(model.contract.crop_fraction or fraction)
     size = int(cfg.get("input_size") or model.contract.size or source.sizes()[0].min())
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate where the model runs fastest
+    model = model.to(device)
     result = evaluate_model(model, source, size, fraction, shards or trained.get("shards"), workers, batch_size)
     return {"model": str(model_spec), "data": data, "split": split, **result}
 

@@ -69,14 +69,23 @@ def _to(x: Any, device: torch.device) -> Any:
 class Feed:
     """Items of `data` with every tensor on `device` and `item["views"]` (uint8) rendered.
 
-    `item["image"]` stays on the CPU as well (`item["image_cpu"]`) for host-side bookkeeping."""
+    Where the pixels are finished is decided here, once, when the feed is made: the dataset the
+    workers run is `data.staged(stage)` (a new one; nothing is changed on `data` afterwards), and
+    the main process's part, if any, is one function chosen with it. `item["image"]` stays on the
+    CPU as well (`item["image_cpu"]`) for host-side bookkeeping."""
 
     def __init__(self, data: ViewBatches, device: torch.device, workers: int, render: str = "auto") -> None:
-        self.data, self.device = data, device
+        self.device = device
         self.place = render_place(render, device, workers)
-        data.render = self.place == "workers"
-        data.pillow_main = device.type == "cpu" and pillow_renders(data.renderer)  # no taps to make then
-        self.loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+        pillow = pillow_renders(data.renderer)
+        if self.place == "workers":
+            stage = "worker-pillow" if pillow else "worker"
+        else:  # the main process renders: Pillow's C code on a CPU, the batched arithmetic on an accelerator
+            stage = "pillow-main" if device.type == "cpu" and pillow else "device"
+        self.data = data.staged(stage)
+        self.render_device = render_device(render, device, workers)  # what a store records of its pixels
+        self._finish = {"device": self._render_on_device, "pillow-main": self._render_with_pillow}.get(stage)
+        self.loader = DataLoader(self.data, batch_size=None, shuffle=False, num_workers=workers,
                                  prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                                  persistent_workers=False)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -99,17 +108,19 @@ class Feed:
         params = item.pop("params", None)  # host-side numpy params: never copied to the device
         item = _to(item, self.device)
         item["image_cpu"] = image
-        if "decoded" in item:
-            data = self.data
-            if data.pillow_main:
-                # on a CPU Pillow's C resample is the fast way to the same bytes (the batched taps are for
-                # accelerators); the DataLoader turned the numpy params into (CPU) tensors: back to numpy
-                params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
-                item["views"] = render_decoded_pil(params, item.pop("decoded"), data.size, data.group_size, data.draft)
-                item.pop("render")
-            else:
-                item["views"] = render_decoded(item.pop("render"), item.pop("decoded"), data.size, data.renderer)
+        if self._finish is not None:
+            item["views"] = self._finish(item, params)
         return item
+
+    def _render_on_device(self, item: dict[str, Any], params: Any) -> torch.Tensor:
+        return render_decoded(item.pop("render"), item.pop("decoded"), self.data.size, self.data.renderer)
+
+    def _render_with_pillow(self, item: dict[str, Any], params: dict[str, Any]) -> torch.Tensor:
+        # the DataLoader turned the numpy params into (CPU) tensors: back to numpy for Pillow's path
+        params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+        item.pop("render")
+        d = self.data
+        return render_decoded_pil(params, item.pop("decoded"), d.size, d.group_size, d.draft)
 
     def _hand_over(self, item: dict[str, Any], done: Any) -> dict[str, Any]:
         """The model's stream waits for this batch's copy and render (not for the next one's), and

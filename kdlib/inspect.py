@@ -25,9 +25,9 @@ import torch
 
 from . import losses
 from .errors import ConfigError
-from .plan import PARAM_FIELDS
 from .softlabel import reconstruct, tail_mass
-from .store import decoded, open_store
+from .store import open_store
+from .store.codecs import SAMPLE, active_codecs, decode_chunk
 
 __all__ = ["inspect_store", "format_report"]
 
@@ -39,9 +39,16 @@ def _loss_params(loss: str, temperature: float, gamma: float) -> dict[str, float
     """The parameters that shape a loss's teacher target (DIST's `gamma` is a term weight, not a target setting)."""
     if loss not in losses.LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; valid losses: {', '.join(sorted(losses.LOSSES))}")
-    params = {"gamma": gamma} if loss in ("ttm", "wttm") else {"temperature": temperature}
+    params = losses.loss_settings(loss, _Setting(temperature, gamma))
     losses.get_loss(loss, **params)  # checks the values (positive, finite) before any reading
     return params
+
+
+class _Setting:
+    """The train-config fields inspect measures a target at (`losses.loss_settings` reads them)."""
+
+    def __init__(self, temperature: float, gamma: float) -> None:
+        self.temperature, self.gamma = temperature, gamma
 
 
 class _LabelStats:
@@ -163,13 +170,11 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     if meta.epochs_done == 0:
         notes.append("no epoch is complete yet: nothing to measure (run or finish `kdlib precompute`)")
     on_disk = {k: int(v) for k, v in sorted(store.bytes_on_disk().items())}
-    label_cols = set(meta.label_fields)
-    groups = {
-        "params": sum(v for k, v in on_disk.items() if k in PARAM_FIELDS),
-        "labels": sum(v for k, v in on_disk.items() if k in label_cols),
-        "sample": sum(v for k, v in on_disk.items() if k == "full"),
-        "total": sum(on_disk.values()),
-    }
+    # bytes per column family, as the codecs define the families (params, labels, heads, attention, extra kinds)
+    kinds = {codec.name: sum(on_disk.get(name, 0) for name in codec.fields(meta))
+             for codec in [*active_codecs(meta), *([SAMPLE] if SAMPLE.active(meta) else [])]}
+    groups = {"params": kinds["params"], "labels": kinds["labels"], "sample": kinds.get("sample", 0),
+              "total": sum(on_disk.values())}
     per_view = {k: (v / total_views if total_views else None) for k, v in groups.items()}
 
     classes = _classes(meta.source, meta.num_classes)
@@ -194,6 +199,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
                    "sample_views_per_chunk": meta.sample_views, "partial_epoch": partial},
         "bytes_on_disk": {"columns": on_disk, **groups},
         "bytes_per_view": per_view,
+        "bytes_per_view_by_kind": {k: (v / total_views if total_views else None) for k, v in kinds.items()},
         "dense_fp16_bytes_per_view": 2 * meta.num_classes,
         "digest": None,  # filled by the one pass over the chunks below
     }
@@ -210,7 +216,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
             store.digest_update(digest, raw)
             if chunk >= per_epoch:
                 continue
-            cols = decoded(raw, meta)
+            cols = decode_chunk(raw, meta)
             stats.add(cols["ids"], cols["logits"], cols["lse"])
             extras.add(cols)
             full = cols.get("full")
@@ -245,7 +251,7 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
 
     # -- teacher predictions on the test split --------------------------------------------
     test = store.read_test()
-    test = decoded(test, meta) if test is not None else None
+    test = decode_chunk(test, meta) if test is not None else None
     if test is None:
         report["test"] = None
     else:
@@ -375,10 +381,12 @@ def format_report(report: dict) -> str:
         layout.append(("partial epoch", f"epoch {p['epoch']}: {p['committed_chunks']} of {p['of']} chunks committed"))
     out += _section("layout", layout)
     b, bv = r["bytes_on_disk"], r["bytes_per_view"]
+    others = [(f"{kind} (column kind)", f"{_f(v, '.2f'):>8} B/view")
+              for kind, v in r["bytes_per_view_by_kind"].items() if kind not in ("params", "labels", "sample")]
     out += _section("size on disk", [
         (name, f"{_f(bv[name], '.2f'):>8} B/view  {b[name]:>12d} B")
         for name in ("params", "labels", "sample", "total")
-    ] + [("dense fp16", f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, "
+    ] + others + [("dense fp16", f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, "
                         f"for comparison)")])
     lab = r["labels"]
     scope = "all chunks" if lab["complete"] else f"first {lab['chunks_per_epoch_read']} chunks per epoch"

@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ __all__ = [
     "get_loss",
     "target_error",
     "dih",
+    "LOSS_SETTINGS",
+    "loss_settings",
+    "target_loss",
+    "training_loss",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -273,3 +277,70 @@ def dih(student: Tensor, cohort: Tensor | list[Tensor], target: Tensor, alpha: f
     for teacher in members:
         total = total + a * kl(s, teacher.float(), t) + (1.0 - a) * ce
     return total
+
+
+# -- the one table of which settings each loss takes ------------------------------------------------
+
+# loss -> {parameter of the loss: field of a train config that sets it}. Train builds its loss from it,
+# the resume check records exactly these settings, and inspect / train's warning measure the stored
+# target at them. `ce` (labels only) takes none.
+LOSS_SETTINGS: dict[str, dict[str, str]] = {
+    "kl": {"temperature": "temperature"},
+    "dist": {"temperature": "temperature"},
+    "ttm": {"gamma": "gamma"},
+    "wttm": {"gamma": "gamma"},
+    "dih": {"alpha": "dih_alpha", "temperature": "dih_temperature"},
+    "ce": {},
+}
+
+
+def loss_settings(loss: str, config: Any) -> dict[str, float]:
+    """The settings `loss` takes, read from `config` (any object with a train config's field names)."""
+    if loss not in LOSS_SETTINGS:
+        raise ConfigError(f"--loss {loss!r} is unknown; choose one of {tuple(LOSS_SETTINGS)}")
+    return {param: getattr(config, name) for param, name in LOSS_SETTINGS[loss].items()}
+
+
+def target_loss(loss: str, settings: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """The loss whose teacher target shapes `loss`'s (DIH matches each member with KL at its temperature)."""
+    if loss == "dih":
+        return "kl", {"temperature": settings["temperature"]}
+    return loss, dict(settings)
+
+
+def training_loss(loss: str, settings: dict[str, float], num_classes: int,
+                  ce_weight: float = 0.0) -> Callable[[Tensor, Tensor | None, dict[str, Any]], Tensor]:
+    """``(student logits, teacher logits or DIH cohort or None, item) -> scalar``: the loss `kdlib train` runs.
+
+    `ce_weight` adds CE on the views' (mixed) ground-truth labels (`item["label"]`, `partner_label`,
+    `lam`); `loss="ce"` is that CE alone."""
+    if loss == "dih":
+        dih(torch.zeros(1, 2), torch.zeros(1, 1, 2), torch.zeros(1, dtype=torch.long), **settings)  # checks
+
+        def cohort(student: Tensor, teacher: Tensor, item: dict[str, Any]) -> Tensor:
+            target = _item_targets(item, student.device, num_classes)
+            total = dih(student.float(), teacher, target, **settings)
+            if ce_weight:
+                total = total + ce_weight * soft_cross_entropy(student.float(), target)
+            return total
+
+        return cohort
+    if loss not in LOSS_SETTINGS:
+        raise ConfigError(f"--loss {loss!r} is unknown; choose one of {tuple(LOSS_SETTINGS)}")
+    kd = None if loss == "ce" else get_loss(loss, **settings)
+    ce = 1.0 if kd is None else ce_weight
+
+    def total(student: Tensor, teacher: Tensor | None, item: dict[str, Any]) -> Tensor:
+        out = student.new_zeros(())
+        if kd is not None:
+            out = out + kd(student.float(), teacher)
+        if ce:
+            out = out + ce * soft_cross_entropy(student.float(), _item_targets(item, student.device, num_classes))
+        return out
+
+    return total
+
+
+def _item_targets(item: dict[str, Any], device: torch.device, num_classes: int) -> Tensor:
+    return mixed_label_targets(item["label"].to(device), item["partner_label"].to(device), item["lam"].to(device),
+                               num_classes)

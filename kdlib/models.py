@@ -1,25 +1,21 @@
-"""Teachers and students: building, loading, saving and fingerprinting classifiers.
+"""Classifiers: the one model shape every stage feeds, and the architectures kdlib builds.
 
 Every kdlib model is a ``Classifier``: it takes the uint8 views that ``render`` produces
 ([B, C, H, W]) and returns logits [B, num_classes]. Scaling and normalisation live inside
 the model, so precompute, train, verify and eval all feed models the same way.
 
-Architectures (``arch``), tried in this order:
+Architectures (``arch``) ``build_model`` knows, tried in this order:
 
-0. ``torchvision:<model>[:<TAG>]`` and ``timm:<model>[.<tag>]`` -- pretrained weights by name, with
-   the input contract those weights define (see ``kdlib.pretrained``).
 1. ``package.module:factory`` -- any importable factory, called with ``num_classes`` and
    ``in_channels`` when its signature takes them, else with no arguments (the class count is then
-   read from the model's output). Only a factory typed by the user is run: a run directory whose
-   config names one is refused unless ``trust_code`` (``--trust-code``) is given.
+   read from the model's output). Only a factory typed by the user is run (see ``kdlib.resolve``).
 2. a torchvision classification model name (``resnet18``, ``mobilenet_v3_small``, ...).
    torchvision names win over pattern 3, so ``resnet50`` / ``resnet152`` are torchvision's;
    write ``resnet50x1`` for the CIFAR-style net of that depth.
 3. ``resnet{6n+2}[x{w}]`` -- CIFAR-style ResNets (He et al. 2016, Sec. 4.2), e.g. resnet20, resnet8x4.
 
-``load_model`` also takes a run directory written by ``save_model``. ``resolve_model`` is what
-the commands call: it also settles the input contract (``kdlib.contract``) and the class map
-(``kdlib.classmap``).
+Pretrained names (``torchvision:``, ``timm:``) are ``kdlib.pretrained``'s; run directories are
+``kdlib.rundir``'s; ``kdlib.resolve.resolve_model`` is the one entry point from a name to a model.
 """
 
 from __future__ import annotations
@@ -27,41 +23,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import importlib
 import inspect
 import json
-import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torchvision
 from torch import nn
 
-from kdlib.classmap import resolve_class_map
-from kdlib.contract import InputContract, check_flags
-from kdlib.errors import ModelError
-from kdlib.pretrained import is_pretrained_spec, load_pretrained
+from .contract import InputContract
+from .errors import ModelError
+from .rundir import CONFIG_NAME, WEIGHTS_NAME
+from .weights import read_state_file
 
-__all__ = [
-    "Classifier",
-    "build_model",
-    "load_model",
-    "resolve_model",
-    "save_model",
-    "weights_digest",
-    "model_id",
-    "count_params",
-]
+__all__ = ["Classifier", "CifarResNet", "Built", "build_net", "build_model", "load_net_weights", "model_id",
+           "count_params"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-_CORE_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "net_channels")
 _RESNET_RE = re.compile(r"resnet(\d+)(?:x(\d+))?")
 _FORMS = (
     "resnet{6n+2}[x{w}] (e.g. resnet20, resnet8x4), a torchvision classification model name "
@@ -199,6 +180,11 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
+    def stage_layers(self) -> list[str]:
+        """The last block of each of the three stages (`kdlib._layers` names them stage1..stage3)."""
+        n = len(self.blocks) // 3
+        return [f"blocks.{n * (i + 1) - 1}" for i in range(3)]
+
 
 # --- resolving an arch -----------------------------------------------------------------------
 
@@ -208,7 +194,7 @@ def _torchvision_names() -> frozenset[str]:
 
 
 @dataclasses.dataclass
-class _Built:
+class Built:
     """A bare net and what building it told us."""
 
     net: nn.Module
@@ -235,7 +221,7 @@ def _first_conv_channels(net: nn.Module) -> int | None:
     return None if conv is None else int(conv.in_channels)
 
 
-def _from_factory(spec: str, num_classes: int, in_channels: int) -> _Built:
+def _from_factory(spec: str, num_classes: int, in_channels: int) -> Built:
     """Call the factory as it is written: with num_classes / in_channels where it takes them."""
     factory = _import_factory(spec)
     try:
@@ -278,7 +264,7 @@ def _from_factory(spec: str, num_classes: int, in_channels: int) -> _Built:
     if sized and outputs != num_classes:
         raise ModelError(f"model factory {spec!r} was asked for num_classes={num_classes} but its model "
                          f"gives {outputs} outputs")
-    return _Built(out, net_channels, outputs, sized, contract)
+    return Built(out, net_channels, outputs, sized, contract)
 
 
 def _factory_contract(spec: str, factory: Callable[..., Any], net: nn.Module,
@@ -326,12 +312,13 @@ def _probe_classes(spec: str, net: nn.Module, channels: int, size: int | None) -
     raise ModelError(f"model {spec!r} fails on a [1,{channels},S,S] input for every S tried ({errors[0]})")
 
 
-def _resolve(arch: str, num_classes: int, in_channels: int) -> _Built:
+def build_net(arch: str, num_classes: int, in_channels: int) -> Built:
+    """The bare net an arch names, built for `num_classes` (a fresh net) or as its factory made it."""
     if ":" in arch:
         return _from_factory(arch, num_classes, in_channels)
     if arch in _torchvision_names():
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        return _Built(net, 3, num_classes, True)
+        return Built(net, 3, num_classes, True)
     m = _RESNET_RE.fullmatch(arch)
     if m:
         depth, width = int(m.group(1)), int(m.group(2) or 1)
@@ -340,7 +327,7 @@ def _resolve(arch: str, num_classes: int, in_channels: int) -> _Built:
                              "(resnet8, 14, 20, 32, 44, 56, 110, ...)")
         if width < 1:
             raise ModelError(f"{arch}: width multiplier must be >= 1")
-        return _Built(CifarResNet(depth, width, num_classes, in_channels), in_channels, num_classes, True)
+        return Built(CifarResNet(depth, width, num_classes, in_channels), in_channels, num_classes, True)
     close = difflib.get_close_matches(arch, sorted(_torchvision_names()), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ModelError(f"unknown model {arch!r}. Accepted: {_FORMS}.{hint}")
@@ -353,121 +340,16 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
     if int(num_classes) < 1 or int(in_channels) < 1:
         raise ModelError(f"{arch}: num_classes and in_channels must be >= 1, "
                          f"got {num_classes}, {in_channels}")
-    built = _resolve(arch, int(num_classes), int(in_channels))
+    built = build_net(arch, int(num_classes), int(in_channels))
     if built.num_classes != int(num_classes):
         raise ModelError(f"model {arch!r} gives {built.num_classes} outputs but the data has {num_classes} classes")
     contract = built.contract
     if weights is not None:
-        contract = _load_net_weights(built.net, Path(weights), int(num_classes)) or contract
+        contract = load_net_weights(built.net, Path(weights), int(num_classes)) or contract
     if contract is not None:
         mean, std = contract.mean, contract.std
     return Classifier(built.net, arch=arch, num_classes=num_classes, in_channels=in_channels,
                       mean=mean, std=std, net_channels=built.net_channels, contract=contract)
-
-
-def _log(line: str) -> None:
-    # stderr: eval and verify print JSON on stdout; one process of many says it
-    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(line, file=sys.stderr, flush=True)
-
-
-def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, weights: str | None = None,
-                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  class_map: str | None = None, data_stats: Callable[[], tuple[list[float], list[float]]] | None = None,
-                  trust_code: bool = False, role: str = "teacher") -> Classifier:
-    """The model a command names, with its input contract settled and its outputs fitted to the data.
-
-    ``classes``: the data's class names (a teacher may then be mapped onto them, see
-    ``kdlib.classmap``) or just their count (the model must answer exactly that many).
-    ``data_stats``: the data's (mean, std), used only for a model trained here from scratch.
-    The contract's source is printed: ``<role> <spec>: mean [...], std [...] (from ...)``.
-    """
-    n = classes if isinstance(classes, int) else len(classes)
-    if (mean is None) != (std is None) and not (is_pretrained_spec(spec) or Path(spec).is_dir()):
-        raise ModelError(f"{spec}: give both --mean and --std (or neither)")
-    names: list[list[str]] | None = None
-    if Path(spec).is_dir():
-        if weights is not None:
-            raise ModelError(f"{spec}: --weights cannot be combined with a run directory (it holds its weights)")
-        model = _load_run(Path(spec), None, in_channels, trust_code)
-        check_flags(model.contract, mean, std, spec)
-        names = [[c] for c in model.classes] if getattr(model, "classes", None) else None
-        if model.class_index is not None:  # already mapped when it was made: keep that mapping
-            names = None
-    elif is_pretrained_spec(spec):
-        p = load_pretrained(spec, weights)
-        check_flags(p.contract, mean, std, spec)
-        model = Classifier(p.net, arch=spec, num_classes=p.num_classes, in_channels=in_channels, mean=p.contract.mean,
-                           std=p.contract.std, net_channels=p.net_channels, contract=p.contract)
-        names = p.class_names
-    else:
-        if "/" in str(spec) or os.sep in str(spec):
-            raise ModelError(f"run directory not found: {spec}")
-        built = _resolve(spec, n, int(in_channels))
-        contract = built.contract
-        if weights is not None:
-            contract = _load_net_weights(built.net, Path(weights), built.num_classes) or contract
-        if contract is not None:
-            check_flags(contract, mean, std, spec)
-        elif mean is not None:
-            contract = InputContract(mean, std, origin="--mean/--std")
-        elif weights is None and built.sized and data_stats is not None:
-            m, s = data_stats()
-            contract = InputContract(m, s, origin="the data's measured statistics (a model trained from scratch)")
-        else:
-            why = f"weights {weights}" if weights is not None else "its pretrained head"
-            raise ModelError(f"{role} {spec}: the preprocessing its weights expect is unknown ({why} say nothing "
-                             "of mean/std); give --mean and --std (e.g. --mean imagenet --std imagenet), or name "
-                             "the weights as torchvision:<model>:<TAG> / timm:<model>")
-        if contract.size is None and weights is not None and built.contract is not None:
-            contract = contract.replace(size=built.contract.size)
-        model = Classifier(built.net, arch=spec, num_classes=built.num_classes, in_channels=in_channels,
-                           mean=contract.mean, std=contract.std, net_channels=built.net_channels, contract=contract)
-    if isinstance(classes, int) or role != "teacher":
-        if model.num_classes != n:
-            raise ModelError(f"{role} {spec} gives {model.num_classes} outputs but the data has {n} classes")
-    elif model.class_index is None:
-        index, how = resolve_class_map(list(classes), model.num_classes, names, class_map, spec)
-        if index is not None and getattr(model, "head_layers", None):
-            raise ModelError(f"{role} {spec} has DIH heads, which answer over its own {model.num_classes} classes: "
-                             "it cannot be mapped onto the data's classes (fit the heads on a teacher of the data's "
-                             "classes, or drop the heads)")
-        if index is not None:
-            model.class_index = torch.tensor(index, dtype=torch.int64)
-            model.num_classes = len(index)
-            _log(f"{role} {spec}: {len(index)} data classes mapped to its {model.net_classes} outputs by {how}")
-        elif how.startswith("position") and class_map is None and names is not None:
-            _log(f"note: {role} {spec}: classes taken by {how}")
-    elif class_map is not None:
-        raise ModelError(f"{spec} already carries a class map; drop --class-map")
-    _log(f"{role} {spec} input: {model.contract.describe()}")
-    return model
-
-
-def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            obj = safetensors.torch.load_file(str(path))
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            # weights_only: tensors and plain containers only; a pickled object is refused, never run.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ModelError(f"weights file {path}: expected .safetensors, .pt, .pth or .bin")
-    except ModelError:
-        raise
-    except Exception as e:  # UnpicklingError, corrupt zip / header, ...
-        raise ModelError(f"cannot load weights from {path} (only plain state dicts are accepted, "
-                         f"loaded with weights_only=True): {e}") from e
-    for key in ("state_dict", "model"):  # common checkpoint layouts
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights file {path} does not hold a state dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
 
 
 def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], InputContract | None]:
@@ -492,9 +374,9 @@ def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, 
     return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, contract
 
 
-def _load_net_weights(net: nn.Module, path: Path, num_classes: int) -> InputContract | None:
+def load_net_weights(net: nn.Module, path: Path, num_classes: int) -> InputContract | None:
     """Load a state dict into ``net``; -> the file's contract when it is kdlib's own model.safetensors."""
-    state, contract = _kdlib_state(_read_state_file(path), path)
+    state, contract = _kdlib_state(read_state_file(path), path)
     own = net.state_dict()
     problems = []
     for key, t in state.items():
@@ -513,144 +395,6 @@ def _load_net_weights(net: nn.Module, path: Path, num_classes: int) -> InputCont
     except RuntimeError as e:
         raise ModelError(f"weights file {path} does not fit the model: {e}") from e
     return contract
-
-
-# --- run directories --------------------------------------------------------------------------
-
-def load_model(spec: str, num_classes: int | None = None, in_channels: int | None = None,
-               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-               weights: str | None = None, trust_code: bool = False) -> Classifier:
-    """A Classifier in eval mode from a run directory or an arch name.
-
-    For a run directory the saved config wins; num_classes / in_channels, when given, must
-    agree with it (mean / std are ignored: the model keeps the normalisation it was trained with).
-    A run directory of a factory model is refused unless ``trust_code``: a file never names code to run.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        if weights is not None:
-            raise ModelError(f"{spec}: weights= cannot be combined with a run directory")
-        return _load_run(path, num_classes, in_channels, trust_code).eval()
-    if os.sep in str(spec) or "/" in str(spec):
-        raise ModelError(f"run directory not found: {spec}")
-    missing = [n for n, v in [("num_classes", num_classes), ("in_channels", in_channels),
-                              ("mean", mean), ("std", std)] if v is None]
-    if missing:
-        raise ModelError(f"building {spec!r} needs {', '.join(missing)}")
-    return build_model(spec, num_classes, in_channels, mean, std, weights).eval()
-
-
-def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trust_code: bool = False) -> Classifier:
-    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ModelError(f"{path} is not a model run directory: {p.name} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {cfg_path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path} must hold a JSON object")
-    missing = [k for k in _CORE_KEYS[:5] if k not in cfg]
-    if missing:
-        raise ModelError(f"{cfg_path} lacks {', '.join(missing)}")
-    for name, given in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if given is not None and int(given) != int(cfg[name]):
-            raise ModelError(f"{path}: model has {name}={cfg[name]} but {name}={given} was asked for")
-    arch = str(cfg["arch"])
-    if ":" in arch and not is_pretrained_spec(arch) and not trust_code:
-        # DESIGN invariant 8: code runs only when the user names it on the command line.
-        raise ModelError(f"{path}: its {CONFIG_NAME} names the factory {arch!r}, and kdlib never imports code "
-                         f"named in a file; type it: --model/--teacher {arch} --weights {w_path} "
-                         "(or add --trust-code to run it from the config)")
-    if "heads" in cfg:  # a DIH teacher written by `kdlib heads`: the backbone plus classifier heads
-        from .heads import load_headed_run
-
-        return load_headed_run(path, cfg)
-    origin = f"run dir {path}"
-    if isinstance(cfg.get("contract"), dict) and cfg["contract"].get("origin"):
-        origin += f" (first from {cfg['contract']['origin']})"
-    contract = (InputContract.from_dict(cfg["contract"], origin=origin) if isinstance(cfg.get("contract"), dict)
-                else InputContract(cfg["mean"], cfg["std"], origin=origin))
-    net_classes = int(cfg.get("net_classes", cfg["num_classes"]))
-    if is_pretrained_spec(arch):
-        p = load_pretrained(arch, load=False)
-        net, net_channels = p.net, p.net_channels
-    else:
-        built = _resolve(arch, net_classes, int(cfg["in_channels"]))
-        net, net_channels = built.net, built.net_channels
-    model = Classifier(net, arch=arch, num_classes=net_classes, in_channels=cfg["in_channels"], mean=cfg["mean"],
-                       std=cfg["std"], net_channels=net_channels, contract=contract,
-                       class_index=cfg.get("class_index"))
-    classes = cfg.get("classes")  # the data's class names it was trained on, when the run recorded them
-    model.classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes \
-        else None
-    if cfg.get("net_channels", model.net_channels) != model.net_channels:
-        raise ModelError(f"{path}: saved net_channels={cfg['net_channels']}, "
-                         f"{cfg['arch']} now builds with {model.net_channels}")
-    load_run_weights(model, w_path, cfg, str(cfg["arch"]))
-    return model
-
-
-def load_run_weights(model: nn.Module, w_path: Path, cfg: Mapping, what: str) -> None:
-    """A run dir's model.safetensors into `model`, checked against the digest its config.json recorded."""
-    try:
-        state = safetensors.torch.load_file(str(w_path))
-    except Exception as e:
-        raise ModelError(f"cannot read {w_path}: {e}") from e
-    if "weights_digest" in cfg and _digest_state(state) != cfg["weights_digest"]:
-        raise ModelError(f"{w_path}: weights do not match the digest in {CONFIG_NAME} (corrupt file?)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"{w_path} does not fit {what}: {e}") from e
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # durable before it becomes visible under the real name
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_model(model: Classifier, out_dir: str | Path, extra: dict | None = None) -> None:
-    """Write out_dir/model.safetensors and out_dir/config.json (config + extra + weights_digest)."""
-    if not isinstance(model, Classifier):
-        raise ModelError(f"save_model needs a kdlib Classifier, got {type(model).__name__}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = dict(model.config)
-    for key, value in (extra or {}).items():
-        if key in config and config[key] != value:
-            raise ModelError(f"extra[{key!r}]={value!r} would overwrite the model's own {key}")
-        config[key] = value
-    config["weights_digest"] = _digest_state(state)
-    # Weights first: config.json names a digest, so a config next to stale weights is caught on load.
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda p: safetensors.torch.save_file(state, str(p)))
-    _atomic_write(out_dir / CONFIG_NAME,
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-
-
-# --- identity ---------------------------------------------------------------------------------
-
-def _digest_state(state: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        # Raw bytes through a uint8 view: works for bf16 (which numpy lacks) and every other dtype.
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of the state dict (names, dtypes, shapes, bytes): same weights, same digest."""
-    return _digest_state(model.state_dict())
 
 
 def model_id(spec: str) -> str:

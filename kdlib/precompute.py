@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,23 +28,22 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
-from . import __version__
-from ._dist import process_state
-from .contract import parse_floats, size_note
+from ._version import __version__
+from .attention import parse_layers
 from .errors import ConfigError, StoreError
-from .extras import DEFAULT_GRID, extra_columns, prepare_teacher
 from .feed import Feed, render_device
-from .models import Classifier, model_id, resolve_model, weights_digest
-from .plan import center_params, pack_params, views_per_epoch
+from .plan import center_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .render import DECODERS, RENDERER
-from .softlabel import check_finite, encode, id_dtype, to_codec
-from .source import Source, open_source, save_source_index
+from .runtime import process_state
+from .softlabel import encode, id_dtype, to_codec
+from .source import open_source, save_source_index
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
-from .teacher import check_precision, prepare_model, teacher_logits
+from .store.codecs import SAMPLE, ParamsCodec, active_codecs, check_names
+from .teacher import DEFAULT_GRID, Teacher, load_teacher
 from .views import Batch, FixedParams, PlanParams, ViewBatches, split_range
 
-__all__ = ["PrecomputeConfig", "auto_full_sample", "precompute", "teacher_logits", "PIXEL_SAMPLE"]
+__all__ = ["PrecomputeConfig", "auto_full_sample", "precompute", "PIXEL_SAMPLE"]
 
 PIXEL_SAMPLE = 8  # rendered views of epoch 0 kept in the store, so verify can measure pixel parity
 
@@ -79,6 +78,8 @@ class PrecomputeConfig:
     std: str | None = None
     class_map: str | None = None  # file mapping the data's classes to teacher outputs (kdlib.classmap)
     trust_code: bool = False  # let a run dir's config name a factory to import
+    cpu: bool = False  # run on the CPU even when a GPU is present
+    columns: tuple[str, ...] = field(default_factory=tuple)  # extra column kinds to store (registered codecs)
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -87,36 +88,27 @@ def auto_full_sample(k: int, num_classes: int) -> float:
     return min(0.01, 0.1 * k / num_classes)
 
 
-def _round_to_groups(n: int, group_size: int, what: str) -> int:
+def _round_to_groups(n: int, group_size: int, what: str, state: PartialState) -> int:
     r = max(group_size, n // group_size * group_size)
     if r != n:
-        print(f"note: {what}={n} rounded to {r}, a multiple of the group size {group_size}")
+        state.print(f"note: {what}={n} rounded to {r}, a multiple of the group size {group_size}")
     return r
 
 
-def _check_teacher(teacher: Classifier, source: Source, spec: str) -> None:
-    cfg = teacher.config
-    if cfg["num_classes"] != source.num_classes or cfg["in_channels"] != source.channels:
-        raise ConfigError(f"teacher {spec} expects {cfg['in_channels']} channel(s) and {cfg['num_classes']} "
-                          f"classes; source {source.name} has {source.channels} and {source.num_classes}")
-
-
 def precompute(cfg: PrecomputeConfig) -> Store:
-    state = process_state()
+    """Run the teacher once over the recipe's views and store its soft labels (see the module docstring)."""
+    state = process_state(cfg.cpu)
     device = state.device
     if cfg.decode not in DECODERS:
         raise ConfigError(f"--decode {cfg.decode!r} is unknown; choose one of {DECODERS}")
-    precision = check_precision(cfg.precision, device)
+    columns = check_names(list(cfg.columns), "precompute columns")
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
-    teacher = resolve_model(cfg.teacher, classes=source.classes, in_channels=source.channels, weights=cfg.weights,
-                            mean=parse_floats(cfg.mean, "--mean"), std=parse_floats(cfg.std, "--std"),
-                            class_map=cfg.class_map, data_stats=source.mean_std, trust_code=cfg.trust_code).eval()
-    _check_teacher(teacher, source, cfg.teacher)
-    if (note := size_note(teacher.contract, recipe.size, f"teacher {cfg.teacher}")) and state.is_main_process:
-        print(note)
-    teacher = prepare_model(teacher.eval(), device)
-    extras = prepare_teacher(teacher, cfg.attention, cfg.attention_grid, cfg.attention_codec)  # heads, AT maps
+    teacher = load_teacher(cfg.teacher, source, device=device, precision=cfg.precision, weights=cfg.weights,
+                           mean=cfg.mean, std=cfg.std, class_map=cfg.class_map, trust_code=cfg.trust_code,
+                           size=recipe.size)
+    if layers := parse_layers(cfg.attention):
+        teacher.tap(layers, cfg.attention_grid, cfg.attention_codec)
     g = recipe.group_size
     k = min(cfg.k, source.num_classes)
     full_sample = auto_full_sample(k, source.num_classes) if cfg.full_sample is None else cfg.full_sample
@@ -125,18 +117,17 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     meta = StoreMeta(
         format_version=FORMAT_VERSION, backend=cfg.backend, recipe=recipe.digest_dict(),
         source={**source.describe(), "data": cfg.data, "limit": cfg.limit},
-        teacher={"id": model_id(cfg.teacher), "digest": weights_digest(teacher), "arch": teacher.config["arch"],
-                 "config": teacher.config, "contract": teacher.contract.to_dict(), "precision": precision},
+        teacher=teacher.identity(),
         num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
         views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
-        chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views")),
+        chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views", state)),
         logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
         render={"device": render_device(cfg.render, device, cfg.workers), "decoder": cfg.decode,
                 "renderer": (renderer := _renderer_of(cfg.out))},
-        kdlib_version=__version__, **extras)
-    batch = _round_to_groups(cfg.batch_size, g, "batch_size")
+        heads=teacher.heads, attention=teacher.attention, codecs=columns, kdlib_version=__version__)
+    batch = _round_to_groups(cfg.batch_size, g, "batch_size", state)
 
     if state.is_main_process:
         store = create_store(cfg.out, meta)  # refuses a store written for something else
@@ -167,7 +158,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     items = iter(feed)
     for epoch in epochs:
         if todo[epoch]:
-            _run_epoch(store, teacher, precision, items, plan.epoch(epoch), epoch, todo[epoch], batch, state,
+            _run_epoch(store, teacher, items, plan.epoch(epoch), epoch, todo[epoch], batch, state,
                        log_path, skipped=len(mine) - len(todo[epoch]))
         state.wait_for_everyone()
         if state.is_main_process:
@@ -178,9 +169,13 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         store.meta = Store.read_meta(cfg.out)
 
     if cfg.test:  # every rank predicts its share of the test split on its device; the main process writes
-        _store_test_predictions(store, teacher, precision, cfg, recipe, state, batch)
+        _store_test_predictions(store, teacher, cfg, recipe, state, batch)
     state.wait_for_everyone()
-    return open_store(cfg.out)
+    store = open_store(cfg.out)
+    m = store.meta
+    state.print(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
+                f"teacher {m.teacher['id']}")
+    return store
 
 
 def _renderer_of(url: str) -> str:
@@ -191,10 +186,10 @@ def _renderer_of(url: str) -> str:
         return RENDERER
 
 
-def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterator[dict[str, Any]],
-               params: dict[str, np.ndarray], epoch: int, chunks: list[int], batch: int, state: PartialState,
-               log_path: str, skipped: int) -> None:
+def _run_epoch(store: Store, teacher: Teacher, items: Iterator[dict[str, Any]], params: dict[str, np.ndarray],
+               epoch: int, chunks: list[int], batch: int, state: PartialState, log_path: str, skipped: int) -> None:
     meta = store.meta
+    codecs = [c for c in active_codecs(meta) if not isinstance(c, ParamsCodec)]  # what a teacher forward fills
     total = sum(b - a for a, b in (meta.chunk_range(c) for c in chunks))
     pending: dict[int, list[dict[str, torch.Tensor]]] = {}
     writes: list[Future] = []
@@ -206,27 +201,25 @@ def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterato
             item = next(items)
             start, stop = item["start"], item["stop"]
             c = start // meta.chunk_views
-            logits = teacher_logits(teacher, item["views"], state.device, precision)
-            labels = encode(logits, meta.k, check=False)  # on the device; the writer copies and checks
-            if meta.logit_codec != "fp16":  # the finiteness check wants the fp16 values too
-                labels = {**to_codec(labels, meta.logit_codec), "_logits16": labels["logits"]}
-            labels.update(extra_columns(teacher, meta))  # DIH head labels, attention maps (issue 13)
+            out = teacher.forward(item["views"])
+            cols: dict[str, torch.Tensor] = {}
+            for codec in codecs:  # soft labels, heads, maps, extra kinds: on the device; the writer copies and checks
+                cols.update(codec.encode(out, meta))
             a, b = meta.chunk_range(c)
             # the first sample_views views of each chunk also keep every logit (fp16), so that
             # `kdlib inspect` measures what top-k truncation costs instead of guessing
-            keep = max(0, min(a + meta.sample_views, stop) - start)
-            labels["full"] = logits[:keep].clamp(-65504, 65504).half()
+            cols.update(SAMPLE.encode_rows(out, max(0, min(a + meta.sample_views, stop) - start)))
             if epoch == 0 and start == 0 and state.is_main_process:
                 store.write_pixels(item["views"][:PIXEL_SAMPLE].cpu().numpy(), epoch=0, start=0)
-            pending.setdefault(c, []).append(labels)
+            pending.setdefault(c, []).append(cols)
             seen += stop - start
             bar.update(stop - start)
             if stop == b:  # the chunk's last batch: hand it to the writer
                 parts = pending.pop(c)
-                cols: dict[str, Any] = pack_params({k: v[a:b] for k, v in params.items()}, meta.param_packing)
+                plan_cols = ParamsCodec().pack({k: v[a:b] for k, v in params.items()}, meta)
                 while len(writes) >= 2:  # bound memory: at most two chunks in flight
                     writes.pop(0).result()
-                writes.append(writer.submit(_write_and_log, store, epoch, c, cols, parts, log_path))
+                writes.append(writer.submit(_write_and_log, store, epoch, c, plan_cols, parts, codecs, log_path))
         for f in writes:
             f.result()
     bar.close()
@@ -236,19 +229,18 @@ def _run_epoch(store: Store, teacher: Classifier, precision: str, items: Iterato
 
 
 def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], parts: list[dict[str, torch.Tensor]],
-                   log_path: str) -> None:
-    """In the writer thread: the device-to-host copy of the chunk's labels, the write, the commit."""
+                   codecs: list, log_path: str) -> None:
+    """In the writer thread: the device-to-host copy of the chunk's labels, the checks, the write, the commit."""
     host = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
-    check_finite(host.pop("_logits16") if "_logits16" in host else host["logits"], host["lse"])
-    for name in [k for k in host if k.startswith("_h")]:  # DIH heads: _h{j}_logits16
-        check_finite(host.pop(name), host[name[1:].replace("_logits16", "_lse")])
+    for codec in codecs:
+        codec.check(host, store.meta)
     cols.update(host)
     store.write_chunk(epoch, chunk, cols)
     with store.fs.open(log_path, "a") as f:
         f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()}) + "\n")
 
 
-def _store_test_predictions(store: Store, teacher: Classifier, precision: str, cfg: PrecomputeConfig, recipe: Recipe,
+def _store_test_predictions(store: Store, teacher: Teacher, cfg: PrecomputeConfig, recipe: Recipe,
                             state: PartialState, batch: int) -> None:
     try:
         test = open_source(cfg.data, "test", cfg.limit)
@@ -265,7 +257,7 @@ def _store_test_predictions(store: Store, teacher: Classifier, precision: str, c
     batches = [Batch(0, a, b) for a, b in split_range(lo, hi, batch)]
     feed = Feed(ViewBatches(test, batches, recipe.size, 1, params, draft=cfg.decode == "pil-draft",
                             renderer=store.meta.rendered["renderer"]), device, cfg.workers, cfg.render)
-    parts = [encode(teacher_logits(teacher, item["views"], device, precision), store.meta.k)
+    parts = [encode(teacher.logits(item["views"]), store.meta.k)
              for item in tqdm(feed, desc="teacher on test split", unit="batch", disable=not state.is_local_main_process)]
     k = min(store.meta.k, store.meta.num_classes)
     # ids as int64 and values as float32 for the collective (not every backend moves uint16 / fp16);

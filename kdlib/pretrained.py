@@ -17,6 +17,7 @@ from torch import nn
 
 from .contract import InputContract
 from .errors import ModelError
+from .weights import read_state_file
 
 __all__ = ["Pretrained", "is_pretrained_spec", "load_pretrained"]
 
@@ -50,9 +51,7 @@ def load_pretrained(spec: str, weights: str | None = None, load: bool = True) ->
 
 
 def _read(path: Path) -> dict:
-    from .models import _read_state_file  # one safe reader for every weights file
-
-    return _read_state_file(path)
+    return read_state_file(path)  # one safe reader for every weights file
 
 
 def _load_into(net: nn.Module, state: dict, spec: str, path: Path) -> None:

@@ -48,8 +48,9 @@ from .errors import StoreError
 from .plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE
 from .source import pil_image
 
-__all__ = ["RENDERER", "RENDERERS", "check_renderer", "pillow_agrees", "pillow_renders", "DECODERS", "Decoded", "Draft", "decode_batch", "draft_scales", "param_tensors",
-           "render_decoded", "render_decoded_pil", "render_pil", "render_views"]
+__all__ = ["RENDERER", "RENDERERS", "check_renderer", "pillow_agrees", "pillow_renders", "DECODERS", "Decoded", "Draft",
+           "decode_batch", "draft_scales", "param_tensors", "flip_mix", "render_decoded", "render_decoded_pil",
+           "render_pil", "render_views"]
 
 RENDERERS = ("pil-bilinear-1", "roi_align-1")  # the crop-resize + mix arithmetic; a new id if it changes pixels
 RENDERER = RENDERERS[0]  # what new stores are rendered with
@@ -164,27 +165,35 @@ def render_decoded(p: dict[str, torch.Tensor], images: Decoded, size: int, rende
     `p` comes from `param_tensors` with the same renderer, on the same device."""
     if renderer == "roi_align-1":
         return _flip_mix_round(p, _crop_resize(p["box"], images, size), size)
-    return _flip_mix_round(p, _resample(p, images, size).float(), size)
+    return flip_mix(p, _resample(p, images, size), size)
 
 
-def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
-    """Flip, mix (in float32, on the crops as the renderer made them: unrounded for roi_align-1, uint8
-    values for pil-bilinear-1) and round to uint8, in place on `crops`."""
+def flip_mix(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Flip, then mix: the one implementation of both, for every renderer and place, in place on `crops`.
+
+    Mixed views read their partners' unmixed (flipped) crops. MixUp is computed in float32 on the crops
+    as the renderer made them (unrounded floats for roi_align-1, uint8 values for pil-bilinear-1) and,
+    for uint8 crops, rounded once back into them; CutMix pastes the partner's pixels."""
     if len(p["flip"]):
         crops.index_copy_(0, p["flip"], crops.index_select(0, p["flip"]).flip(-1))
-    # Mixed views read their partners' unmixed (flipped) crops: compute every mix first, then write.
-    mixed = []
+    mixed = []  # every mix is computed before any is written
     if len(p["mixup"]):
         lam = p["mixup_lam"]
-        own, partner = crops.index_select(0, p["mixup"]), crops.index_select(0, p["mixup_partner"])
+        own, partner = crops.index_select(0, p["mixup"]).float(), crops.index_select(0, p["mixup_partner"]).float()
         # lam * own + (1 - lam) * partner, in place on the copies: the same three roundings, fewer passes
-        mixed.append((p["mixup"], own.mul_(lam).add_(partner.mul_(1.0 - lam))))
+        m = own.mul_(lam).add_(partner.mul_(1.0 - lam))
+        mixed.append((p["mixup"], m if crops.is_floating_point() else m.round_().to(crops.dtype)))
     if len(p["cut"]):
         own, partner = crops.index_select(0, p["cut"]), crops.index_select(0, p["cut_partner"])
         mixed.append((p["cut"], torch.where(_box_mask(p["cutbox"], size), partner, own)))
     for index, values in mixed:
         crops.index_copy_(0, index, values)
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+    return crops
+
+
+def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) -> torch.Tensor:
+    """roi_align-1: flip and mix the unrounded float crops, then round once to uint8."""
+    return flip_mix(p, crops, size).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def render_views(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int,
@@ -347,28 +356,8 @@ def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, gro
         # One axis per call, so that Pillow cannot reorder the passes (its versions differ there).
         band = im.crop((0, a, im.width, b)).resize((size, b - a), bilinear, box=(float(x0[j]), 0.0, float(x1[j]), b - a))
         crop = band.resize((size, size), bilinear, box=(0.0, float(top[j]), size, float(bottom[j])))
-        if params["flip"][j]:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out[j] = np.asarray(crop).reshape(size, size, channels).transpose(2, 0, 1)  # HWC -> CHW while in cache
-    partner = np.arange(v) // group_size * group_size + params["partner"].astype(np.int64)
-    mix = params["mix"].astype(np.int64)
-    mixed = []  # mixed views read their partners' unmixed (flipped) crops: compute every mix first, then write
-    for j in np.flatnonzero(mix == MIX_MIXUP).tolist():
-        lam = np.float32(params["lam"][j])
-        m = out[j].astype(np.float32)
-        m *= lam
-        other = out[partner[j]].astype(np.float32)
-        other *= np.float32(1.0) - lam
-        m += other  # lam * own + (1 - lam) * partner: the same float32 roundings as the device path
-        mixed.append((j, np.rint(m, out=m).astype(np.uint8)))  # a convex mix of 0..255 rounds into 0..255
-    for j in np.flatnonzero(mix == MIX_CUTMIX).tolist():
-        t, left, h, w = (int(x) for x in params["cutbox"][j])
-        m = out[j].copy()
-        m[:, t:t + h, left:left + w] = out[partner[j], :, t:t + h, left:left + w]
-        mixed.append((j, m))
-    for j, m in mixed:
-        out[j] = m
-    return torch.from_numpy(out)
+    return flip_mix(_mix_tensors(params, group_size), torch.from_numpy(out), size)
 
 
 def render_decoded_pil(params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int,

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,33 +30,33 @@ from accelerate.utils import set_seed
 from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader twice (tqdm#1598)
 
 from ._checks import TRAIN_NUMBERS, check_numbers
-from ._dist import check_world
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .checkpoint import (check_out_dir, check_resume, clear_run, find_checkpoint, load_checkpoint, math_config,
                          read_state, save_checkpoint)
 from .errors import ConfigError
 from .evaluate import evaluate_model
-from .extras import attention_term, check_dih_source, cohort_logits, dih_loss_fn
-from .feed import Feed, render_device
+from .losses import LOSS_SETTINGS, loss_settings, target_error, target_loss, training_loss
 from .plots import save_curves
-from .losses import get_loss, mixed_label_targets, soft_cross_entropy, target_error
-from .contract import parse_floats
-from .models import Classifier, resolve_model, save_model
-from .plan import views_per_epoch
-from .recipe import Recipe, load_recipe
+from .replay import Replay
+from .resolve import load_student
+from .rundir import save_model
+from .runtime import check_world
+from .schedule import warmup_cosine
 from .softlabel import reconstruct
 from .source import open_source
-from .store import ChunkCache, Store, decoded, open_store, open_store_source
-from .teacher import check_precision, prepare_model, teacher_logits
-from .views import Batch, PlanParams, ViewBatches, rank_slice, split_range
+from .store import Store
+from .store.codecs import decode_chunk
+from .targets import Targets, attention_term, choose_targets
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "resolve_config", "train"]
 
-KD_LOSSES = ("kl", "ttm", "wttm", "dist", "dih")
+
 
 
 @dataclass
 class TrainConfig:
+    """Everything `kdlib train` takes (the CLI's flags, a train/*.yaml config's keys); see `kdlib train -h`."""
+
     out: str
     student: str = "resnet8"
     shards: str | None = None
@@ -130,117 +129,6 @@ def resolve_config(flags: dict[str, Any], given: set[str], config_file: str | No
 
 
 # -- 1. prepare ----------------------------------------------------------------------------
-class _Targets:
-    """Where the views' params come from and what the student matches on them."""
-
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
-        self.store: Store | None = None
-        self.max_stored = cfg.stored_epochs
-        self.dih_heads = 0  # --loss dih: heads in the cohort besides the main classifier
-        self.teacher: Classifier | None = None
-        online_only = [f"--{k.replace('_', '-')}" for k in ("teacher_weights", "teacher_mean", "teacher_std", "class_map")
-                       if getattr(cfg, k) is not None]
-        if online_only and not cfg.teacher:
-            raise ConfigError(f"{', '.join(online_only)} describe the online --teacher; without one there is nothing "
-                              "to apply them to (a store's teacher is fixed when it is written)")
-        if cfg.shards:
-            if cfg.teacher:
-                raise ConfigError("give --shards (cached teacher) or --teacher (online), not both")
-            self.store = open_store(cfg.shards)
-            meta = self.store.meta
-            if meta.epochs_done == 0:
-                raise ConfigError(f"store {cfg.shards} has no complete epoch yet; finish `kdlib precompute` first")
-            self.recipe = Recipe.from_dict(meta.recipe, origin=f"{cfg.shards}/meta.json")
-            self.source = open_store_source(self.store, cfg.data, cfg.limit)
-            self.num_classes = meta.num_classes
-            self.views = meta.views_per_epoch
-            if cfg.loss == "ce" and not cfg.attention_student:  # CE + stored attention maps is fasterai's AT
-                raise ConfigError("--loss ce trains on labels; drop --shards, or pick a distillation loss")
-            if cfg.loss == "dih":
-                check_dih_source(meta.heads, f"store {cfg.shards}")
-                self.dih_heads = len(meta.heads)
-        else:
-            if not cfg.data:
-                raise ConfigError("give --shards (distill from a store) or --data (labels, or --teacher online)")
-            self.recipe = load_recipe(cfg.recipe)
-            self.source = open_source(cfg.data, "train", cfg.limit)
-            self.num_classes = self.source.num_classes
-            self.views = views_per_epoch(self.recipe, len(self.source))
-            if cfg.teacher:
-                self.teacher = resolve_model(cfg.teacher, classes=self.source.classes,
-                                             in_channels=self.source.channels, weights=cfg.teacher_weights,
-                                             mean=parse_floats(cfg.teacher_mean, "--teacher-mean"),
-                                             std=parse_floats(cfg.teacher_std, "--teacher-std"),
-                                             class_map=cfg.class_map, data_stats=self.source.mean_std,
-                                             trust_code=cfg.trust_code)
-                self.teacher = prepare_model(self.teacher.eval(), accelerator.device)
-                self.precision = check_precision(cfg.precision, accelerator.device)
-                if cfg.loss == "dih":
-                    check_dih_source(getattr(self.teacher, "head_layers", []), f"teacher {cfg.teacher}")
-                    self.dih_heads = len(self.teacher.head_layers)
-            elif cfg.loss != "ce":
-                raise ConfigError(f"--loss {cfg.loss} needs soft labels: give --shards or --teacher, or use --loss ce")
-
-    @property
-    def stored_epochs(self) -> int | None:
-        if self.store is None:
-            return None
-        return min(self.store.meta.epochs_done, self.max_stored or self.store.meta.epochs_done)
-
-    @property
-    def draft(self) -> bool:
-        """Decode as the store was decoded (the decoder changes pixels); plans decode in full."""
-        return self.store is not None and self.store.meta.rendered["decoder"] == "pil-draft"
-
-    def dataset(self, batches: list[Batch]) -> ViewBatches:
-        """`batches` name training epochs; a store's are read from stored epoch e mod stored_epochs."""
-        r = self.recipe
-        if self.store is not None:
-            batches = [Batch(e % self.stored_epochs, a, b) for e, a, b in batches]
-            return ViewBatches(self.source, batches, r.size, r.group_size, ChunkCache(self.store), draft=self.draft,
-                               renderer=self.store.meta.rendered["renderer"])  # replay as the store was rendered
-        return ViewBatches(self.source, batches, r.size, r.group_size, PlanParams(r, self.source.sizes()))
-
-    def teacher_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-        if self.dih_heads:  # DIH: the cohort [B, 1 + k, C], main classifier first (issue 13)
-            return cohort_logits(item, self._main_logits(item, device), self.num_classes, self.dih_heads,
-                                 self.teacher, device)
-        return self._main_logits(item, device)
-
-    def _main_logits(self, item: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-        if self.store is not None:
-            return reconstruct(item["ids"], item["logits"], item["lse"], self.num_classes)
-        if self.teacher is not None:
-            return teacher_logits(self.teacher, item["views"], device, self.precision)
-        return None
-
-
-def _loss_fn(cfg: TrainConfig, num_classes: int) -> Callable[..., torch.Tensor]:
-    if cfg.loss == "dih":  # the cohort loss of Asadian & Salehi-Abari (kdlib.losses.dih)
-        return dih_loss_fn(cfg.dih_alpha, cfg.dih_temperature, num_classes, cfg.ce_weight)
-    if cfg.loss == "ce":
-        kd = None
-    else:
-        params = {"kl": {"temperature": cfg.temperature}, "dist": {"temperature": cfg.temperature},
-                  "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma}}.get(cfg.loss)
-        if params is None:
-            raise ConfigError(f"--loss {cfg.loss!r} is unknown; choose one of {('ce',) + KD_LOSSES}")
-        kd = get_loss(cfg.loss, **params)
-    ce_weight = 1.0 if kd is None else cfg.ce_weight
-
-    def loss(student: torch.Tensor, teacher: torch.Tensor | None, item: dict[str, Any]) -> torch.Tensor:
-        total = student.new_zeros(())
-        if kd is not None:
-            total = total + kd(student.float(), teacher)
-        if ce_weight:
-            target = mixed_label_targets(item["label"].to(student.device), item["partner_label"].to(student.device),
-                                         item["lam"].to(student.device), num_classes)
-            total = total + ce_weight * soft_cross_entropy(student.float(), target)
-        return total
-
-    return loss
-
-
 TARGET_KL_WARN = 0.02  # nats (in the loss's units): above this the top-k tail visibly changes the target
 
 
@@ -255,31 +143,18 @@ def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator,
         return
     full, rec = [], []
     for chunk in range(min(chunks, meta.chunks_per_epoch)):
-        cols = decoded(store.read_chunk(0, chunk), meta)
+        cols = decode_chunk(store.read_chunk(0, chunk), meta)
         n = len(cols["full"])
         full.append(torch.from_numpy(cols["full"]).float())
         rec.append(reconstruct(torch.from_numpy(cols["ids"][:n].astype(np.int64)), torch.from_numpy(cols["logits"][:n]),
                                torch.from_numpy(cols["lse"][:n]), meta.num_classes))
-    params = {"kl": {"temperature": cfg.temperature}, "dist": {"temperature": cfg.temperature},
-              "ttm": {"gamma": cfg.gamma}, "wttm": {"gamma": cfg.gamma},
-              "dih": {"temperature": cfg.dih_temperature}}[cfg.loss]
-    err = target_error(torch.cat(full), torch.cat(rec), "kl" if cfg.loss == "dih" else cfg.loss, **params)
+    loss, params = target_loss(cfg.loss, loss_settings(cfg.loss, cfg))
+    err = target_error(torch.cat(full), torch.cat(rec), loss, **params)
     if err["kl_mean_scaled"] > TARGET_KL_WARN:
         accelerator.print(
             f"warning: at {cfg.loss} {params} the top-{meta.k} target differs from the full teacher by "
             f"KL {err['kl_mean_scaled']:.4f} (measured on {sum(len(f) for f in full)} stored full-logit views); "
             f"the invented tail matters here: precompute with a larger --k (or --k {meta.num_classes}: full logits)")
-
-
-def _warmup_cosine(total: int, warmup: float) -> Callable[[int], float]:
-    w = max(1, int(round(total * warmup)))
-
-    def f(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
-
-    return f
 
 
 def _views_digest(image_ids: np.ndarray, start: int) -> str:
@@ -327,39 +202,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     replace_run = check_out_dir(out, cfg.resume, cfg.overwrite)  # before anything is built or written
     set_seed(cfg.seed)  # nothing in the loop draws; views never come from here
-    targets = _Targets(cfg, accelerator)
+    targets = choose_targets(cfg, accelerator.device)  # a store, an online teacher, or labels: chosen once
     source, recipe = targets.source, targets.recipe
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    if cfg.batch_size % (recipe.group_size * world):
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of group size {recipe.group_size} "
-                          f"x processes {world}, so every process gets whole groups")
-    steps_per_epoch = targets.views // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than an epoch ({targets.views} views)")
-    total_steps = steps_per_epoch * cfg.epochs
+    world = accelerator.num_processes
+    # This rank's share of every global batch, from a step set below (the same batches a user's loop replays)
+    replay = Replay(targets, batch_size=cfg.batch_size, epochs=cfg.epochs, device=accelerator.device,
+                    rank=accelerator.process_index, world=world, workers=cfg.workers, render=cfg.render)
+    steps_per_epoch, total_steps = replay.steps_per_epoch, replay.total_steps
     if targets.stored_epochs is not None and cfg.epochs > targets.stored_epochs:
         accelerator.print(f"notice: training {cfg.epochs} epochs from {targets.stored_epochs} stored epoch(s) "
                           f"(the store holds {targets.store.meta.epochs_done}); "
                           f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
 
-    with torch.random.fork_rng(devices=[]):  # the init depends on --seed only, not on what was built before
-        torch.manual_seed(cfg.seed)
-        student = resolve_model(cfg.student, classes=targets.num_classes, in_channels=source.channels,
-                                weights=cfg.weights, mean=parse_floats(cfg.mean, "--mean"),
-                                std=parse_floats(cfg.std, "--std"), data_stats=source.mean_std,
-                                trust_code=cfg.trust_code, role="student")
+    student = load_student(cfg.student, source, targets.num_classes, seed=cfg.seed, weights=cfg.weights,
+                           mean=cfg.mean, std=cfg.std, trust_code=cfg.trust_code)
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
-    at_term = attention_term(cfg, targets.store, targets.teacher, student)  # 0.0 without --attention-student
+    at_term = attention_term(cfg, targets, student)  # 0.0 without --attention-student
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     # The scheduler is not prepared: accelerate would step it once per process per step, and the
     # schedule must not depend on the world size. It is still saved and restored with the state.
     if accelerator.device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(student, optimizer)
-    loss_fn = _loss_fn(cfg, targets.num_classes)
+    loss_fn = training_loss(cfg.loss, loss_settings(cfg.loss, cfg), targets.num_classes, cfg.ce_weight)
     if targets.store is not None and cfg.loss != "ce" and accelerator.is_main_process:
         _warn_target_error(targets.store, cfg, accelerator)
 
@@ -387,34 +254,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
         _truncate_logs(out, start_step)  # forget steps logged after the checkpoint we resume from
 
-    # One feed for every remaining step of the run: its workers live from the first batch to the last.
-    g = recipe.group_size
-    first_epoch = start_step // steps_per_epoch
-    global_batches = split_range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size)
-    batches = [Batch(e, *rank_slice(a, b, rank, world, g)) for e in range(first_epoch, cfg.epochs)
-               for a, b in global_batches[(start_step - e * steps_per_epoch if e == first_epoch else 0):]]
-    feed = Feed(targets.dataset(batches), accelerator.device, cfg.workers, cfg.render)
+    replay.start_step = start_step
     if targets.store is not None:  # roi_align-1 on another kind of device: within 1 LSB on a few pixels; say so, once
-        here = render_device(cfg.render, accelerator.device, cfg.workers)
-        there = targets.store.meta.rendered["device"]
+        here, there = replay.render_device, targets.store.meta.rendered["device"]
         if here != there and targets.store.meta.rendered["renderer"] == "roi_align-1":
             accelerator.print(f"notice: the store's views were rendered on {there}, this run renders them on {here}: "
                               "a few pixels may differ by 1 (roi_align); `kdlib verify --device` measures it")
-    items = iter(feed)
+    batches = iter(replay)  # one feed for every remaining step: its workers live from the first batch to the last
     log = _StepLog(out / "steps.jsonl", accelerator, cfg.log_every)
     channels_last = accelerator.device.type == "cuda"
 
     step = start_step
-    for epoch in range(first_epoch, cfg.epochs):
+    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
         model.train()
         n = steps_per_epoch * (epoch + 1) - step
         t0 = time.time()
         log.epoch_losses = []
         bar = tqdm(total=n, unit="step", desc=f"train epoch {epoch}", disable=not accelerator.is_local_main_process)
         for _ in range(n):
-            item = next(items)
+            item = next(batches).item
             views = item["views"].contiguous(memory_format=torch.channels_last) if channels_last else item["views"]
-            teacher = targets.teacher_logits(item, accelerator.device)
+            teacher = targets.logits(item, accelerator.device)
             with accelerator.autocast():
                 logits = model(views)
             loss = loss_fn(logits, teacher, item)
@@ -481,18 +341,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
-def _test_source(cfg: TrainConfig, targets: _Targets):
+def _test_source(cfg: TrainConfig, targets: Targets):
     if not hasattr(targets, "_test"):
         limit = cfg.limit if cfg.limit is not None else _store_limit(targets)
         targets._test = open_source(_data_arg(cfg, targets), "test", limit)
     return targets._test
 
 
-def _data_arg(cfg: TrainConfig, targets: _Targets) -> str:
+def _data_arg(cfg: TrainConfig, targets: Targets) -> str:
     return cfg.data or targets.store.meta.source.get("data")
 
 
-def _store_limit(targets: _Targets) -> int | None:
+def _store_limit(targets: Targets) -> int | None:
     return targets.store.meta.source.get("limit") if targets.store else None
 
 

@@ -21,19 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .contract import check_store_contract, parse_floats
-from .errors import StoreMismatchError
-from .extras import ExtrasCheck
+from .errors import ConfigError, StoreMismatchError
 from .feed import Feed
-from .models import resolve_model, weights_digest
-from .softlabel import Q8_STEPS_PER_NAT, reconstruct
+from .runtime import process_state
 from .store import ChunkCache, Store, open_store, open_store_source
-from .teacher import prepare_model, teacher_logits
+from .store.codecs import Tolerance, TeacherOutput, active_codecs
+from .teacher import load_teacher
 from .views import Batch, FixedParams, ViewBatches, split_range
 
-__all__ = ["verify", "pixel_parity", "tolerance", "FP16_RTOL", "CROSS_DEVICE_PIXELS"]
+__all__ = ["verify", "pixel_parity", "FP16_RTOL", "CROSS_DEVICE_PIXELS"]
 
 FP16_RTOL = 2.0**-11  # half an fp16 ulp, relative: the rounding of stored logits
 # Plus the difference between two teacher runs of the same views (batch composition picks other kernels):
@@ -44,6 +41,7 @@ CROSS_DEVICE_PIXELS = 1e-3  # share of pixels allowed to differ (by at most 1) a
 
 
 def pixel_parity(stored: np.ndarray, fresh: np.ndarray) -> dict[str, Any]:
+    """How far re-rendered views are from the stored pixel sample: max difference and share differing."""
     diff = np.abs(stored.astype(np.int16) - fresh.astype(np.int16))
     return {"views": int(len(stored)), "max_pixel_diff": int(diff.max(initial=0)),
             "pixels_differing": float((diff > 0).mean()) if diff.size else 0.0}
@@ -62,24 +60,29 @@ def _render(store: Store, source, device: torch.device, cols: dict[str, np.ndarr
 def verify(shards: str, teacher: str, views: int = 256, weights: str | None = None, data: str | None = None,
            min_agreement: float | None = None, batch_size: int = 256, device: str | None = None,
            mean: str | None = None, std: str | None = None, class_map: str | None = None,
-           trust_code: bool = False) -> dict[str, Any]:
+           trust_code: bool = False, cpu: bool = False, limit: int | None = None) -> dict[str, Any]:
+    """Re-render `views` stored views (and the stored pixel sample), re-run `teacher` on them and
+    compare with what the store says: a report whose `ok` says whether replay is exact (invariant 3).
+
+    `device` ("cpu" or "cuda") or `cpu` choose where; default: the process state's device."""
     store = open_store(shards)
     meta = store.meta
     if meta.epochs_done == 0:
         raise StoreMismatchError(f"store {shards} has no complete epoch to verify")
-    source = open_store_source(store, data)
+    source = open_store_source(store, data, limit)
+    if device not in (None, "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible here; drop --device (or use --device cpu)")
+    state = process_state(cpu or device == "cpu")
+    dev = torch.device(device) if device else state.device
     # The teacher's contract comes from its weights (or flags), never from the store: a store made
     # with another normalisation must be refused, not silently adopted.
-    model = resolve_model(teacher, classes=source.classes, in_channels=source.channels, weights=weights,
-                          mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), class_map=class_map,
-                          data_stats=source.mean_std, trust_code=trust_code)
-    check_store_contract(meta.teacher, model.contract, shards)
-    if weights_digest(model) != meta.teacher["digest"]:
-        raise StoreMismatchError(f"teacher {teacher} has weights digest {weights_digest(model)[:12]}, the store "
-                                 f"{shards} was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = prepare_model(model.eval(), dev)
-    extras = ExtrasCheck(model, meta)  # DIH heads and attention maps, checked like the main labels (issue 13)
+    model = load_teacher(teacher, source, device=dev, precision=meta.precision, weights=weights, mean=mean, std=std,
+                         class_map=class_map, trust_code=trust_code)
+    model.check_store(meta, shards)
+    if meta.attention:  # the maps of every forward, to compare with the stored ones
+        model.tap(meta.attention["layers"], meta.attention["grid"], meta.attention["codec"])
     rendered = meta.rendered
     same_kind = rendered["device"] == dev.type
     draft = rendered["decoder"] == "pil-draft"
@@ -110,38 +113,18 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     parts = [cache.views(int(p // groups_per_epoch), int(p % groups_per_epoch) * g, int(p % groups_per_epoch + 1) * g)
              for p in picks]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    fresh = []
-    for it in _render(store, source, dev, cols, batch_size, draft):
-        fresh.append(teacher_logits(model, it["views"], dev, precision).cpu())
-        extras.add()  # the heads and maps of that same forward
-    full = torch.cat(fresh)
+    fresh = TeacherOutput.cat([model.forward(it["views"]).cpu()
+                               for it in _render(store, source, dev, cols, batch_size, draft)])
 
-    ids = torch.from_numpy(cols["ids"].astype(np.int64))
-    stored_logits = torch.from_numpy(cols["logits"]).float()
-    lse = torch.from_numpy(cols["lse"])
-    agree = (ids[:, 0] == full.argmax(1)).float().mean().item()
-    recomputed = full.gather(1, ids)
-    err = (stored_logits - recomputed).abs()
     abs_tol = ABS_TOL.get(precision, ABS_TOL["bf16"]) + (0.0 if same_kind else CROSS_DEVICE_ABS_TOL)
-    rel_tol = FP16_RTOL + REL_TOL.get(precision, REL_TOL["bf16"])
-    within = bool((err <= tolerance(recomputed, lse, meta.logit_codec, abs_tol, rel_tol)).all())
-    lse_err = (lse - torch.logsumexp(full, 1)).abs().max().item()
-    rec = reconstruct(ids, torch.from_numpy(cols["logits"]), lse, meta.num_classes)
-    kl = F.kl_div(F.log_softmax(rec, 1), F.log_softmax(full, 1), log_target=True, reduction="batchmean").item()
-    ok = (agree >= min_agreement and within and lse_err <= abs_tol + rel_tol * float(lse.abs().max())
-          and pixels_ok)
-    checked = extras.report(cols, min_agreement, abs_tol, rel_tol)
-    result.update({"views": int(len(ids)), "epochs": meta.epochs_done, "top1_agreement": round(agree, 6),
-                   "max_logit_error": float(err.max()), "max_lse_error": lse_err, "mean_kl": kl,
-                   "logits_within_tolerance": within, "logit_codec": meta.logit_codec,
-                   "min_agreement": min_agreement, "heads": checked["heads"], "attention": checked["attention"],
-                   "ok": bool(ok and checked["ok"])})
+    tol = Tolerance(min_agreement, abs_tol, FP16_RTOL + REL_TOL.get(precision, REL_TOL["bf16"]))
+    report: dict[str, Any] = {"heads": [], "attention": []}
+    ok = pixels_ok
+    for codec in active_codecs(meta):  # soft labels, heads, maps and any extra kind, each checked by its codec
+        checked = codec.verify(fresh, cols, meta, tol)
+        if checked is not None:
+            ok &= bool(checked.pop("ok"))
+            report.update(checked)
+    result.update({"views": int(len(cols["image"])), "epochs": meta.epochs_done, **report,
+                   "logit_codec": meta.logit_codec, "min_agreement": min_agreement, "ok": bool(ok)})
     return result
-
-
-def tolerance(recomputed: torch.Tensor, lse: torch.Tensor, codec: str, abs_tol: float, rel_tol: float) -> torch.Tensor:
-    """Largest |stored - recomputed| top-k logit error that storage rounding (and the precision's noise)
-    explains, for the main labels and for each DIH head's."""
-    if codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
-        return abs_tol + 0.5 / Q8_STEPS_PER_NAT + rel_tol * (recomputed - lse[:, None]).abs()
-    return abs_tol + rel_tol * recomputed.abs()

@@ -19,13 +19,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .extras import item_columns
 from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
 from .recipe import Recipe
 from .render import RENDERER, check_renderer, decode_batch, param_tensors, pillow_renders, render_decoded, render_pil
 from .source import Source
 
-__all__ = ["Batch", "ParamReader", "PlanParams", "FixedParams", "ViewBatches", "split_range", "rank_slice"]
+__all__ = ["Batch", "ParamReader", "PlanParams", "FixedParams", "ViewBatches", "STAGES", "split_range", "rank_slice"]
+
+# How far a worker takes an item's pixels, decided once by the feed (`kdlib.feed`) when it is made:
+# "worker-pillow": the DataLoader worker renders with Pillow's C resample (pil-bilinear-1, Pillow agrees);
+# "worker": the worker decodes and renders with `render_decoded` (roi_align-1, or a Pillow that disagrees);
+# "device": the worker decodes and makes the host-side render tensors, the main process renders on its device;
+# "pillow-main": the worker decodes, the main process renders with Pillow on its CPU (no taps to make).
+STAGES = ("worker-pillow", "worker", "device", "pillow-main")
 
 
 class Batch(NamedTuple):
@@ -37,7 +43,11 @@ class Batch(NamedTuple):
 
 
 class ParamReader(Protocol):
+    """Where a batch's view params come from: the plan, a store (`kdlib.store.ChunkCache`), fixed params."""
+
     def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+    def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
 
 
 class PlanParams:
@@ -60,6 +70,9 @@ class PlanParams:
     def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
         return {k: a[start:stop] for k, a in self.epoch(epoch).items()}
 
+    def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {}
+
 
 class FixedParams:
     """Params given in full (eval's center views); the epoch is ignored."""
@@ -69,6 +82,9 @@ class FixedParams:
 
     def views(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
         return {k: a[start:stop] for k, a in self.params.items()}
+
+    def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def split_range(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -88,16 +104,24 @@ def rank_slice(start: int, stop: int, rank: int, world: int, group_size: int) ->
 class ViewBatches(Dataset):
     """Item i: batch `batches[i]`: its params, decoded images, labels (and stored soft labels).
 
-    With `render=True` the worker also renders the views (`item["views"]`, uint8 on the CPU):
-    the CPU-only path; otherwise `kdlib.feed.Feed` renders them on the model's device.
-    `renderer` is the store's when replaying one (`meta.rendered["renderer"]`)."""
+    `stage` (one of `STAGES`, chosen by the feed) says how far a worker takes the pixels: rendered
+    views (`item["views"]`, uint8 on the CPU), or decoded images and what the main process needs to
+    render them. `renderer` is the store's when replaying one (`meta.rendered["renderer"]`)."""
 
     def __init__(self, source: Source, batches: list[Batch], size: int, group_size: int, params: ParamReader, *,
-                 render: bool = False, draft: bool = False, renderer: str = RENDERER) -> None:
+                 stage: str | None = None, draft: bool = False, renderer: str = RENDERER) -> None:
         self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
-        self.params, self.render, self.draft, self.renderer = params, render, draft, check_renderer(renderer)
-        self.pillow_main = False  # set by the feed: the main process renders with Pillow (a CPU device)
+        self.params, self.draft, self.renderer = params, draft, check_renderer(renderer)
+        # standalone (no feed): rendered here, the way a worker renders
+        self.stage = stage or ("worker-pillow" if pillow_renders(self.renderer) else "worker")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
         self._labels = source.labels()
+
+    def staged(self, stage: str) -> "ViewBatches":
+        """The same batches, with the worker taking the pixels as far as `stage` (a new dataset)."""
+        return ViewBatches(self.source, self.batches, self.size, self.group_size, self.params, stage=stage,
+                           draft=self.draft, renderer=self.renderer)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -115,22 +139,17 @@ class ViewBatches(Dataset):
             "partner_label": torch.from_numpy(self._labels[partner_image]),
             "lam": torch.from_numpy(p["lam"].copy()),
             "image": torch.from_numpy(image)}
-        for k in ("ids", "logits", "lse"):
-            if k in cols:
-                a = cols[k]
-                out[k] = torch.from_numpy(a.astype(np.int64) if k == "ids" else a.copy())
-        out.update(item_columns(cols))  # DIH head labels h{j}_*, attention maps at{l} (issue 13)
-        if self.render and pillow_renders(self.renderer):
+        out.update(self.params.item_columns(cols))  # stored soft labels, heads, maps, ... (kdlib.store.codecs)
+        if self.stage == "worker-pillow":  # Pillow's C resample, straight from the decoder
             out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)
             return out
         decoded = decode_batch(p, self.source.decode, self.size, self.source.decode_draft if self.draft else None)
-        pillow_main = self.pillow_main and not self.render
-        # the integer taps only matter where `render_decoded` runs them (an accelerator, or Pillow unusable)
-        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer, taps=not pillow_main)
-        if self.render:
+        # the integer taps only matter where `render_decoded` runs them (an accelerator, or a worker without Pillow)
+        render = param_tensors(p, decoded, self.size, self.group_size, self.renderer, taps=self.stage != "pillow-main")
+        if self.stage == "worker":
             out["views"] = render_decoded(render, decoded, self.size, self.renderer)
         else:
             out["render"], out["decoded"] = render, decoded
-            if pillow_main:
+            if self.stage == "pillow-main":
                 out["params"] = p  # Pillow's path reads the host params
         return out

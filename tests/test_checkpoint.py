@@ -146,7 +146,8 @@ CPU2 = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_two_process_run_killed_and_resumed_is_bit_identical(store_dir, tmp_path):
-    from kdlib.models import load_model, weights_digest
+    from kdlib.resolve import load_model
+    from kdlib.weights import weights_digest
 
     args = [*LAUNCH, "-m", "kdlib", "train", "--shards", store_dir, "--epochs", "2", *TRAIN,
             "--checkpoint-every", "3", "--seed", "3"]

@@ -52,7 +52,7 @@ def test_two_processes_train_like_one(store_dir, tmp_path):
     assert abs(one[0]["loss"] - two[0]["loss"]) <= 1e-5 * abs(one[0]["loss"])
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 5e-2 * abs(a["loss"]) + 1e-5, (a, b)
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
 
     w1 = load_model(str(tmp_path / "one")).state_dict()
     w2 = load_model(str(tmp_path / "two")).state_dict()

@@ -36,9 +36,9 @@ def dih_store(headed_teacher_dir, tmp_path_factory) -> str:
 
 
 def test_precompute_stores_one_label_set_per_head_and_verify_checks_each(dih_store, headed_teacher_dir):
-    from kdlib.extras import ExtrasCheck
-    from kdlib.models import load_model
     from kdlib.store import ChunkCache, open_store
+    from kdlib.store.codecs import AttentionCodec, HeadsCodec, Tolerance
+    from kdlib.teacher import load_teacher
     from kdlib.verify import verify
 
     store = open_store(dih_store)
@@ -59,21 +59,21 @@ def test_precompute_stores_one_label_set_per_head_and_verify_checks_each(dih_sto
     assert all(h["top1_agreement"] == 1.0 for h in result["heads"])
 
     # the check can fail: one head's stored logits off by a nat, one map shifted by a cell
-    model = load_model(headed_teacher_dir)
-    check = ExtrasCheck(model, meta)
     cols = ChunkCache(store).views(0, 0, 64)
     from kdlib.render import render_views
     from kdlib.plan import PARAM_FIELDS
     from kdlib.source import open_source
 
     src = open_source("fashion-mnist", "train", LIMIT)
-    with torch.inference_mode():
-        model(render_views({k: cols[k] for k in PARAM_FIELDS}, src.decode, 28, meta.group_size))
-    check.add()
+    teacher = load_teacher(headed_teacher_dir, src, cpu=True)
+    teacher.check_store(meta, dih_store)
+    teacher.tap(meta.attention["layers"], meta.attention["grid"], meta.attention["codec"])
+    fresh = teacher.forward(render_views({k: cols[k] for k in PARAM_FIELDS}, src.decode, 28, meta.group_size)).cpu()
     bad = dict(cols, h2_logits=cols["h2_logits"] + np.float32(1.0), at3=np.roll(cols["at3"], 1, axis=1))
-    report = check.report(bad, 1.0, 2e-3, 2.0**-11)  # verify's fp32 bounds
-    assert [h["ok"] for h in report["heads"]] == [True, False, True]
-    assert [m["ok"] for m in report["attention"]] == [True, True, False] and not report["ok"]
+    tol = Tolerance(1.0, 2e-3, 2.0**-11)  # verify's fp32 bounds
+    heads, maps = HeadsCodec().verify(fresh, bad, meta, tol), AttentionCodec().verify(fresh, bad, meta, tol)
+    assert [h["ok"] for h in heads["heads"]] == [True, False, True]
+    assert [m["ok"] for m in maps["attention"]] == [True, True, False] and not (heads["ok"] and maps["ok"])
 
 
 def test_inspect_reports_bytes_per_head_and_per_map(dih_store):
@@ -97,9 +97,9 @@ def test_inspect_reports_bytes_per_head_and_per_map(dih_store):
 
 def test_maps_of_flipped_and_mixed_views_are_the_maps_of_those_rendered_views(dih_store, headed_teacher_dir):
     """A stored map belongs to the rendered view: recomputing it on the replayed pixels gives it back."""
+    from kdlib._layers import LayerTaps
     from kdlib.attention import attention_map
-    from kdlib.extras import prepare_teacher
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
     from kdlib.plan import PARAM_FIELDS
     from kdlib.render import render_views
     from kdlib.source import open_source
@@ -110,8 +110,7 @@ def test_maps_of_flipped_and_mixed_views_are_the_maps_of_those_rendered_views(di
     flip, mixed = cols["flip"].astype(bool), cols["mix"] != 0
     assert flip.any() and mixed.any() and (flip & ~mixed).any()
     model = load_model(headed_teacher_dir)
-    prepare_teacher(model, STAGES, 7)
-    taps = model._kdlib_attention_taps
+    taps = LayerTaps(model, STAGES.split(","))
     views = render_views({k: cols[k] for k in PARAM_FIELDS}, open_source("fashion-mnist", "train", LIMIT).decode,
                          28, store.meta.group_size)
     with torch.inference_mode():

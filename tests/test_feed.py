@@ -297,7 +297,7 @@ def test_a_resumed_store_keeps_the_renderer_it_was_written_with(store_copy, teac
     cols = grown.read_chunk(epoch, 0)
     views = _views(ViewBatches(src, [Batch(epoch, 0, 64)], r.size, r.group_size, ChunkCache(grown),
                                renderer="roi_align-1"), 0, "device")[0][1]
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
 
     with torch.no_grad():
         top = load_model(teacher_dir).eval()(views).argmax(1).numpy()

@@ -14,8 +14,10 @@ import torch
 
 from conftest import FMNIST_RECIPE
 from kdlib.errors import ModelError
-from kdlib.heads import HeadedClassifier, attach_heads, backbone_digest
-from kdlib.models import build_model, load_model, weights_digest
+from kdlib.headed import HeadedClassifier, attach_heads, backbone_digest
+from kdlib.models import build_model
+from kdlib.resolve import load_model
+from kdlib.weights import weights_digest
 
 
 def _views(n: int = 8, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -101,7 +103,7 @@ def test_heads_refuse_a_teacher_mapped_onto_other_classes():
     import pytest as _pytest
 
     from kdlib.errors import ModelError
-    from kdlib.heads import attach_heads
+    from kdlib.headed import attach_heads
     from kdlib.models import Classifier, build_model
 
     base = build_model("resnet8", 4, 1, [0.5], [0.25])

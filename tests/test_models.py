@@ -11,8 +11,10 @@ import torchvision
 from torch import nn
 
 from kdlib.errors import ModelError
-from kdlib.models import (Classifier, build_model, count_params, load_model, model_id, save_model,
-                          weights_digest)
+from kdlib.models import Classifier, build_model, count_params, model_id
+from kdlib.resolve import load_model
+from kdlib.rundir import save_model
+from kdlib.weights import weights_digest
 
 GRAY = dict(in_channels=1, mean=[0.5], std=[0.25])
 RGB = dict(in_channels=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])

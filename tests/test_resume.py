@@ -103,7 +103,8 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(store_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
 
-    from kdlib.models import load_model, weights_digest
+    from kdlib.resolve import load_model
+    from kdlib.weights import weights_digest
 
     # CPU, same thread count, fixed order: bit-identical to the uninterrupted run
     assert weights_digest(load_model(str(out))) == weights_digest(load_model(str(tmp_path / "full")))

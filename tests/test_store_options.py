@@ -50,8 +50,8 @@ def test_q8_packed_store_verifies_and_replays_what_the_teacher_saw(small_store, 
     src = open_source("fashion-mnist", "train", LIMIT)
     recipe = load_recipe(FMNIST_RECIPE)
     plan = unpack_params(pack_params(make_plan(recipe, src.sizes(), 0), "packed"), "packed")
-    a = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, ChunkCache(store), render=True)[0]["views"]
-    b = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, FixedParams(plan), render=True)[0]["views"]
+    a = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, ChunkCache(store))[0]["views"]
+    b = ViewBatches(src, [Batch(0, 0, 64)], recipe.size, recipe.group_size, FixedParams(plan))[0]["views"]
     assert torch.equal(a, b)
 
 

@@ -18,7 +18,8 @@ import torchvision
 from PIL import Image
 
 from kdlib.errors import ModelError, StoreMismatchError
-from kdlib.models import resolve_model, save_model
+from kdlib.resolve import resolve_model
+from kdlib.rundir import save_model
 from kdlib.plan import center_params
 from kdlib.render import render_views
 
@@ -96,7 +97,7 @@ def test_timm_name_with_local_weights(tmp_path):
 
 def test_timm_missing_gives_a_clear_line():
     code = ("import sys; sys.modules['timm'] = None\n"
-            "from kdlib.models import resolve_model\n"
+            "from kdlib.resolve import resolve_model\n"
             "try:\n    resolve_model('timm:resnet18.a1_in1k', classes=10, in_channels=3)\n"
             "except Exception as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
@@ -315,7 +316,7 @@ def test_run_dir_config_never_imports_a_module(tmp_path, factories):
 
 
 def test_run_dir_of_a_named_and_mapped_teacher_reloads_offline(tmp_path, monkeypatch):
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
 
     _, path = _tv_weights(tmp_path)
     m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3,
@@ -353,7 +354,7 @@ def test_cli_imagenet_teacher_over_a_folder_of_its_classes(tmp_path):
 
 
 def test_kdlib_teacher_maps_a_reordered_folder_by_its_recorded_class_names(tmp_path):
-    from kdlib.models import load_model
+    from kdlib.resolve import load_model
 
     model = resolve_model("resnet8", classes=["cat", "dog", "emu"], in_channels=3, data_stats=_stats).eval()
     save_model(model, tmp_path / "run", extra={"classes": ["cat", "dog", "emu"]})
@@ -376,13 +377,13 @@ def test_timm_weights_from_the_hugging_face_cache(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     safetensors.torch.save_file(net.state_dict(), str(snap / "model.safetensors"))
-    code = ("from kdlib.models import resolve_model, weights_digest\n"
+    code = ("from kdlib.resolve import resolve_model\nfrom kdlib.weights import weights_digest\n"
             "m = resolve_model('timm:resnet18.a1_in1k', classes=1000, in_channels=3)\n"
             "print(weights_digest(m.net))\n")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"),
            "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    from kdlib.models import weights_digest
+    from kdlib.weights import weights_digest
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == weights_digest(net)

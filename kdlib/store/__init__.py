@@ -7,21 +7,22 @@ anything else with a `StoreMismatchError`.
 
 from __future__ import annotations
 
-from ..errors import ConfigError, StoreNotFoundError
-from .base import Chunk, ChunkCache, Store, decoded
+from ..errors import ConfigError, KdlibError, StoreMismatchError, StoreNotFoundError
+from ..source import Source, open_source
+from .base import Chunk, ChunkCache, Store
+from .codecs import Codec, TeacherOutput, decode_chunk, register_codec, view_fields
 from .format import BACKENDS, FORMAT_VERSION, StoreMeta, check_compatible
+from .wds_backend import WdsStore
 from .zarr_backend import ZarrStore
 
-__all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "decoded", "FORMAT_VERSION", "open_store", "create_store",
-           "open_store_source"]
+__all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "Codec", "TeacherOutput", "register_codec", "decode_chunk",
+           "FORMAT_VERSION", "open_store", "create_store", "open_store_source"]
 
 
 def _backend(name: str) -> type[Store]:
     if name == "zarr":
         return ZarrStore
     if name == "wds":
-        from .wds_backend import WdsStore
-
         return WdsStore
     raise ConfigError(f"store format {name!r} is not available; choose one of {BACKENDS}")
 
@@ -30,6 +31,7 @@ def open_store(url: str) -> Store:
     """An existing store (raises StoreNotFoundError / StoreVersionError with the path, CorruptStoreError when
     meta.json disagrees with the commit records)."""
     meta = Store.read_meta(str(url))
+    view_fields(meta)  # every column kind it holds has a codec here (an unknown extra kind is refused now)
     store = _backend(meta.backend)(str(url), meta)
     store.check_consistent()
     return store
@@ -58,13 +60,8 @@ def create_store(url: str, meta: StoreMeta) -> Store:
     return store
 
 
-def open_store_source(store: Store, data: str | None = None, limit: int | None = None):
+def open_store_source(store: Store, data: str | None = None, limit: int | None = None) -> Source:
     """The train source a store was written for, refusing one whose fingerprint differs."""
-    from ..errors import StoreMismatchError
-    from ..source import open_source
-
-    from ..errors import KdlibError
-
     meta = store.meta
     from_meta = not data  # then the path is the one the store's meta.json names, not the user's
     whose = f" (the path named in {store.url}/meta.json: give --data to name the source)" if from_meta else ""

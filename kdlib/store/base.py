@@ -22,10 +22,12 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..errors import CorruptStoreError, StoreBusyError, StoreError, StoreNotFoundError
+from ..errors import CorruptStoreError, StoreBusyError, StoreError, StoreMismatchError, StoreNotFoundError
+from ..plan import pack_params
+from .codecs import decode_chunk, item_columns, pixel_fields
 from .format import StoreMeta
 
-__all__ = ["Store", "Chunk", "ChunkCache", "decoded"]
+__all__ = ["Store", "Chunk", "ChunkCache"]
 
 Chunk = dict[str, np.ndarray]
 META = "meta.json"
@@ -254,16 +256,12 @@ class Store:
         stored params must equal the new plan's, byte for byte (DESIGN invariant 1)."""
         if not committed:
             return
-        from ..plan import pack_params
-
         chunk = min(committed)
         a, b = self.meta.chunk_range(chunk)
         want = pack_params({k: v[a:b] for k, v in params.items()}, self.meta.param_packing)
         stored = self.read_chunk(epoch, chunk)
         for name in sorted(want):
             if name in stored and np.ascontiguousarray(want[name]).tobytes() != stored[name].tobytes():
-                from ..errors import StoreMismatchError
-
                 raise StoreMismatchError(
                     f"{self.url} epoch {epoch}: the plan drawn now differs from the views stored in its committed "
                     f"chunk {chunk} (column {name!r}): the random stream changed since the epoch was started "
@@ -310,7 +308,7 @@ class Store:
         info = (self.meta.render or {}).get("pixels")
         if not info:
             return None
-        fields = {"views": ("uint8", tuple(info["shape"]))}
+        fields = pixel_fields(tuple(info["shape"]))
         return info, self._read_set("pixels", fields, info["views"], "pixel sample")["views"]
 
     # -- named sets (test predictions, pixel sample): arrays outside the epochs, with a commit record --
@@ -363,22 +361,6 @@ class Store:
         raise NotImplementedError
 
 
-def decoded(cols: Chunk, meta: StoreMeta) -> Chunk:
-    """Columns in the plan's dtypes and `logits` as float top-k logits, whatever the store's codecs."""
-    from ..plan import unpack_params
-    from ..softlabel import decode_logits
-
-    out = unpack_params(cols, meta.param_packing)
-    if meta.logit_codec != "fp16":
-        out = {k: v for k, v in out.items() if k != "top"}
-        out["logits"] = decode_logits(cols, meta.logit_codec)
-    if meta.heads or meta.attention:  # v2: DIH head labels and attention maps (kdlib.extras)
-        from ..extras import decode_columns
-
-        out = decode_columns(dict(out), meta)
-    return out
-
-
 class ChunkCache:
     """Reads views [start, stop) of an epoch through whole checked chunks, keeping the last few.
 
@@ -402,10 +384,14 @@ class ChunkCache:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def item_columns(self, cols: Chunk) -> dict:
+        """What a replay item carries from these views' stored columns (soft labels, heads, maps, ...)."""
+        return item_columns(cols, self.store.meta)
+
     def _chunk(self, epoch: int, chunk: int) -> Chunk:
         key = (epoch, chunk)
         if key not in self._cache:
             if len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = decoded(self.store.read_chunk(epoch, chunk), self.store.meta)
+            self._cache[key] = decode_chunk(self.store.read_chunk(epoch, chunk), self.store.meta)
         return self._cache[key]

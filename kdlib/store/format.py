@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreVersionError
-from ..plan import PACKINGS, param_fields
-from ..attention import MAP_CODECS
-from ..softlabel import CODECS
+from ..plan import PACKINGS
+from .codecs import LOGIT_CODECS, MAP_CODECS, sample_fields, test_fields, view_fields
 
-__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LEGACY_RENDER", "BACKENDS", "StoreMeta", "label_fields",
-           "view_fields", "head_fields", "attention_fields", "check_compatible"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LEGACY_RENDER", "BACKENDS", "StoreMeta", "check_compatible"]
 
 # 2: meta records what rendered the views (`render`) and the teacher's precision; optional DIH head
 # label sets (`heads`) and attention maps (`attention`). A v1 store is a v2 store rendered on the CPU
 # with PIL by an fp32 teacher, with neither heads nor maps, so v1 stores read (and train) unchanged.
+# An optional `codecs` list names extra column kinds (`kdlib.store.codecs.register_codec`); it is
+# written only when not empty, so a store without extra kinds has exactly the v2 meta.json.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # What wrote a version-1 store: roi_align on the CPU in DataLoader workers, PIL decoding, fp32 teacher.
@@ -28,38 +28,6 @@ LEGACY_RENDER = {"device": "cpu", "decoder": "pil", "renderer": "roi_align-1"}
 LEGACY_PRECISION = "fp32"
 BACKENDS = ("zarr", "wds")
 ID_DTYPES = ("uint8", "uint16", "int32")
-
-
-def label_fields(k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Soft label columns: top-k ids and logits (sorted by logit), log-sum-exp of all logits.
-
-    codec q8 stores the logits as uint8 distances below the top-1 plus the top-1 log-probability
-    `top` (see `kdlib.softlabel.to_codec`); readers get float logits back from `decode_logits`.
-    """
-    if codec == "q8":
-        return {"ids": (id_dtype, (k,)), "logits": ("uint8", (k,)), "top": ("float16", ()), "lse": ("float32", ())}
-    return {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
-
-
-def head_fields(heads: list[str], k: int, id_dtype: str, codec: str = "fp16") -> dict[str, tuple[str, tuple[int, ...]]]:
-    """One soft label set per DIH head j = 1..len(heads): `h{j}_ids`, `h{j}_logits`, `h{j}_lse` (and `h{j}_top`
-    with q8), the same k and codec as the main label set (head 0 is the main classifier: `ids`, ...)."""
-    return {f"h{j}_{col}": spec for j in range(1, len(heads) + 1)
-            for col, spec in label_fields(k, id_dtype, codec).items()}
-
-
-def attention_fields(attention: dict[str, Any] | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """One attention map per tapped teacher layer l = 1..L: `at{l}`, G*G values, float16 or uint8 (q8)."""
-    if not attention:
-        return {}
-    dtype = "uint8" if attention["codec"] == "q8" else "float16"
-    g = int(attention["grid"])
-    return {f"at{i}": (dtype, (g * g,)) for i in range(1, len(attention["layers"]) + 1)}
-
-
-def view_fields(k: int, id_dtype: str, codec: str = "fp16", packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every column of an epoch: view params (see `kdlib.plan`) then soft labels."""
-    return {**param_fields(packing), **label_fields(k, id_dtype, codec)}
 
 
 @dataclass(frozen=True)
@@ -88,6 +56,7 @@ class StoreMeta:
     render: dict[str, Any] | None = None
     heads: list[str] = field(default_factory=list)  # v2: DIH head layers of the teacher, one label set each
     attention: dict[str, Any] | None = None  # v2: {"layers": [...], "grid": G, "codec": "fp16" | "q8"}
+    codecs: list[str] = field(default_factory=list)  # extra column kinds (registered codecs), in column order
     kdlib_version: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +78,7 @@ class StoreMeta:
         need(isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
              "chunk_views", "must be a positive multiple of group_size")
         need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
-        need(self.logit_codec in CODECS, "logit_codec", f"must be one of {CODECS}")
+        need(self.logit_codec in LOGIT_CODECS, "logit_codec", f"must be one of {LOGIT_CODECS}")
         need(self.param_packing in PACKINGS, "param_packing", f"must be one of {PACKINGS}")
         need(self.render is None or (isinstance(self.render, dict) and {"device", "decoder", "renderer"} <= set(self.render)),
              "render", "must be a mapping with device, decoder and renderer")
@@ -124,6 +93,8 @@ class StoreMeta:
                            and a["codec"] in MAP_CODECS), "attention",
              f"must be null or {{'layers': [str, ...], 'grid': int in [1, 64], 'codec': one of {MAP_CODECS}}}")
         need(not (self.format_version < 2 and (self.heads or a)), "format_version", "1 cannot hold heads or attention")
+        need(isinstance(self.codecs, list) and all(isinstance(c, str) and c for c in self.codecs)
+             and len(set(self.codecs)) == len(self.codecs), "codecs", "must be a list of distinct codec names")
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -135,18 +106,18 @@ class StoreMeta:
 
     @property
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """One row per view: params and soft labels (and, v2, each head's soft labels and the attention maps)."""
-        return {**view_fields(self.k, self.id_dtype, self.logit_codec, self.param_packing),
-                **head_fields(self.heads, self.k, self.id_dtype, self.logit_codec), **attention_fields(self.attention)}
+        """One row per view: every active codec's columns (params, soft labels, heads, maps, extra kinds)."""
+        return view_fields(self)
 
     @property
     def label_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return label_fields(self.k, self.id_dtype, self.logit_codec)
+        """The columns of the teacher's test-split predictions."""
+        return test_fields(self)
 
     @property
     def sample_fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Full logits of the first `sample_views` views of each chunk (measures the cost of top-k)."""
-        return {"full": ("float16", (self.num_classes,))} if self.sample_views else {}
+        return sample_fields(self)
 
     @property
     def columns(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -177,7 +148,10 @@ class StoreMeta:
         return self.teacher.get("precision", LEGACY_PRECISION)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["codecs"]:
+            del d["codecs"]  # a store without extra column kinds keeps the v2 meta.json unchanged
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "meta.json") -> "StoreMeta":
@@ -233,6 +207,7 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
         ("render", _render_key(found), _render_key(wanted)),
         ("DIH heads", found.heads, wanted.heads),
         ("attention maps", found.attention, wanted.attention),
+        ("extra column kinds", found.codecs, wanted.codecs),
     ]
     for name, a, b in checks:
         if a != b:

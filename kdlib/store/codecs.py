@@ -1,0 +1,411 @@
+"""Codecs: one small object per column family of a store, the one place a column kind is defined.
+
+A store's chunk is a set of columns (one row per view). Each family of columns is a codec that
+owns its field names and dtypes, how a teacher forward is encoded into them (on the device), how
+the writer checks the host copy, how readers decode them, what a replay item carries from them,
+how `verify` compares them with a fresh teacher run, and so its bytes per view (`inspect`):
+
+| codec      | columns                                   | present when |
+| ---------- | ----------------------------------------- | ------------ |
+| params     | image, box, flip, partner, mix, lam, cutbox | always (`kdlib.plan`; `packed`: fewer bytes) |
+| labels     | ids, logits, lse (+ top with q8)            | always: the teacher's soft label |
+| heads      | h{j}_ids, h{j}_logits, h{j}_lse (+ h{j}_top) | the teacher has DIH heads |
+| attention  | at{l}                                       | precompute --attention |
+| sample     | full (rows: the first views of each chunk)  | a full-logit sample is kept |
+| extra      | whatever a registered codec says            | named in meta.json `codecs` |
+
+Test predictions and the pixel sample are named sets outside the epochs: `test_fields` and
+`pixel_fields` say their columns. The store, precompute's writer, train's reader, verify and
+inspect all ask the codecs; adding a column kind is adding a class and registering it
+(`register_codec`), with no edit to any of them. Data never runs code: a store naming a kind
+this process has no codec for is refused, never imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..attention import MAP_CODECS, decode_maps, encode_maps
+from ..errors import ConfigError, StoreVersionError
+from ..plan import pack_params, param_fields, unpack_params
+from ..softlabel import CODECS as LOGIT_CODECS
+from ..softlabel import Q8_STEPS_PER_NAT, check_finite, decode_logits, encode, reconstruct, to_codec
+
+__all__ = ["Fields", "TeacherOutput", "Tolerance", "Codec", "ParamsCodec", "LabelsCodec", "HeadsCodec",
+           "AttentionCodec", "SampleCodec", "register_codec", "unregister_codec", "registered_codecs",
+           "active_codecs", "view_fields", "sample_fields", "label_fields", "test_fields", "pixel_fields",
+           "decode_chunk", "item_columns", "tolerance", "LOGIT_CODECS", "MAP_CODECS"]
+
+Fields = dict[str, tuple[str, tuple[int, ...]]]
+Chunk = dict[str, np.ndarray]
+
+
+@dataclass
+class TeacherOutput:
+    """What one teacher forward says about a batch of views, on the teacher's device."""
+
+    logits: Tensor  # float32 [B, C]
+    head_logits: list[Tensor] = field(default_factory=list)  # DIH heads, shallow to deep, [B, C] each
+    maps: list[Tensor] = field(default_factory=list)  # attention maps, float32 [B, G*G] per tapped layer
+
+    def cpu(self) -> "TeacherOutput":
+        return TeacherOutput(self.logits.float().cpu(), [z.float().cpu() for z in self.head_logits],
+                             [m.float().cpu() for m in self.maps])
+
+    @staticmethod
+    def cat(parts: list["TeacherOutput"]) -> "TeacherOutput":
+        def join(xs: list[list[Tensor]]) -> list[Tensor]:
+            return [torch.cat(col) for col in zip(*xs)] if xs and xs[0] else []
+
+        return TeacherOutput(torch.cat([p.logits for p in parts]), join([p.head_logits for p in parts]),
+                             join([p.maps for p in parts]))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What verify accepts: top-1 agreement at least `min_agreement`, logit errors within storage
+    rounding (`rel`, relative) plus the precision's and device's own noise (`abs`)."""
+
+    min_agreement: float
+    abs: float
+    rel: float
+
+
+def tolerance(recomputed: Tensor, lse: Tensor, codec: str, abs_tol: float, rel_tol: float) -> Tensor:
+    """Largest |stored - recomputed| top-k logit error that storage rounding (and the precision's
+    noise) explains, for the main labels and for each DIH head's."""
+    if codec == "q8":  # half a 1/16-nat step, plus the fp16 top-1 log-probability's rounding
+        return abs_tol + 0.5 / Q8_STEPS_PER_NAT + rel_tol * (recomputed - lse[:, None]).abs()
+    return abs_tol + rel_tol * recomputed.abs()
+
+
+def label_fields(k: int, id_dtype: str, codec: str = "fp16", prefix: str = "") -> Fields:
+    """Soft label columns: top-k ids and logits (sorted by logit), log-sum-exp of all logits.
+
+    codec q8 stores the logits as uint8 distances below the top-1 plus the top-1 log-probability
+    `top` (see `kdlib.softlabel.to_codec`); readers get float logits back from `decode`."""
+    if codec == "q8":
+        spec = {"ids": (id_dtype, (k,)), "logits": ("uint8", (k,)), "top": ("float16", ()), "lse": ("float32", ())}
+    else:
+        spec = {"ids": (id_dtype, (k,)), "logits": ("float16", (k,)), "lse": ("float32", ())}
+    return {prefix + name: s for name, s in spec.items()}
+
+
+def _encode_labels(logits: Tensor, meta: Any, prefix: str = "") -> dict[str, Tensor]:
+    raw = encode(logits.float(), meta.k, check=False)  # the writer thread checks the host copy
+    cols = {prefix + name: v for name, v in to_codec(raw, meta.logit_codec).items()}
+    if meta.logit_codec != "fp16":
+        cols[f"_{prefix}logits16"] = raw["logits"]  # what the finiteness check reads (q8 hides overflow)
+    return cols
+
+
+def _check_labels(host: Chunk, prefix: str = "") -> None:
+    fp16 = host.pop(f"_{prefix}logits16", None)
+    check_finite(host[f"{prefix}logits"] if fp16 is None else fp16, host[f"{prefix}lse"])
+
+
+def _decode_labels(cols: Chunk, meta: Any, prefix: str = "") -> None:
+    """In place: q8 logits back to float top-k logits (and `top` dropped)."""
+    if meta.logit_codec != "fp16" and f"{prefix}logits" in cols:
+        stored = {"logits": cols[f"{prefix}logits"], "top": cols.pop(f"{prefix}top"), "lse": cols[f"{prefix}lse"]}
+        cols[f"{prefix}logits"] = decode_logits(stored, meta.logit_codec)
+
+
+def _item_labels(cols: Chunk, prefix: str = "") -> dict[str, Tensor]:
+    out = {}
+    for name in ("ids", "logits", "lse"):
+        if prefix + name in cols:
+            a = cols[prefix + name]
+            out[prefix + name] = torch.from_numpy(a.astype(np.int64) if name == "ids" else np.array(a))
+    return out
+
+
+def _compare_labels(full: Tensor, cols: Chunk, prefix: str, meta: Any, tol: Tolerance) -> dict[str, Any]:
+    """Top-1 agreement and top-k logit / lse errors of stored labels against fresh logits `full`."""
+    ids = torch.from_numpy(cols[f"{prefix}ids"].astype(np.int64))
+    stored = torch.from_numpy(np.ascontiguousarray(cols[f"{prefix}logits"])).float()
+    lse = torch.from_numpy(np.ascontiguousarray(cols[f"{prefix}lse"])).float()
+    recomputed = full.gather(1, ids)
+    err = (stored - recomputed).abs()
+    lse_err = float((lse - torch.logsumexp(full, 1)).abs().max())
+    agree = float((ids[:, 0] == full.argmax(1)).float().mean())
+    within = bool((err <= tolerance(recomputed, lse, meta.logit_codec, tol.abs, tol.rel)).all())
+    ok = within and agree >= tol.min_agreement and lse_err <= tol.abs + tol.rel * float(lse.abs().max())
+    return {"top1_agreement": round(agree, 6), "max_logit_error": float(err.max()), "max_lse_error": lse_err,
+            "logits_within_tolerance": within, "ok": ok}
+
+
+class Codec:
+    """One column family. Subclasses override what their family needs; the defaults do nothing.
+
+    `name` is the family's name (meta.json's `codecs` lists the extra ones); `builtin` codecs are
+    switched on by meta's own fields, extra ones by being named in `meta.codecs`."""
+
+    name: ClassVar[str] = ""
+    builtin: ClassVar[bool] = False
+
+    def active(self, meta: Any) -> bool:
+        """Whether a store with `meta` holds this family."""
+        return self.name in getattr(meta, "codecs", ())
+
+    def fields(self, meta: Any) -> Fields:
+        """Per-view columns: name -> (dtype, trailing shape)."""
+        return {}
+
+    def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
+        """The family's columns for one batch, from the teacher's forward, on its device. Names
+        starting with `_` are for `check` only (popped there, never stored)."""
+        return {}
+
+    def check(self, host: Chunk, meta: Any) -> None:
+        """In the writer thread, on the host copy: refuse values that cannot be stored; pop `_` columns."""
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        """In place on a chunk's columns: stored form -> what readers use."""
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        """What a replay item carries from decoded columns (tensors, one row per view)."""
+        return {name: torch.from_numpy(np.array(cols[name])) for name in self.fields(meta) if name in cols}
+
+    def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any] | None:
+        """Stored columns against a fresh teacher run of the same views: a report with `ok`, or None."""
+        return None
+
+
+class ParamsCodec(Codec):
+    """View params (`kdlib.plan`), as drawn or `packed` (fewer bytes, quantized before rendering)."""
+
+    name, builtin = "params", True
+
+    def active(self, meta: Any) -> bool:
+        return True
+
+    def fields(self, meta: Any) -> Fields:
+        return dict(param_fields(meta.param_packing))
+
+    def pack(self, params: dict[str, np.ndarray], meta: Any) -> Chunk:
+        """A chunk's plan params in the store's dtypes."""
+        return pack_params(params, meta.param_packing)
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        cols.update(unpack_params({k: cols[k] for k in self.fields(meta) if k in cols}, meta.param_packing))
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        return {}  # the feed turns params into pixels, labels and mix info itself
+
+
+class LabelsCodec(Codec):
+    """The teacher's soft label: top-k ids and logits (fp16 or q8) and the lse of all logits."""
+
+    name, builtin = "labels", True
+
+    def active(self, meta: Any) -> bool:
+        return True
+
+    def fields(self, meta: Any) -> Fields:
+        return label_fields(meta.k, meta.id_dtype, meta.logit_codec)
+
+    def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
+        return _encode_labels(out.logits, meta)
+
+    def check(self, host: Chunk, meta: Any) -> None:
+        _check_labels(host)
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        _decode_labels(cols, meta)
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        return _item_labels(cols)
+
+    def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
+        report = _compare_labels(fresh.logits, cols, "", meta, tol)
+        rec = reconstruct(torch.from_numpy(cols["ids"].astype(np.int64)), torch.from_numpy(cols["logits"]),
+                          torch.from_numpy(cols["lse"]), meta.num_classes)
+        report["mean_kl"] = torch.nn.functional.kl_div(torch.log_softmax(rec, 1), torch.log_softmax(fresh.logits, 1),
+                                                       log_target=True, reduction="batchmean").item()
+        return report
+
+
+class HeadsCodec(Codec):
+    """One soft label set per DIH head j = 1..len(meta.heads), the main set's k and codec."""
+
+    name, builtin = "heads", True
+
+    def active(self, meta: Any) -> bool:
+        return bool(meta.heads)
+
+    def fields(self, meta: Any) -> Fields:
+        return {name: spec for j in range(1, len(meta.heads) + 1)
+                for name, spec in label_fields(meta.k, meta.id_dtype, meta.logit_codec, f"h{j}_").items()}
+
+    def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
+        if len(out.head_logits) != len(meta.heads):
+            raise ConfigError(f"the store holds {len(meta.heads)} DIH heads; this teacher gave {len(out.head_logits)}")
+        cols: dict[str, Tensor] = {}
+        for j, z in enumerate(out.head_logits, 1):
+            if z.shape[1] != meta.num_classes:
+                raise ConfigError(f"DIH head {j} gives {z.shape[1]} classes, the store holds {meta.num_classes}")
+            cols.update(_encode_labels(z, meta, f"h{j}_"))
+        return cols
+
+    def check(self, host: Chunk, meta: Any) -> None:
+        for j in range(1, len(meta.heads) + 1):
+            _check_labels(host, f"h{j}_")
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        for j in range(1, len(meta.heads) + 1):
+            _decode_labels(cols, meta, f"h{j}_")
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        return {k: v for j in range(1, len(meta.heads) + 1) for k, v in _item_labels(cols, f"h{j}_").items()}
+
+    def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
+        heads = [{"head": j, "layer": meta.heads[j - 1],
+                  **{k: v for k, v in _compare_labels(z, cols, f"h{j}_", meta, tol).items()
+                     if k != "logits_within_tolerance"}}
+                 for j, z in enumerate(fresh.head_logits, 1)]
+        return {"heads": heads, "ok": all(h["ok"] for h in heads)}
+
+
+class AttentionCodec(Codec):
+    """One attention map per tapped teacher layer l = 1..L: `at{l}`, G*G values, float16 or uint8 (q8)."""
+
+    name, builtin = "attention", True
+
+    def active(self, meta: Any) -> bool:
+        return bool(meta.attention)
+
+    def fields(self, meta: Any) -> Fields:
+        att = meta.attention
+        dtype = "uint8" if att["codec"] == "q8" else "float16"
+        g = int(att["grid"])
+        return {f"at{i}": (dtype, (g * g,)) for i in range(1, len(att["layers"]) + 1)}
+
+    def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
+        return {f"at{i}": encode_maps(m, meta.attention["codec"]) for i, m in enumerate(out.maps, 1)}
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        for name in self.fields(meta):
+            if name in cols:
+                cols[name] = decode_maps(torch.from_numpy(np.ascontiguousarray(cols[name])),
+                                         meta.attention["codec"]).numpy()
+
+    def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
+        bound = 2.0 / 255 if meta.attention["codec"] == "q8" else 2e-3  # storage rounding + renormalising
+        maps = []
+        for i, m in enumerate(fresh.maps, 1):
+            err = float((torch.from_numpy(cols[f"at{i}"]).float() - m).abs().max())
+            maps.append({"map": i, "layer": meta.attention["layers"][i - 1], "max_error": err, "bound": bound,
+                         "ok": err <= bound})
+        return {"attention": maps, "ok": all(m["ok"] for m in maps)}
+
+
+class SampleCodec(Codec):
+    """Full logits (fp16) of the first `sample_views` views of each chunk: what top-k truncation
+    costs is measured (`kdlib inspect`), not guessed. Its rows are not one per view."""
+
+    name, builtin = "sample", True
+
+    def active(self, meta: Any) -> bool:
+        return bool(meta.sample_views)
+
+    def fields(self, meta: Any) -> Fields:
+        return {"full": ("float16", (meta.num_classes,))}
+
+    def encode_rows(self, out: TeacherOutput, rows: int) -> dict[str, Tensor]:
+        """The first `rows` views of the batch (those that fall in the chunk's sample)."""
+        return {"full": out.logits[:rows].clamp(-65504, 65504).half()}
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        return {}
+
+
+_BUILTIN: tuple[Codec, ...] = (ParamsCodec(), LabelsCodec(), HeadsCodec(), AttentionCodec())
+SAMPLE = SampleCodec()
+_EXTRA: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> Codec:
+    """Add a column kind: stores naming it in meta.json's `codecs` (precompute's `columns`) hold and
+    replay its columns. Its names must not collide with another family's."""
+    if not isinstance(codec, Codec) or not codec.name or codec.builtin:
+        raise ConfigError(f"register_codec needs a Codec subclass instance with a name, got {codec!r}")
+    if codec.name in {c.name for c in _BUILTIN} | {SAMPLE.name}:
+        raise ConfigError(f"codec name {codec.name!r} is kdlib's own; choose another")
+    _EXTRA[codec.name] = codec
+    return codec
+
+
+def unregister_codec(name: str) -> None:
+    _EXTRA.pop(name, None)
+
+
+def registered_codecs() -> list[str]:
+    return sorted(_EXTRA)
+
+
+def active_codecs(meta: Any) -> list[Codec]:
+    """The per-view families a store with `meta` holds, in column order (params, labels, heads,
+    attention, then the extra ones in meta's order); an unknown extra kind is refused."""
+    found = [c for c in _BUILTIN if c.active(meta)]
+    for name in getattr(meta, "codecs", ()):
+        if name not in _EXTRA:
+            raise StoreVersionError(f"the store holds columns of kind {name!r}, which this process has no codec for; "
+                                    "register it (kdlib.register_codec) before opening the store")
+        found.append(_EXTRA[name])
+    return found
+
+
+def view_fields(meta: Any) -> Fields:
+    """Every per-view column of an epoch, in the store's canonical order (the content digest's)."""
+    out: Fields = {}
+    for codec in active_codecs(meta):
+        for name, spec in codec.fields(meta).items():
+            if name in out:
+                raise ConfigError(f"codec {codec.name!r} column {name!r} collides with another family's")
+            out[name] = spec
+    return out
+
+
+def sample_fields(meta: Any) -> Fields:
+    return SAMPLE.fields(meta) if SAMPLE.active(meta) else {}
+
+
+def test_fields(meta: Any) -> Fields:
+    """The teacher's predictions on the test split: one soft label per test image."""
+    return label_fields(meta.k, meta.id_dtype, meta.logit_codec)
+
+
+def pixel_fields(shape: tuple[int, ...]) -> Fields:
+    """A sample of rendered views kept as the renderer made them (verify measures pixel parity)."""
+    return {"views": ("uint8", tuple(shape))}
+
+
+def decode_chunk(cols: Chunk, meta: Any) -> Chunk:
+    """Columns in the plan's dtypes and float logits / maps, whatever the store's codecs."""
+    out = dict(cols)
+    for codec in active_codecs(meta):
+        codec.decode(out, meta)
+    return out
+
+
+def item_columns(cols: Chunk, meta: Any) -> dict[str, Tensor]:
+    """What a replay item carries from a store's decoded columns: every family's tensors."""
+    out: dict[str, Tensor] = {}
+    for codec in active_codecs(meta):
+        out.update(codec.item(cols, meta))
+    return out
+
+
+def check_names(names: list[str], where: str) -> list[str]:
+    """Extra codec names a command asks to store: each registered."""
+    for name in names:
+        if name not in _EXTRA:
+            raise ConfigError(f"{where}: no codec named {name!r} is registered (known: {registered_codecs()}); "
+                              "register it with kdlib.register_codec first")
+    return list(names)
