@@ -26,7 +26,11 @@ data:
 demo: install data
 	$(BIN)/python -m kdlib demo --out runs/demo --shards shards/demo
 
+# The checks first (seconds), then the suite: lint and format (ruff), the layers of kdlib/ (import-linter).
 test: install data
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 clean:

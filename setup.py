@@ -1,8 +1,16 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the one version string: kdlib/_version.py (kdlib.__version__), read without importing kdlib
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("kdlib").joinpath("_version.py").read_text())[
+    1
+]
 
 setup(
     name="kdlib",
-    version="0.1.0",
+    version=VERSION,
     description="Offline teacher-logit cache for knowledge distillation (FKD-style consistent function matching)",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
@@ -13,7 +21,6 @@ setup(
         "torchvision>=0.19",
         "numpy>=1.26",
         "zarr>=3.0.8,<4",
-        "webdataset>=0.2.100",
         "accelerate>=1.0",
         "click>=8.1",
         "safetensors>=0.4",
@@ -22,6 +29,11 @@ setup(
         "pillow>=10",
         "fsspec>=2024.12",
     ],
-    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"], "timm": ["timm>=1.0"]},
+    extras_require={
+        "test": ["pytest>=8", "webdataset>=0.2.100", "ruff==0.17.6", "import-linter==2.17"],
+        "plot": ["matplotlib>=3.7"],
+        "timm": ["timm>=1.0"],
+        "wds": ["webdataset>=0.2.100"],  # kdlib writes and reads its tars itself; this is for plain webdataset readers
+    },
     entry_points={"console_scripts": ["kdlib=kdlib.cli:main"]},
 )

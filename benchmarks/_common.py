@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,16 +92,32 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def write_result(name: str, machine: dict[str, Any], config: dict[str, Any], results: dict[str, Any],
-                 table: str, out: str | None = None) -> Path:
+def write_result(
+    name: str,
+    machine: dict[str, Any],
+    config: dict[str, Any],
+    results: dict[str, Any],
+    table: str,
+    out: str | None = None,
+) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    machine = {**machine, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-               "cpu_pressure_at_end": cpu_pressure()}
+    machine = {
+        **machine,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_pressure_at_end": cpu_pressure(),
+    }
     exe = Path(sys.executable)
     exe_s = os.path.relpath(exe, REPO) if str(exe).startswith(str(REPO)) else exe.name
-    doc = {"benchmark": name, "date": now_utc(), "command": " ".join([exe_s, *sys.argv]),
-           "machine": machine, "config": config, "results": results, "table_markdown": table}
+    doc = {
+        "benchmark": name,
+        "date": now_utc(),
+        "command": " ".join([exe_s, *sys.argv]),
+        "machine": machine,
+        "config": config,
+        "results": results,
+        "table_markdown": table,
+    }
     path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     return path
 
@@ -186,8 +203,12 @@ def epoch_rate(run_dir: Path, batch_size: int) -> dict[str, Any]:
     epochs = [r for r in recs if "epoch" in r and "views_per_s" in r]
     views = sum(r["steps"] * batch_size for r in epochs)
     seconds = sum(r["seconds"] for r in epochs)
-    return {"views": views, "seconds": seconds, "views_per_s": views / seconds,
-            "per_epoch_views_per_s": [r["views_per_s"] for r in epochs]}
+    return {
+        "views": views,
+        "seconds": seconds,
+        "views_per_s": views / seconds,
+        "per_epoch_views_per_s": [r["views_per_s"] for r in epochs],
+    }
 
 
 @contextlib.contextmanager
@@ -284,8 +305,10 @@ def fmnist_rgb(n: int, size: int, seed: int = 0) -> np.ndarray:
         g = src.decode(i)[0].astype(np.float32) / 255.0  # [28, 28]
         if size != 28:
             import torch
-            g = torch.nn.functional.interpolate(torch.from_numpy(g)[None, None], size=(size, size), mode="bilinear",
-                                                align_corners=False)[0, 0].numpy()
+
+            g = torch.nn.functional.interpolate(
+                torch.from_numpy(g)[None, None], size=(size, size), mode="bilinear", align_corners=False
+            )[0, 0].numpy()
         fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         out[i] = np.clip(g[..., None] * fg + (1 - g[..., None]) * bg, 0, 255).astype(np.uint8)
     return out
@@ -315,18 +338,31 @@ def add_data_flags(ap) -> None:
     """--data/--recipe plus the synthetic-JPEG mode used for GPU runs (ImageNet-like input)."""
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--recipe", default=FMNIST_RECIPE)
-    ap.add_argument("--jpeg-size", type=int, default=0,
-                    help="if > 0: make an ImageFolder of --limit synthetic JPEGs of this size and use it as --data")
-    ap.add_argument("--size", type=int, default=0,
-                    help="views' output size (0: the recipe's; with --jpeg-size: 224, inception scale 0.08-1)")
+    ap.add_argument(
+        "--jpeg-size",
+        type=int,
+        default=0,
+        help="if > 0: make an ImageFolder of --limit synthetic JPEGs of this size and use it as --data",
+    )
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="views' output size (0: the recipe's; with --jpeg-size: 224, inception scale 0.08-1)",
+    )
 
 
 def prepare_data(args, work: Path) -> tuple[str, str]:
     """(data, recipe) for a run: the given ones, or synthetic JPEGs and an ImageNet-like recipe."""
     if args.jpeg_size:
         data = synthetic_jpeg_folder(work / "jpegs", args.limit, args.jpeg_size)
-        recipe = write_recipe(work / "recipe.json", args.recipe, size=args.size or 224, scale=(0.08, 1.0),
-                              name=f"jpeg{args.jpeg_size}-{args.size or 224}")
+        recipe = write_recipe(
+            work / "recipe.json",
+            args.recipe,
+            size=args.size or 224,
+            scale=(0.08, 1.0),
+            name=f"jpeg{args.jpeg_size}-{args.size or 224}",
+        )
         return data, recipe
     if args.size:
         return args.data, write_recipe(work / "recipe.json", args.recipe, size=args.size)

@@ -29,9 +29,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import _common as C
+import torch
 
 
 def main() -> None:
@@ -86,20 +85,25 @@ def main() -> None:
     fns = {
         "worker share, render on device (params + decode + taps)": lambda: ds[0],
         "kdlib CPU path: decode + render (pil-bilinear-1, in a worker)": lambda: render_pil(
-            p, src.decode_image, r.size, r.group_size),
+            p, src.decode_image, r.size, r.group_size
+        ),
         "kdlib CPU path, pil-draft": lambda: render_pil(p, src.decode_image, r.size, r.group_size, draft=True),
         "pil-bilinear-1 as the accelerator runs it (batched integer taps), on the CPU": lambda: render_decoded(
-            param_tensors(p, dec, r.size, r.group_size), dec, r.size),
+            param_tensors(p, dec, r.size, r.group_size), dec, r.size
+        ),
         "decode (PIL, full)": lambda: decode_batch(p, src.decode, r.size),
         "decode (pil-draft)": lambda: decode_batch(p, src.decode, r.size, src.decode_draft),
         "roi_align-1: cut (roi_align, float32)": lambda: _crop_resize(pt_old["box"], dec, r.size),
         "roi_align-1: flip + mix + round": lambda: _flip_mix_round(pt_old, crops.clone(), r.size),
         "roi_align-1: decode + render": lambda: render_decoded(
-            pt_old, decode_batch(p, src.decode, r.size), r.size, old),
+            pt_old, decode_batch(p, src.decode, r.size), r.size, old
+        ),
         "torchvision PIL: RandomResizedCrop + flip": lambda: [
-            tv_pil(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[:v]],
+            tv_pil(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[:v]
+        ],
         "torchvision v2 uint8: decode_jpeg + RandomResizedCrop + flip": lambda: [
-            tv_v2(decode_jpeg(torch.frombuffer(b, dtype=torch.uint8))) for b in blobs[:v]],
+            tv_v2(decode_jpeg(torch.frombuffer(b, dtype=torch.uint8))) for b in blobs[:v]
+        ],
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rnd in range(args.rounds):
@@ -109,8 +113,10 @@ def main() -> None:
     base = med["torchvision PIL: RandomResizedCrop + flip"]
     rows = [[k, f"{med[k]:.3f}", C.spread(times[k]), f"{med[k] / base:.2f}"] for k in fns]
     table = C.md_table(["one thread, per view", "ms", "spread", "x torchvision PIL"], rows)
-    print(f"{args.views} JPEGs {w}x{h} -> {args.size} px, {v} views, MixUp on {args.mix_prob:.0%}; "
-          f"{C.device_label(C.machine_info())}\n")
+    print(
+        f"{args.views} JPEGs {w}x{h} -> {args.size} px, {v} views, MixUp on {args.mix_prob:.0%}; "
+        f"{C.device_label(C.machine_info())}\n"
+    )
     print(table)
     results = {"ms_per_view": med, "rounds": times}
     if args.where_rounds:
@@ -121,8 +127,14 @@ def main() -> None:
         extra = C.md_table(["kdlib train from a store, 2 workers", "views/s", "spread"], rows)
         print("\n" + extra)
         table += "\n\n" + extra
-    C.write_result(f"cpu_pixels-{w}x{h}" if (w, h) != (256, 256) else "cpu_pixels", C.machine_info(),
-                   vars(args), results, table, args.out)
+    C.write_result(
+        f"cpu_pixels-{w}x{h}" if (w, h) != (256, 256) else "cpu_pixels",
+        C.machine_info(),
+        vars(args),
+        results,
+        table,
+        args.out,
+    )
 
 
 def render_place_rates(work: Path, data: str, recipe, rounds: int, batch: int) -> dict[str, list[float]]:
@@ -131,8 +143,8 @@ def render_place_rates(work: Path, data: str, recipe, rounds: int, batch: int) -
     import json
 
     from kdlib.models import build_model
-    from kdlib.rundir import save_model
     from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.rundir import save_model
     from kdlib.train import TrainConfig, train
 
     rpath = work / "recipe.json"
@@ -142,14 +154,32 @@ def render_place_rates(work: Path, data: str, recipe, rounds: int, batch: int) -
     save_model(build_model("resnet8", 2, 3, [0.5] * 3, [0.25] * 3), teacher)
     store = work / "store"
     with C.quiet():
-        precompute(PrecomputeConfig(teacher=str(teacher), data=data, recipe=str(rpath), out=str(store), k=1,
-                                    batch_size=batch, workers=2, test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher=str(teacher),
+                data=data,
+                recipe=str(rpath),
+                out=str(store),
+                k=1,
+                batch_size=batch,
+                workers=2,
+                test=False,
+            )
+        )
     rates: dict[str, list[float]] = {"--render device (main process)": [], "--render workers": []}
     for rnd in range(rounds):
         for name in C.order(rnd, list(rates)):
             out = work / f"run-{rnd}"
-            cfg = TrainConfig(out=str(out), shards=str(store), student="resnet8", batch_size=batch, workers=2,
-                              eval=False, checkpoint_every=0, render="device" if "device" in name else "workers")
+            cfg = TrainConfig(
+                out=str(out),
+                shards=str(store),
+                student="resnet8",
+                batch_size=batch,
+                workers=2,
+                eval=False,
+                checkpoint_every=0,
+                render="device" if "device" in name else "workers",
+            )
             rates[name].append(C.timed_train(train, cfg, out, batch, skip=2)["views_per_s"])
     return rates
 

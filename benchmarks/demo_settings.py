@@ -32,8 +32,9 @@ def kdlib(*args: str) -> str:
     env.setdefault("OMP_NUM_THREADS", "1")  # as the demo runs its steps
     print("$ kdlib " + " ".join(args), flush=True)
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "kdlib", *args], stdout=subprocess.PIPE, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kdlib", *args], stdout=subprocess.PIPE, text=True, env=env, check=True
+    ).stdout
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
     return out
 
@@ -48,7 +49,9 @@ def main() -> None:
     ap.add_argument("--student", default="resnet8")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--losses", default="kl,dist,ce")
-    ap.add_argument("--online", default="kl", help="also distil online (teacher in memory) with these losses ('': none)")
+    ap.add_argument(
+        "--online", default="kl", help="also distil online (teacher in memory) with these losses ('': none)"
+    )
     ap.add_argument("--work", default=None)
     ap.add_argument("--result", default="demo-settings")
     a = ap.parse_args()
@@ -61,20 +64,49 @@ def main() -> None:
 
     train = open_source("fashion-mnist", "train")
     val = work / "val.npz"
-    np.savez(val, images=np.stack([train.decode(i)[0] for i in range(lo, hi)]), labels=train.labels()[lo:hi],
-             classes=np.array(train.classes))
+    np.savez(
+        val,
+        images=np.stack([train.decode(i)[0] for i in range(lo, hi)]),
+        labels=train.labels()[lo:hi],
+        classes=np.array(train.classes),
+    )
 
     common = ["--data", "fashion-mnist", "--limit", str(a.limit)]
     t0 = time.time()
-    kdlib("train", *common, "--model", a.teacher, "--loss", "ce", "--recipe", RECIPE, "--epochs", str(a.teacher_epochs),
-          "--no-eval", "--out", str(work / "teacher"))
+    kdlib(
+        "train",
+        *common,
+        "--model",
+        a.teacher,
+        "--loss",
+        "ce",
+        "--recipe",
+        RECIPE,
+        "--epochs",
+        str(a.teacher_epochs),
+        "--no-eval",
+        "--out",
+        str(work / "teacher"),
+    )
     teacher_s = time.time() - t0
-    kdlib("precompute", "--teacher", str(work / "teacher"), *common, "--recipe", RECIPE, "--epochs",
-          str(a.stored_epochs), "--out", str(work / "store"))
+    kdlib(
+        "precompute",
+        "--teacher",
+        str(work / "teacher"),
+        *common,
+        "--recipe",
+        RECIPE,
+        "--epochs",
+        str(a.stored_epochs),
+        "--out",
+        str(work / "store"),
+    )
     rows = {}
 
     def score(name: str, run: Path, seconds: float) -> None:
-        r = json.loads(kdlib("eval", "--model", str(run), "--data", str(val), "--split", "val").strip().splitlines()[-1])
+        r = json.loads(
+            kdlib("eval", "--model", str(run), "--data", str(val), "--split", "val").strip().splitlines()[-1]
+        )
         rows[name] = {"val_top1": r["top1"], "seconds": round(seconds, 1)}
         print(f"[{name}] validation top-1 {r['top1']:.4f}", flush=True)
 
@@ -83,14 +115,40 @@ def main() -> None:
         t0 = time.time()
         run = work / f"student-{loss}"
         src = ["--shards", str(work / "store")] if loss != "ce" else [*common, "--recipe", RECIPE]
-        kdlib("train", *src, "--student", a.student, "--loss", loss, "--epochs", str(a.epochs), "--no-eval",
-              "--out", str(run))
+        kdlib(
+            "train",
+            *src,
+            "--student",
+            a.student,
+            "--loss",
+            loss,
+            "--epochs",
+            str(a.epochs),
+            "--no-eval",
+            "--out",
+            str(run),
+        )
         score(f"{a.student} {loss} ({'cached' if loss != 'ce' else 'labels'})", run, time.time() - t0)
     for loss in filter(None, a.online.split(",")):
         t0 = time.time()
         run = work / f"student-{loss}-online"
-        kdlib("train", "--teacher", str(work / "teacher"), *common, "--recipe", RECIPE, "--student", a.student,
-              "--loss", loss, "--epochs", str(a.epochs), "--no-eval", "--out", str(run))
+        kdlib(
+            "train",
+            "--teacher",
+            str(work / "teacher"),
+            *common,
+            "--recipe",
+            RECIPE,
+            "--student",
+            a.student,
+            "--loss",
+            loss,
+            "--epochs",
+            str(a.epochs),
+            "--no-eval",
+            "--out",
+            str(run),
+        )
         score(f"{a.student} {loss} (online)", run, time.time() - t0)
     result = {"args": vars(a), "validation": f"fashion-mnist train images {lo}..{hi - 1}", "rows": rows}
     out = REPO / "benchmarks/results" / f"{a.result}.json"

@@ -63,22 +63,29 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import Any
 
 import _common as C
+import numpy as np
 
 PARTS = ("bare", "loader", "render", "precompute", "cached", "online", "competitor", "multicrop")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-TARGETS = {"precompute": 0.9, "cached": 0.9, "online_eff": 0.9, "competitor_eff": 0.9, "whole": 0.9,
-           "multicrop": 1.19}
+TARGETS = {"precompute": 0.9, "cached": 0.9, "online_eff": 0.9, "competitor_eff": 0.9, "whole": 0.9, "multicrop": 1.19}
 # full (one H100/H200, 16 cores) and --tiny (a CPU, a few dozen images) defaults
 SIZES = {
-    "images": (8192, 48), "batch_size": (256, 16), "workers": (14, 2), "teacher": ("resnet50", "resnet14"),
-    "student": ("resnet18", "resnet8"), "classes": (1000, 10), "size": (224, 64),
-    "jpegs": ("256x256,500x375", "80x80,160x120"), "rounds": (2, 1), "epochs": (2, 2), "bare_steps": (20, 2),
+    "images": (8192, 48),
+    "batch_size": (256, 16),
+    "workers": (14, 2),
+    "teacher": ("resnet50", "resnet14"),
+    "student": ("resnet18", "resnet8"),
+    "classes": (1000, 10),
+    "size": (224, 64),
+    "jpegs": ("256x256,500x375", "80x80,160x120"),
+    "rounds": (2, 1),
+    "epochs": (2, 2),
+    "bare_steps": (20, 2),
 }
 
 
@@ -94,7 +101,7 @@ def _photo(seed: int, w: int, h: int) -> np.ndarray:
     if (w, h) not in _NOISE:
         _NOISE[(w, h)] = np.random.default_rng(w * 7919 + h).normal(0, 20, (h + 97, w + 97, 3)).astype(np.float32)
     y, x = rng.integers(0, 97, 2)
-    out = _NOISE[(w, h)][y:y + h, x:x + w] + 128.0
+    out = _NOISE[(w, h)][y : y + h, x : x + w] + 128.0
     for cells, amp in ((4, 90), (16, 45), (64, 25)):
         grid = rng.integers(0, 256, (max(2, cells * h // w), cells, 3), dtype=np.uint8)
         up = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float32)
@@ -119,8 +126,15 @@ def make_jpegs(root: Path, n: int, w: int, h: int, classes: int, quality: int, p
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(max(1, procs)) as pool:
         sizes = pool.map(_write_jpeg, jobs, chunksize=max(1, n // (8 * max(1, procs))))
-    return {"root": str(root), "images": n, "width": w, "height": h, "quality": quality,
-            "mean_kb": float(np.mean(sizes)) / 1e3, "seconds": time.perf_counter() - t0}
+    return {
+        "root": str(root),
+        "images": n,
+        "width": w,
+        "height": h,
+        "quality": quality,
+        "mean_kb": float(np.mean(sizes)) / 1e3,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # -- clocks --------------------------------------------------------------------------------
@@ -148,7 +162,7 @@ def steady(runs: list[Stamps], skip: int) -> float:
         if len(run.t) < 2:
             continue
         k = min(skip, len(run.t) - 2)
-        views += sum(run.n[k + 1:])
+        views += sum(run.n[k + 1 :])
         secs += run.t[-1] - run.t[k]
     return views / secs if secs > 0 else float("nan")
 
@@ -231,9 +245,19 @@ class Bench:
     def recipes(self) -> tuple[str, str]:
         from kdlib.recipe import Recipe
 
-        base = Recipe(name="gpu-c1", size=self.args.size, crop="inception", scale=(0.08, 1.0), flip=True,
-                      mix=self.args.mix, mix_prob=self.args.mix_prob, lam="maxbeta", images_per_group=8,
-                      crops_per_image=1, seed=0)
+        base = Recipe(
+            name="gpu-c1",
+            size=self.args.size,
+            crop="inception",
+            scale=(0.08, 1.0),
+            flip=True,
+            mix=self.args.mix,
+            mix_prob=self.args.mix_prob,
+            lam="maxbeta",
+            images_per_group=8,
+            crops_per_image=1,
+            seed=0,
+        )
         multi = base.replace(name=f"gpu-c{self.args.crops}", images_per_group=4, crops_per_image=self.args.crops)
         paths = []
         for r in (base, multi):
@@ -256,8 +280,8 @@ class Bench:
         torch = self.torch
         from kdlib.losses import get_loss
         from kdlib.models import build_model
-        from kdlib.resolve import load_model
         from kdlib.precision import precision_context, prepare_model, teacher_logits
+        from kdlib.resolve import load_model
 
         dev, steps = self.device, self.args.bare_steps
         g = torch.Generator().manual_seed(0)
@@ -315,8 +339,11 @@ class Bench:
         steps = views_per_epoch(recipe, len(source)) // self.batch
         epochs = self.args.epochs
         batches = [Batch(e, a, b) for e in range(epochs) for a, b in split_range(0, steps * self.batch, self.batch)]
-        feed = Feed(ViewBatches(source, batches, recipe.size, recipe.group_size, PlanParams(recipe, source.sizes())),
-                    self.device, self.args.workers)
+        feed = Feed(
+            ViewBatches(source, batches, recipe.size, recipe.group_size, PlanParams(recipe, source.sizes())),
+            self.device,
+            self.args.workers,
+        )
         skip = self.skip(steps)
         runs = []
         t_start = time.perf_counter()
@@ -331,10 +358,14 @@ class Bench:
         del it, feed
         first = runs[0].t[-1] - t_start
         later = [r.t[-1] - p.t[-1] for p, r in zip(runs, runs[1:])]
-        return {"steady_views_per_s": steady(runs, skip), "place": "device" if self.cuda else "workers",
-                "epoch0_views_per_s": steps * self.batch / first,
-                "later_views_per_s": (len(later) * steps * self.batch / sum(later)) if later else None,
-                "whole_views_per_s": epochs * steps * self.batch / (runs[-1].t[-1] - t_start), "steps": steps}
+        return {
+            "steady_views_per_s": steady(runs, skip),
+            "place": "device" if self.cuda else "workers",
+            "epoch0_views_per_s": steps * self.batch / first,
+            "later_views_per_s": (len(later) * steps * self.batch / sum(later)) if later else None,
+            "whole_views_per_s": epochs * steps * self.batch / (runs[-1].t[-1] - t_start),
+            "steps": steps,
+        }
 
     # render alone
     def render_items(self, data: str, recipe_path: str, n: int = 3) -> list[dict[str, Any]]:
@@ -345,8 +376,13 @@ class Bench:
         recipe = load_recipe(recipe_path)
         source = open_source(data, "train")
         ranges = split_range(0, len(source) // recipe.images_per_group * recipe.group_size, self.batch)[:n]
-        ds = ViewBatches(source, [Batch(0, a, b) for a, b in ranges if b - a == self.batch], recipe.size,
-                         recipe.group_size, PlanParams(recipe, source.sizes()))
+        ds = ViewBatches(
+            source,
+            [Batch(0, a, b) for a, b in ranges if b - a == self.batch],
+            recipe.size,
+            recipe.group_size,
+            PlanParams(recipe, source.sizes()),
+        )
         items = [ds[i] for i in range(len(ds))]
         return [{"render": it["render"], "decoded": it["decoded"], "size": recipe.size} for it in items]
 
@@ -355,10 +391,17 @@ class Bench:
 
         dev, reps = self.device, max(3, self.args.bare_steps)
         on_dev = [({k: v.to(dev) for k, v in it["render"].items()}, it["decoded"].to(dev), it["size"]) for it in items]
-        host = [({k: (v.pin_memory() if self.cuda else v) for k, v in it["render"].items()},
-                 it["decoded"].pin_memory() if self.cuda else it["decoded"], it["size"]) for it in items]
+        host = [
+            (
+                {k: (v.pin_memory() if self.cuda else v) for k, v in it["render"].items()},
+                it["decoded"].pin_memory() if self.cuda else it["decoded"],
+                it["size"],
+            )
+            for it in items
+        ]
         out = {}
         for name, batches, copy in (("render", on_dev, False), ("copy_render", host, True)):
+
             def once(i: int) -> None:
                 p, d, size = batches[i % len(batches)]
                 if copy:
@@ -386,8 +429,18 @@ class Bench:
 
         n = views_per_epoch(load_recipe(recipe), min(limit or 1 << 62, self.images_of(data)))
         skip = self.skip(-(-n // self.batch))
-        cfg = pre.PrecomputeConfig(teacher=teacher, data=data, recipe=recipe, out=str(out), epochs=1, k=10,
-                                   batch_size=self.batch, workers=self.args.workers, limit=limit, test=False)
+        cfg = pre.PrecomputeConfig(
+            teacher=teacher,
+            data=data,
+            recipe=recipe,
+            out=str(out),
+            epochs=1,
+            k=10,
+            batch_size=self.batch,
+            workers=self.args.workers,
+            limit=limit,
+            test=False,
+        )
         t0 = time.perf_counter()
         with C.quiet() as log, bar_clock(pre, skip, self.batch, self.sync) as runs:
             pre.precompute(cfg)
@@ -395,8 +448,12 @@ class Bench:
         found = re.findall(r"epoch \d+: \d+ chunks, ([\d.]+) views/s", log.getvalue())
         run = max(runs, key=lambda r: len(r.t))
         self.clean()
-        return {"steady_views_per_s": steady([run], skip), "epoch_views_per_s": float(found[-1]) if found else None,
-                "call_wall_s": wall, "views": n}
+        return {
+            "steady_views_per_s": steady([run], skip),
+            "epoch_views_per_s": float(found[-1]) if found else None,
+            "call_wall_s": wall,
+            "views": n,
+        }
 
     def images_of(self, data: str) -> int:
         return sum(len(files) for _, _, files in os.walk(data))
@@ -405,9 +462,18 @@ class Bench:
     def train(self, out: Path, **kw: Any) -> dict[str, Any]:
         tr = importlib.import_module("kdlib.train")  # the module (kdlib.train is its function)
 
-        cfg = tr.TrainConfig(out=str(out), student=self.args.student, epochs=self.args.epochs, batch_size=self.batch,
-                             workers=self.args.workers, eval=False, checkpoint_every=0, mixed_precision=self.mixed,
-                             cpu=not self.cuda, **kw)
+        cfg = tr.TrainConfig(
+            out=str(out),
+            student=self.args.student,
+            epochs=self.args.epochs,
+            batch_size=self.batch,
+            workers=self.args.workers,
+            eval=False,
+            checkpoint_every=0,
+            mixed_precision=self.mixed,
+            cpu=not self.cuda,
+            **kw,
+        )
         steps_guess = self.args.images // self.batch
         skip = self.skip(steps_guess)
         t0 = time.perf_counter()
@@ -422,10 +488,15 @@ class Bench:
         later_v = sum(r["steps"] * self.batch for r in recs[1:])
         later_s = sum(r["seconds"] for r in recs[1:])
         rate = steady(runs, skip)
-        return {"steady_views_per_s": rate, "epoch0_views_per_s": v0 / s0,
-                "later_views_per_s": later_v / later_s if later_s else None,
-                "startup_s": s0 - v0 / rate, "whole_views_per_s": (v0 + later_v) / (s0 + later_s),
-                "per_epoch_views_per_s": [r["views_per_s"] for r in recs], "call_wall_s": wall}
+        return {
+            "steady_views_per_s": rate,
+            "epoch0_views_per_s": v0 / s0,
+            "later_views_per_s": later_v / later_s if later_s else None,
+            "startup_s": s0 - v0 / rate,
+            "whole_views_per_s": (v0 + later_v) / (s0 + later_s),
+            "per_epoch_views_per_s": [r["views_per_s"] for r in recs],
+            "call_wall_s": wall,
+        }
 
     # the competitor: online KD the standard way
     def competitor(self, data: str, teacher_dir: str) -> dict[str, Any]:
@@ -436,18 +507,33 @@ class Bench:
 
         from kdlib.losses import get_loss
         from kdlib.models import build_model
-        from kdlib.resolve import load_model
         from kdlib.precision import precision_context
+        from kdlib.resolve import load_model
 
         dev = self.device
-        to_tensor = T.ToTensor() if hasattr(T, "ToTensor") else T.Compose([T.PILToTensor(),
-                                                                           T.ConvertImageDtype(torch.float32)])
-        tf = T.Compose([T.RandomResizedCrop(self.args.size), T.RandomHorizontalFlip(), to_tensor,
-                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        to_tensor = (
+            T.ToTensor() if hasattr(T, "ToTensor") else T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32)])
+        )
+        tf = T.Compose(
+            [
+                T.RandomResizedCrop(self.args.size),
+                T.RandomHorizontalFlip(),
+                to_tensor,
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         ds = torchvision.datasets.ImageFolder(data, transform=tf)
         w = self.args.workers
-        dl = DataLoader(ds, batch_size=self.batch, shuffle=True, num_workers=w, pin_memory=self.cuda, drop_last=True,
-                        persistent_workers=w > 0, generator=torch.Generator().manual_seed(0))
+        dl = DataLoader(
+            ds,
+            batch_size=self.batch,
+            shuffle=True,
+            num_workers=w,
+            pin_memory=self.cuda,
+            drop_last=True,
+            persistent_workers=w > 0,
+            generator=torch.Generator().manual_seed(0),
+        )
         teacher = load_model(teacher_dir).net.to(dev).eval()
         torch.manual_seed(0)
         student = build_model(self.args.student, self.args.classes, 3, IMAGENET_MEAN, IMAGENET_STD).net.to(dev)
@@ -485,9 +571,12 @@ class Bench:
         del dl, teacher, student, opt
         self.clean()
         later = sum(epoch_s[1:])
-        return {"steady_views_per_s": steady(runs, skip), "epoch0_views_per_s": steps * self.batch / epoch_s[0],
-                "later_views_per_s": (len(epoch_s) - 1) * steps * self.batch / later if later else None,
-                "whole_views_per_s": len(epoch_s) * steps * self.batch / total}
+        return {
+            "steady_views_per_s": steady(runs, skip),
+            "epoch0_views_per_s": steps * self.batch / epoch_s[0],
+            "later_views_per_s": (len(epoch_s) - 1) * steps * self.batch / later if later else None,
+            "whole_views_per_s": len(epoch_s) * steps * self.batch / total,
+        }
 
 
 # -- summary -------------------------------------------------------------------------------
@@ -518,8 +607,13 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
     def get(d: str, part: str) -> list[dict]:
         return runs["sets"][d].get(part) or []
 
-    def row(label: str, values: dict[str, float | None], target: float | None = None, key: str | None = None,
-            fmt: Callable[[float], str] = lambda v: f"{v:,.0f}") -> None:
+    def row(
+        label: str,
+        values: dict[str, float | None],
+        target: float | None = None,
+        key: str | None = None,
+        fmt: Callable[[float], str] = lambda v: f"{v:,.0f}",
+    ) -> None:
         cells = [label] + ["—" if values.get(d) is None else fmt(values[d]) for d in sets]
         if target is None:
             cells.append("")
@@ -532,8 +626,9 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
             summary[key] = {d: values.get(d) for d in sets}
             if target is not None:
                 summary[key]["target"] = target
-                summary[key]["met"] = (None if not cuda else all(v >= target for v in values.values()
-                                                                  if v is not None) if values else None)
+                summary[key]["met"] = (
+                    None if not cuda else all(v >= target for v in values.values() if v is not None) if values else None
+                )
 
     def per_set(part: str, field: str) -> dict[str, float | None]:
         """`field` of `part`'s runs, the median over rounds, for each JPEG set."""
@@ -547,72 +642,161 @@ def summarize(runs: dict[str, Any], sets: list[str], cuda: bool) -> tuple[list[l
     row("bare teacher forward, uint8 batches on the device, views/s", {d: t_views for d in sets}, key="bare_teacher")
     row("bare student step (fwd, KL, bwd, clip, AdamW), views/s", {d: s_views for d in sets}, key="bare_student")
     row("ideal speed-up (t_teacher + t_student) / t_student", {d: ideal for d in sets}, key="ideal", fmt=speed)
-    row("kdlib loader alone (Feed, no model), steady views/s",
-        per_set("loader", "steady_views_per_s"), key="loader_steady")
-    row("kdlib loader alone, whole run (incl. worker start), views/s",
-        per_set("loader", "whole_views_per_s"), key="loader_whole")
-    row("render alone (decoded batch on the device), views/s",
-        per_set("render", "render_views_per_s"), key="render")
-    row("pinned copy of the decoded batch + render, views/s",
-        per_set("render", "copy_render_views_per_s"), key="copy_render")
-    row("precompute, steady views/s",
-        per_set("precompute", "steady_views_per_s"), key="precompute_steady")
-    row("precompute, its own epoch rate (incl. start-up, writes), views/s",
-        per_set("precompute", "epoch_views_per_s"), key="precompute_epoch")
-    row("precompute / bare teacher (per round)",
-        {d: med(per_round(get(d, "precompute"), bare, lambda a, b: a["steady_views_per_s"] / b["teacher_views_per_s"]))
-         for d in sets}, TARGETS["precompute"], "precompute_vs_bare", ratio)
-    row("cached train, steady views/s",
-        per_set("cached", "steady_views_per_s"), key="cached_steady")
-    row("cached train / bare student step (per round)",
-        {d: med(per_round(get(d, "cached"), bare, lambda a, b: a["steady_views_per_s"] / b["student_views_per_s"]))
-         for d in sets}, TARGETS["cached"], "cached_vs_bare", ratio)
-    row("online train (teacher in memory), steady views/s",
-        per_set("online", "steady_views_per_s"), key="online_steady")
+    row(
+        "kdlib loader alone (Feed, no model), steady views/s",
+        per_set("loader", "steady_views_per_s"),
+        key="loader_steady",
+    )
+    row(
+        "kdlib loader alone, whole run (incl. worker start), views/s",
+        per_set("loader", "whole_views_per_s"),
+        key="loader_whole",
+    )
+    row("render alone (decoded batch on the device), views/s", per_set("render", "render_views_per_s"), key="render")
+    row(
+        "pinned copy of the decoded batch + render, views/s",
+        per_set("render", "copy_render_views_per_s"),
+        key="copy_render",
+    )
+    row("precompute, steady views/s", per_set("precompute", "steady_views_per_s"), key="precompute_steady")
+    row(
+        "precompute, its own epoch rate (incl. start-up, writes), views/s",
+        per_set("precompute", "epoch_views_per_s"),
+        key="precompute_epoch",
+    )
+    row(
+        "precompute / bare teacher (per round)",
+        {
+            d: med(
+                per_round(get(d, "precompute"), bare, lambda a, b: a["steady_views_per_s"] / b["teacher_views_per_s"])
+            )
+            for d in sets
+        },
+        TARGETS["precompute"],
+        "precompute_vs_bare",
+        ratio,
+    )
+    row("cached train, steady views/s", per_set("cached", "steady_views_per_s"), key="cached_steady")
+    row(
+        "cached train / bare student step (per round)",
+        {
+            d: med(per_round(get(d, "cached"), bare, lambda a, b: a["steady_views_per_s"] / b["student_views_per_s"]))
+            for d in sets
+        },
+        TARGETS["cached"],
+        "cached_vs_bare",
+        ratio,
+    )
+    row(
+        "online train (teacher in memory), steady views/s", per_set("online", "steady_views_per_s"), key="online_steady"
+    )
     for base, label in (("online", "online"), ("competitor", "competitor")):
         if base == "competitor":
-            row("competitor: online KD, torchvision ImageFolder loader, steady views/s",
+            row(
+                "competitor: online KD, torchvision ImageFolder loader, steady views/s",
                 per_set("competitor", "steady_views_per_s"),
-                key="competitor_steady")
-        row(f"cached / {label}, measured speed-up",
-            {d: med(per_round(get(d, "cached"), get(d, base),
-                              lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},
-            key=f"cached_over_{base}", fmt=speed)
+                key="competitor_steady",
+            )
+        row(
+            f"cached / {label}, measured speed-up",
+            {
+                d: med(
+                    per_round(
+                        get(d, "cached"), get(d, base), lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"]
+                    )
+                )
+                for d in sets
+            },
+            key=f"cached_over_{base}",
+            fmt=speed,
+        )
         eff = {}
         for d in sets:
             c, o = get(d, "cached"), get(d, base)
-            eff[d] = med([x["steady_views_per_s"] / y["steady_views_per_s"] / b["ideal_speedup"]
-                          for x, y, b in zip(c, o, bare)]) if c and o and bare else None
-        row(f"(cached / {label}) / ideal", eff, TARGETS[f"{base}_eff"],
-            "online_efficiency" if base == "online" else "competitor_efficiency", ratio)
+            eff[d] = (
+                med(
+                    [
+                        x["steady_views_per_s"] / y["steady_views_per_s"] / b["ideal_speedup"]
+                        for x, y, b in zip(c, o, bare)
+                    ]
+                )
+                if c and o and bare
+                else None
+            )
+        row(
+            f"(cached / {label}) / ideal",
+            eff,
+            TARGETS[f"{base}_eff"],
+            "online_efficiency" if base == "online" else "competitor_efficiency",
+            ratio,
+        )
     for name in ("cached", "online"):
-        row(f"{name} train: whole epoch / steady, epochs after the first",
-            {d: med([x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None
-                     for x in get(d, name)]) for d in sets}, TARGETS["whole"], f"{name}_whole_vs_steady", ratio)
-        row(f"{name} train: first epoch / steady (start-up, s)",
+        row(
+            f"{name} train: whole epoch / steady, epochs after the first",
+            {
+                d: med(
+                    [
+                        x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None
+                        for x in get(d, name)
+                    ]
+                )
+                for d in sets
+            },
+            TARGETS["whole"],
+            f"{name}_whole_vs_steady",
+            ratio,
+        )
+        row(
+            f"{name} train: first epoch / steady (start-up, s)",
             {d: med([x["epoch0_views_per_s"] / x["steady_views_per_s"] for x in get(d, name)]) for d in sets},
             key=f"{name}_first_epoch_vs_steady",
-            fmt=lambda v, name=name: f"{v:.3f}")
+            fmt=lambda v, name=name: f"{v:.3f}",
+        )
         summary[f"{name}_startup_s"] = {d: med([x["startup_s"] for x in get(d, name)]) for d in sets}
-        rows[-1][1:1 + len(sets)] = [
-            c if c == "—" else f"{c} ({summary[f'{name}_startup_s'][d]:.1f} s)" for c, d in zip(rows[-1][1:], sets)]
-    row("competitor: whole epoch / steady, epochs after the first",
-        {d: med([x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None
-                 for x in get(d, "competitor")]) for d in sets}, key="competitor_whole_vs_steady", fmt=ratio)
+        rows[-1][1 : 1 + len(sets)] = [
+            c if c == "—" else f"{c} ({summary[f'{name}_startup_s'][d]:.1f} s)" for c, d in zip(rows[-1][1:], sets)
+        ]
+    row(
+        "competitor: whole epoch / steady, epochs after the first",
+        {
+            d: med(
+                [
+                    x["later_views_per_s"] / x["steady_views_per_s"] if x["later_views_per_s"] else None
+                    for x in get(d, "competitor")
+                ]
+            )
+            for d in sets
+        },
+        key="competitor_whole_vs_steady",
+        fmt=ratio,
+    )
     mc = per_set("multicrop", "steady_views_per_s")
     if any(v is not None for v in mc.values()):
         crops = runs.get("crops", 4)
         row(f"cached train, c = {crops} crops per image, steady views/s", mc, key="multicrop_steady")
-        row("plain CE train (c = 1, labels), steady views/s",
-            per_set("ce", "steady_views_per_s"), key="ce_steady")
-        row(f"cached c = {crops} / plain CE c = 1 (per round)",
-            {d: med(per_round(get(d, "multicrop"), get(d, "ce"),
-                              lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"])) for d in sets},
-            TARGETS["multicrop"], "multicrop_over_ce", speed)
-        row(f"precompute of the c = {crops} store (once, set-up), steady views/s",
+        row("plain CE train (c = 1, labels), steady views/s", per_set("ce", "steady_views_per_s"), key="ce_steady")
+        row(
+            f"cached c = {crops} / plain CE c = 1 (per round)",
+            {
+                d: med(
+                    per_round(
+                        get(d, "multicrop"),
+                        get(d, "ce"),
+                        lambda a, b: a["steady_views_per_s"] / b["steady_views_per_s"],
+                    )
+                )
+                for d in sets
+            },
+            TARGETS["multicrop"],
+            "multicrop_over_ce",
+            speed,
+        )
+        row(
+            f"precompute of the c = {crops} store (once, set-up), steady views/s",
             {d: (runs["sets"][d].get("multicrop_store") or {}).get("steady_views_per_s") for d in sets},
-            key="multicrop_precompute")
-    rows = [r for r in rows if any(c != "—" for c in r[1:1 + len(sets)])]  # parts left out by --only
+            key="multicrop_precompute",
+        )
+    rows = [r for r in rows if any(c != "—" for c in r[1 : 1 + len(sets)])]  # parts left out by --only
     return rows, summary
 
 
@@ -639,20 +823,31 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--student", help="student architecture [resnet18; tiny resnet8]")
     ap.add_argument("--classes", type=int, help="class folders and model heads [1000; tiny 10]")
     ap.add_argument("--size", type=int, help="view size, px [224; tiny 64]")
-    ap.add_argument("--jpegs", help="JPEG sizes WxH, comma-separated [256x256,500x375; tiny 80x80,160x120]; "
-                                    "the multi-crop rows run on the last")
+    ap.add_argument(
+        "--jpegs",
+        help="JPEG sizes WxH, comma-separated [256x256,500x375; tiny 80x80,160x120]; "
+        "the multi-crop rows run on the last",
+    )
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--rounds", type=int, help="[2; tiny 1]")
     ap.add_argument("--epochs", type=int, help="epochs per training / loader run (>= 2 for whole-epoch rows) [2]")
     ap.add_argument("--bare-steps", type=int, help="timed batches per bare measurement [20; tiny 2]")
-    ap.add_argument("--skip", type=int, default=None, help="steps of each epoch left out of steady rates "
-                                                            "[workers + 2, at most half the epoch]")
+    ap.add_argument(
+        "--skip",
+        type=int,
+        default=None,
+        help="steps of each epoch left out of steady rates [workers + 2, at most half the epoch]",
+    )
     ap.add_argument("--crops", type=int, default=4, help="crops per image of the multi-crop store")
     ap.add_argument("--mix", default="mixup", choices=["none", "mixup", "cutmix", "both"])
     ap.add_argument("--mix-prob", type=float, default=1.0)
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
-    ap.add_argument("--max-minutes", type=float, default=7.5,
-                    help="start no round that the last one's length says would end after this (0: no limit)")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=7.5,
+        help="start no round that the last one's length says would end after this (0: no limit)",
+    )
     ap.add_argument("--jpeg-procs", type=int, default=None, help="processes making the JPEGs [all CPUs]")
     ap.add_argument("--keep", default=None, help="work directory to keep (JPEGs, stores; reused if present)")
     ap.add_argument("--out-dir", default=str(C.RESULTS), help="where gpu-<card>.json goes")
@@ -699,22 +894,34 @@ def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> No
         w, h = (int(v) for v in s.split("x"))
         root = work / f"jpeg-{s}"
         if root.is_dir() and sum(1 for _ in root.rglob("*.jpg")) == args.images:
-            data[s] = {"root": str(root), "images": args.images, "width": w, "height": h, "quality": args.quality,
-                       "mean_kb": float(np.mean([p.stat().st_size for p in root.rglob("*.jpg")])) / 1e3, "seconds": 0}
+            data[s] = {
+                "root": str(root),
+                "images": args.images,
+                "width": w,
+                "height": h,
+                "quality": args.quality,
+                "mean_kb": float(np.mean([p.stat().st_size for p in root.rglob("*.jpg")])) / 1e3,
+                "seconds": 0,
+            }
         else:
             shutil.rmtree(root, ignore_errors=True)
             data[s] = make_jpegs(root, args.images, w, h, args.classes, args.quality, procs)
-        print(f"{s}: {args.images} JPEGs, mean {data[s]['mean_kb']:.1f} KB, made in {data[s]['seconds']:.1f} s",
-              flush=True)
+        print(
+            f"{s}: {args.images} JPEGs, mean {data[s]['mean_kb']:.1f} KB, made in {data[s]['seconds']:.1f} s",
+            flush=True,
+        )
 
     machine = C.machine_info()
     bench = Bench(args, work)
     base_recipe, multi_recipe = bench.recipes()
     teacher_dir = bench.save_teacher()
     cuda = bench.cuda
-    print(f"device {C.device_label(machine)}: teacher {args.teacher} and student {args.student} in "
-          f"{bench.precision}{' + channels_last' if cuda else ''}, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.images} images x {args.epochs} epochs per run, {args.rounds} round(s)", flush=True)
+    print(
+        f"device {C.device_label(machine)}: teacher {args.teacher} and student {args.student} in "
+        f"{bench.precision}{' + channels_last' if cuda else ''}, batch {args.batch_size}, {args.workers} workers, "
+        f"{args.images} images x {args.epochs} epochs per run, {args.rounds} round(s)",
+        flush=True,
+    )
 
     def elapsed() -> str:
         return f"[{time.perf_counter() - t_begin:5.0f} s]"
@@ -729,32 +936,44 @@ def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> No
                 stores[s] = work / f"store-{s}"
                 shutil.rmtree(stores[s], ignore_errors=True)
                 r = bench.precompute(data[s]["root"], base_recipe, teacher_dir, stores[s])
-                print(f"{elapsed()} set-up: store for {s} ({r['views']} views), {r['steady_views_per_s']:.0f} views/s",
-                      flush=True)
+                print(
+                    f"{elapsed()} set-up: store for {s} ({r['views']} views), {r['steady_views_per_s']:.0f} views/s",
+                    flush=True,
+                )
         if "multicrop" in args.only:
             multi_store = work / f"store-{photo}-c{args.crops}"
             shutil.rmtree(multi_store, ignore_errors=True)
-            r = bench.precompute(data[photo]["root"], multi_recipe, teacher_dir, multi_store,
-                                 limit=max(4, args.images // args.crops))
+            r = bench.precompute(
+                data[photo]["root"], multi_recipe, teacher_dir, multi_store, limit=max(4, args.images // args.crops)
+            )
             runs["sets"][photo]["multicrop_store"] = r
-            print(f"{elapsed()} set-up: c = {args.crops} store for {photo} ({r['views']} views), "
-                  f"{r['steady_views_per_s']:.0f} views/s", flush=True)
-        render_items = ({s: bench.render_items(data[s]["root"], base_recipe) for s in sets}
-                        if "render" in args.only else {})
+            print(
+                f"{elapsed()} set-up: c = {args.crops} store for {photo} ({r['views']} views), "
+                f"{r['steady_views_per_s']:.0f} views/s",
+                flush=True,
+            )
+        render_items = (
+            {s: bench.render_items(data[s]["root"], base_recipe) for s in sets} if "render" in args.only else {}
+        )
 
         round_s: list[float] = []
         for r in range(args.rounds):
             spent = time.perf_counter() - t_begin
             if r and args.max_minutes and spent + max(round_s) > 60 * args.max_minutes:
-                print(f"{elapsed()} stopping after {r} round(s): another would pass --max-minutes "
-                      f"{args.max_minutes}", flush=True)
+                print(
+                    f"{elapsed()} stopping after {r} round(s): another would pass --max-minutes {args.max_minutes}",
+                    flush=True,
+                )
                 break
             t_round = time.perf_counter()
             if "bare" in args.only:
                 b = bench.bare(teacher_dir)
                 runs["bare"].append(b)
-                print(f"{elapsed()} round {r} bare: teacher {b['teacher_views_per_s']:.0f}, student step "
-                      f"{b['student_views_per_s']:.0f} views/s, ideal {b['ideal_speedup']:.2f}x", flush=True)
+                print(
+                    f"{elapsed()} round {r} bare: teacher {b['teacher_views_per_s']:.0f}, student step "
+                    f"{b['student_views_per_s']:.0f} views/s, ideal {b['ideal_speedup']:.2f}x",
+                    flush=True,
+                )
             for s in C.order(r, sets):
                 root = data[s]["root"]
                 parts = [p for p in PARTS[1:] if p in args.only and (p != "multicrop" or s == photo)]
@@ -771,8 +990,9 @@ def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> No
                     elif part == "cached":
                         results["cached"] = bench.train(out, shards=str(stores[s]), loss="kl")
                     elif part == "online":
-                        results["online"] = bench.train(out, teacher=teacher_dir, data=root, recipe=base_recipe,
-                                                        loss="kl")
+                        results["online"] = bench.train(
+                            out, teacher=teacher_dir, data=root, recipe=base_recipe, loss="kl"
+                        )
                     elif part == "competitor":
                         results["competitor"] = bench.competitor(root, teacher_dir)
                     elif part == "multicrop":  # the pair, back to back in alternating order
@@ -783,21 +1003,28 @@ def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> No
                                 results[side] = bench.train(out, data=root, recipe=base_recipe, loss="ce")
                     for key, res in results.items():
                         runs["sets"][s].setdefault(key, []).append(res)
-                        extra = "".join(f", {k[:-len('_views_per_s')]} {v:.0f}" for k, v in res.items()
-                                        if k.endswith("_views_per_s") and k != "steady_views_per_s"
-                                        and isinstance(v, float))
+                        extra = "".join(
+                            f", {k[: -len('_views_per_s')]} {v:.0f}"
+                            for k, v in res.items()
+                            if k.endswith("_views_per_s") and k != "steady_views_per_s" and isinstance(v, float)
+                        )
                         main_rate = res.get("steady_views_per_s") or res.get("render_views_per_s")
-                        print(f"{elapsed()} round {r} {s} {key}: {main_rate:.0f} views/s"
-                              f"{' steady' if 'steady_views_per_s' in res else ''}{extra}", flush=True)
+                        print(
+                            f"{elapsed()} round {r} {s} {key}: {main_rate:.0f} views/s"
+                            f"{' steady' if 'steady_views_per_s' in res else ''}{extra}",
+                            flush=True,
+                        )
             round_s.append(time.perf_counter() - t_round)
         runs["rounds_done"] = len(round_s)
 
     rows, summary = summarize(runs, sets, cuda)
     headers = ["quantity (median of rounds)"] + [f"{s} JPEGs ({data[s]['mean_kb']:.0f} KB)" for s in sets] + ["target"]
     table = C.md_table(headers, rows)
-    what = (f"{args.teacher} -> {args.student}, {bench.precision}{' + channels_last' if cuda else ''}, "
-            f"{args.size} px, batch {args.batch_size}, {args.workers} workers, {args.images} images x {args.epochs} "
-            f"epochs per run, {runs['rounds_done']} round(s), on {C.device_label(machine)}")
+    what = (
+        f"{args.teacher} -> {args.student}, {bench.precision}{' + channels_last' if cuda else ''}, "
+        f"{args.size} px, batch {args.batch_size}, {args.workers} workers, {args.images} images x {args.epochs} "
+        f"epochs per run, {runs['rounds_done']} round(s), on {C.device_label(machine)}"
+    )
     table = f"{what}\n\n{table}"
     if not cuda:
         table += "\n\nCPU run: a check that the command works end to end; targets are for one GPU (n/a on CPU)."
@@ -805,11 +1032,19 @@ def run(args: argparse.Namespace, work: Path, device: Any, t_begin: float) -> No
     print(table)
     card = card_name(device, args.tiny)
     out = args.out or str(Path(args.out_dir) / f"gpu-{card}.json")
-    config = {**vars(args), "precision": bench.precision, "mixed_precision": bench.mixed,
-              "data": data, "recipes": {"c1": json.loads(Path(base_recipe).read_text()),
-                                        "multicrop": json.loads(Path(multi_recipe).read_text())}}
-    path = C.write_result("gpu", machine, config,
-                          {**runs, "summary": summary, "total_wall_s": time.perf_counter() - t_begin}, table, out)
+    config = {
+        **vars(args),
+        "precision": bench.precision,
+        "mixed_precision": bench.mixed,
+        "data": data,
+        "recipes": {
+            "c1": json.loads(Path(base_recipe).read_text()),
+            "multicrop": json.loads(Path(multi_recipe).read_text()),
+        },
+    }
+    path = C.write_result(
+        "gpu", machine, config, {**runs, "summary": summary, "total_wall_s": time.perf_counter() - t_begin}, table, out
+    )
     print(f"\nwrote {path} ({time.perf_counter() - t_begin:.0f} s in all)")
 
 

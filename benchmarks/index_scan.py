@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, machine_info, md_table, quiet, tmpdir, write_result
 
 
@@ -38,8 +37,9 @@ def tiny_teacher(num_classes: int, in_channels: int):
     from torch import nn
 
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes)
+    )
 
 
 def make_folder(root: Path, files: int, classes: int) -> float:
@@ -100,8 +100,12 @@ def main() -> None:
     src.sizes()  # every header, then the index is written
     t3 = time.perf_counter()
     assert isinstance(src, ImageFolderSource) and len(src) == args.files, len(src)
-    results.update(listing_s=round(t1 - t0, 3), stats_s=round(t2 - t1, 3), first_sizes_s=round(t3 - t2, 3),
-                   first_scan_files_per_s=round(args.files / (t3 - t2 + t1 - t0)))
+    results.update(
+        listing_s=round(t1 - t0, 3),
+        stats_s=round(t2 - t1, 3),
+        first_sizes_s=round(t3 - t2, 3),
+        first_scan_files_per_s=round(args.files / (t3 - t2 + t1 - t0)),
+    )
     subset = [src._path(i) for i in range(0, len(src), max(1, len(src) // args.pil_subset))][: args.pil_subset]
     pil = pil_serial(subset)
     results["pil_serial_files_per_s"] = round(len(subset) / pil)
@@ -115,15 +119,27 @@ def main() -> None:
     from kdlib.precompute import PrecomputeConfig, precompute
 
     recipe = work / "recipe.yaml"
-    recipe.write_text("name: scan\nsize: 24\ncrop: inception\nscale: [0.5, 1.0]\nflip: true\nmix: none\n"
-                      "images_per_group: 1\ncrops_per_image: 1\nseed: 0\n")
+    recipe.write_text(
+        "name: scan\nsize: 24\ncrop: inception\nscale: [0.5, 1.0]\nflip: true\nmix: none\n"
+        "images_per_group: 1\ncrops_per_image: 1\nseed: 0\n"
+    )
     store = work / "store"
     sys.path.insert(0, str(Path(__file__).parent))
     t0 = time.perf_counter()
     with quiet():  # resumes (nothing to do) when --keep already holds the finished store
-        precompute(PrecomputeConfig(teacher="index_scan:tiny_teacher", data=str(data), out=str(store),
-                                    recipe=str(recipe), k=5, batch_size=1024, chunk_views=16384,
-                                    workers=args.workers, test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher="index_scan:tiny_teacher",
+                data=str(data),
+                out=str(store),
+                recipe=str(recipe),
+                k=5,
+                batch_size=1024,
+                chunk_views=16384,
+                workers=args.workers,
+                test=False,
+            )
+        )
     results["precompute_s"] = round(time.perf_counter() - t0, 1)
     print(f"precompute {results['precompute_s']} s", flush=True)
 
@@ -139,8 +155,26 @@ def main() -> None:
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "KDLIB_INDEX_CACHE": "off", "PYTHONPATH": f"{REPO}{os.pathsep}{Path(__file__).parent}"}
-    cmd = [sys.executable, "-m", "kdlib", "train", "--shards", str(store), "--student", "index_scan:tiny_teacher",
-           "--out", str(run), "--batch-size", "64", "--epochs", "1", "--workers", "0", "--no-eval", "--cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdlib",
+        "train",
+        "--shards",
+        str(store),
+        "--student",
+        "index_scan:tiny_teacher",
+        "--out",
+        str(run),
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--cpu",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     steps = run / "steps.jsonl"
@@ -159,19 +193,30 @@ def main() -> None:
 
     scale = 1_281_167 / args.files
     first = results["listing_s"] + results["first_sizes_s"]
-    rows = [["files", f"{args.files:,}", f"1,281,167 (x{scale:.1f}, linear)"],
-            ["first scan: listing + every size, s", f"{first:.2f}", f"{first * scale:.0f}"],
-            ["  listing (names, bytes, mtimes), s", f"{results['listing_s']:.2f}", f"{results['listing_s'] * scale:.0f}"],
-            ["  first scan rate, files/s", f"{results['first_scan_files_per_s']:,}", ""],
-            ["  PIL Image.open serial (before this issue), files/s", f"{results['pil_serial_files_per_s']:,}",
-             f"{1_281_167 / results['pil_serial_files_per_s']:.0f} s"],
-            ["pixel statistics (2,000 decodes, once), s", f"{results['stats_s']:.2f}", f"{results['stats_s']:.2f}"],
-            ["second open (listing + index), s", f"{results['second_open_s']:.2f}",
-             f"{results['second_open_s'] * scale:.0f}"],
-            ["`train --shards` data start-up (store, source, index, fingerprint), s",
-             f"{results['train_data_startup_s']:.2f}", f"{results['train_data_startup_s'] * scale:.0f}"],
-            ["`kdlib train --shards` process start to first step, s", f"{results['train_first_step_s']:.2f}", ""],
-            ["  of which `import kdlib.train` (torch, accelerate, torchvision), s", f"{results['import_s']:.2f}", ""]]
+    rows = [
+        ["files", f"{args.files:,}", f"1,281,167 (x{scale:.1f}, linear)"],
+        ["first scan: listing + every size, s", f"{first:.2f}", f"{first * scale:.0f}"],
+        ["  listing (names, bytes, mtimes), s", f"{results['listing_s']:.2f}", f"{results['listing_s'] * scale:.0f}"],
+        ["  first scan rate, files/s", f"{results['first_scan_files_per_s']:,}", ""],
+        [
+            "  PIL Image.open serial (before this issue), files/s",
+            f"{results['pil_serial_files_per_s']:,}",
+            f"{1_281_167 / results['pil_serial_files_per_s']:.0f} s",
+        ],
+        ["pixel statistics (2,000 decodes, once), s", f"{results['stats_s']:.2f}", f"{results['stats_s']:.2f}"],
+        [
+            "second open (listing + index), s",
+            f"{results['second_open_s']:.2f}",
+            f"{results['second_open_s'] * scale:.0f}",
+        ],
+        [
+            "`train --shards` data start-up (store, source, index, fingerprint), s",
+            f"{results['train_data_startup_s']:.2f}",
+            f"{results['train_data_startup_s'] * scale:.0f}",
+        ],
+        ["`kdlib train --shards` process start to first step, s", f"{results['train_first_step_s']:.2f}", ""],
+        ["  of which `import kdlib.train` (torch, accelerate, torchvision), s", f"{results['import_s']:.2f}", ""],
+    ]
     table = md_table(["", "measured", "ImageNet-1k"], rows)
     print(table)
     path = write_result("index_scan", machine, vars(args), results, table, args.out)

@@ -31,10 +31,12 @@ import time
 
 import _common as C
 
-WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
-           "stderr=subprocess.PIPE, text=True); "
-           "print(json.dumps({'rc': rc.returncode, 'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
-           "'stderr_tail': rc.stderr[-2000:]}))")
+WRAPPER = (
+    "import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+    "stderr=subprocess.PIPE, text=True); "
+    "print(json.dumps({'rc': rc.returncode, 'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+    "'stderr_tail': rc.stderr[-2000:]}))"
+)
 
 
 def measure(cmd: list[str]) -> dict:
@@ -72,14 +74,21 @@ def measure(cmd: list[str]) -> dict:
     rec = json.loads(out.strip().splitlines()[-1])
     if rec["rc"] != 0:
         raise SystemExit(f"kdlib train failed (exit {rec['rc']}):\n{rec['stderr_tail']}")
-    return {"max_process_rss_mib": rec["maxrss_kib"] / 1024, "peak_tree_rss_mib": peak["tree_rss"] / 2**20,
-            "max_processes": peak["procs"], "wall_s": time.perf_counter() - t0}
+    return {
+        "max_process_rss_mib": rec["maxrss_kib"] / 1024,
+        "peak_tree_rss_mib": peak["tree_rss"] / 2**20,
+        "max_processes": peak["procs"],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=None,
-                    help="source (default: a synthetic 32px RGB .npz with --classes classes, full logits stored)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="source (default: a synthetic 32px RGB .npz with --classes classes, full logits stored)",
+    )
     ap.add_argument("--classes", type=int, default=1000, help="classes of the synthetic source")
     ap.add_argument("--k", type=int, default=0, help="top-k stored (0: all classes, i.e. full logits: a big store)")
     ap.add_argument("--recipe", default=C.FMNIST_RECIPE, help="base recipe (size set to 32 for the synthetic source)")
@@ -99,8 +108,8 @@ def main() -> None:
     import torch
 
     from kdlib.models import build_model
-    from kdlib.rundir import save_model
     from kdlib.precompute import PrecomputeConfig, precompute
+    from kdlib.rundir import save_model
     from kdlib.source import open_source
     from kdlib.store import open_store
 
@@ -118,68 +127,145 @@ def main() -> None:
     stores = {}
     for epochs in (1, args.big_epochs):
         out = work / f"store-{epochs}ep"
-        print(f"precomputing a {epochs}-epoch store ({args.limit} images, chunks of {args.chunk_views} views) ...",
-              flush=True)
+        print(
+            f"precomputing a {epochs}-epoch store ({args.limit} images, chunks of {args.chunk_views} views) ...",
+            flush=True,
+        )
         with C.quiet():
-            precompute(PrecomputeConfig(teacher=str(teacher), data=data, recipe=recipe, out=str(out), k=k,
-                                        epochs=epochs, limit=args.limit, chunk_views=args.chunk_views,
-                                        batch_size=args.batch_size, workers=args.workers, test=False))
+            precompute(
+                PrecomputeConfig(
+                    teacher=str(teacher),
+                    data=data,
+                    recipe=recipe,
+                    out=str(out),
+                    k=k,
+                    epochs=epochs,
+                    limit=args.limit,
+                    chunk_views=args.chunk_views,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    test=False,
+                )
+            )
         meta = open_store(str(out)).meta
         row = sum(np.dtype(dt).itemsize * int(np.prod(trail)) for dt, trail in meta.fields.values())
-        stores[epochs] = {"path": out, "bytes": C.dir_bytes(out),
-                          "raw_bytes": row * meta.views_per_epoch * meta.epochs_done}
+        stores[epochs] = {
+            "path": out,
+            "bytes": C.dir_bytes(out),
+            "raw_bytes": row * meta.views_per_epoch * meta.epochs_done,
+        }
 
     names = {1: "1-epoch store", args.big_epochs: f"{args.big_epochs}-epoch store"}
     runs: dict[int, list] = {e: [] for e in stores}
     for r in range(args.rounds):
         for epochs in C.order(r, list(stores)):
             out = work / f"run-{epochs}-{r}"
-            cmd = [sys.executable, "-m", "kdlib", "train", "--shards", str(stores[epochs]["path"]), "--student",
-                   args.student, "--epochs", "1", "--batch-size", str(args.batch_size), "--workers",
-                   str(args.workers), "--no-eval", "--out", str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "kdlib",
+                "train",
+                "--shards",
+                str(stores[epochs]["path"]),
+                "--student",
+                args.student,
+                "--epochs",
+                "1",
+                "--batch-size",
+                str(args.batch_size),
+                "--workers",
+                str(args.workers),
+                "--no-eval",
+                "--out",
+                str(out),
+            ]
             m = measure(cmd)
             runs[epochs].append(m)
             shutil.rmtree(out, ignore_errors=True)
-            print(f"round {r} {names[epochs]:>15}: max process RSS {m['max_process_rss_mib']:.0f} MiB, "
-                  f"process tree {m['peak_tree_rss_mib']:.0f} MiB ({m['max_processes']} processes)", flush=True)
+            print(
+                f"round {r} {names[epochs]:>15}: max process RSS {m['max_process_rss_mib']:.0f} MiB, "
+                f"process tree {m['peak_tree_rss_mib']:.0f} MiB ({m['max_processes']} processes)",
+                flush=True,
+            )
 
     small, big = runs[1], runs[args.big_epochs]
     raw_a, raw_b = stores[1]["raw_bytes"] / 2**20, stores[args.big_epochs]["raw_bytes"] / 2**20
     extra = raw_b - raw_a  # what holding the extra epochs' arrays in memory would add
     rows, res = [], {}
-    for key, label in (("max_process_rss_mib", "peak RSS, largest process (MiB)"),
-                       ("peak_tree_rss_mib", "peak RSS summed over the process tree (MiB)")):
+    for key, label in (
+        ("max_process_rss_mib", "peak RSS, largest process (MiB)"),
+        ("peak_tree_rss_mib", "peak RSS summed over the process tree (MiB)"),
+    ):
         xa, xb = [x[key] for x in small], [x[key] for x in big]
         a, b = C.median(xa), C.median(xb)
         paired = [y - x for x, y in zip(xa, xb)]
         noise = max(max(xa) - min(xa), max(xb) - min(xb))
-        res[key] = {"small": a, "big": b, "ratio": b / a, "diff_mib": b - a, "paired_diff_mib": paired,
-                    "median_paired_diff_mib": C.median(paired), "noise_range_mib": noise}
+        res[key] = {
+            "small": a,
+            "big": b,
+            "ratio": b / a,
+            "diff_mib": b - a,
+            "paired_diff_mib": paired,
+            "median_paired_diff_mib": C.median(paired),
+            "noise_range_mib": noise,
+        }
         rows.append([label, a, b, C.median(paired), f"{min(paired):.0f} to {max(paired):.0f}", f"{noise:.0f}"])
-    rows.append(["store size on disk (MiB)", stores[1]["bytes"] / 2**20, stores[args.big_epochs]["bytes"] / 2**20,
-                 (stores[args.big_epochs]["bytes"] - stores[1]["bytes"]) / 2**20, "", ""])
+    rows.append(
+        [
+            "store size on disk (MiB)",
+            stores[1]["bytes"] / 2**20,
+            stores[args.big_epochs]["bytes"] / 2**20,
+            (stores[args.big_epochs]["bytes"] - stores[1]["bytes"]) / 2**20,
+            "",
+            "",
+        ]
+    )
     rows.append(["store arrays decompressed (MiB)", raw_a, raw_b, extra, "", ""])
     diff = res["max_process_rss_mib"]["median_paired_diff_mib"]
     grows = diff > 0.5 * extra
-    table = C.md_table(["quantity", names[1] + " (median)", names[args.big_epochs] + " (median)",
-                        "difference (median of rounds)", f"difference range, {args.rounds} rounds",
-                        "spread of identical runs"], rows)
+    table = C.md_table(
+        [
+            "quantity",
+            names[1] + " (median)",
+            names[args.big_epochs] + " (median)",
+            "difference (median of rounds)",
+            f"difference range, {args.rounds} rounds",
+            "spread of identical runs",
+        ],
+        rows,
+    )
     print()
-    print(f"memory: kdlib train --epochs 1 ({args.student}, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.limit} images of {source.name}, {source.num_classes} classes, k={k}), on {C.device_label(machine)}\n")
+    print(
+        f"memory: kdlib train --epochs 1 ({args.student}, batch {args.batch_size}, {args.workers} workers, "
+        f"{args.limit} images of {source.name}, {source.num_classes} classes, k={k}), on {C.device_label(machine)}\n"
+    )
     print(table)
-    verdict = (f"peak RSS of the largest process: {diff:+.0f} MiB with the {args.big_epochs}-epoch store; holding its "
-               f"extra epochs would add {extra:.0f} MiB: {'GROWS with the store' if grows else 'no growth with the store'}"
-               f" (verdict: grows if the median difference exceeds half of that; runs on the same store differ by up "
-               f"to {res['max_process_rss_mib']['noise_range_mib']:.0f} MiB)")
+    verdict = (
+        f"peak RSS of the largest process: {diff:+.0f} MiB with the {args.big_epochs}-epoch store; holding its "
+        f"extra epochs would add {extra:.0f} MiB: {'GROWS with the store' if grows else 'no growth with the store'}"
+        f" (verdict: grows if the median difference exceeds half of that; runs on the same store differ by up "
+        f"to {res['max_process_rss_mib']['noise_range_mib']:.0f} MiB)"
+    )
     print("\n" + verdict)
-    table = (f"{table}\n\n{verdict}; {args.limit} views per epoch of {source.name}, {source.num_classes} classes, "
-             f"k={k}, {args.workers} workers")
-    path = C.write_result("memory", machine, vars(args),
-                          {"runs": {names[e]: v for e, v in runs.items()}, "summary": res,
-                           "store_bytes": {names[e]: s["bytes"] for e, s in stores.items()},
-                           "store_raw_bytes": {names[e]: s["raw_bytes"] for e, s in stores.items()},
-                           "grows": grows, "extra_epochs_mib": extra}, table, args.out)
+    table = (
+        f"{table}\n\n{verdict}; {args.limit} views per epoch of {source.name}, {source.num_classes} classes, "
+        f"k={k}, {args.workers} workers"
+    )
+    path = C.write_result(
+        "memory",
+        machine,
+        vars(args),
+        {
+            "runs": {names[e]: v for e, v in runs.items()},
+            "summary": res,
+            "store_bytes": {names[e]: s["bytes"] for e, s in stores.items()},
+            "store_raw_bytes": {names[e]: s["raw_bytes"] for e, s in stores.items()},
+            "grows": grows,
+            "extra_epochs_mib": extra,
+        },
+        table,
+        args.out,
+    )
     print(f"wrote {path}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

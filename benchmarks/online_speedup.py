@@ -90,11 +90,11 @@ def main() -> None:
     import torch
 
     from kdlib.models import build_model
-    from kdlib.resolve import load_model
-    from kdlib.rundir import save_model
     from kdlib.plan import make_plan
     from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.recipe import load_recipe
+    from kdlib.resolve import load_model
+    from kdlib.rundir import save_model
     from kdlib.source import open_source
     from kdlib.train import TrainConfig, train
     from kdlib.views import Batch, FixedParams, ViewBatches
@@ -111,23 +111,43 @@ def main() -> None:
     store = work / "store"
     print(f"precomputing a store with {args.teacher} ({args.limit} images) ...", flush=True)
     with C.quiet():
-        precompute(PrecomputeConfig(teacher=str(teacher_dir), data=data, recipe=recipe_path, out=str(store),
-                                    epochs=1, k=args.k, batch_size=args.batch_size, workers=args.workers,
-                                    limit=args.limit, test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher=str(teacher_dir),
+                data=data,
+                recipe=recipe_path,
+                out=str(store),
+                epochs=1,
+                k=args.k,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                limit=args.limit,
+                test=False,
+            )
+        )
 
     # One real batch of epoch 0 for the bare calls (the same views both trainers see first).
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, source.sizes(), 0)
-    views = ViewBatches(source, [Batch(0, 0, args.batch_size)], recipe.size, recipe.group_size, FixedParams(plan))[0]["views"]
+    views = ViewBatches(source, [Batch(0, 0, args.batch_size)], recipe.size, recipe.group_size, FixedParams(plan))[0][
+        "views"
+    ]
     teacher = load_model(str(teacher_dir)).eval().to(device)
     student = build_model(args.student, source.num_classes, source.channels, mean, std).to(device)
 
-    common = dict(student=args.student, epochs=1, batch_size=args.batch_size, workers=args.workers,
-                  limit=args.limit, eval=False, checkpoint_every=0, loss="kl")
+    common = dict(
+        student=args.student,
+        epochs=1,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        limit=args.limit,
+        eval=False,
+        checkpoint_every=0,
+        loss="kl",
+    )
     sides = {
         "cached": lambda out: TrainConfig(out=out, shards=str(store), **common),
-        "online": lambda out: TrainConfig(out=out, teacher=str(teacher_dir), data=data, recipe=recipe_path,
-                                          **common),
+        "online": lambda out: TrainConfig(out=out, teacher=str(teacher_dir), data=data, recipe=recipe_path, **common),
         "bare": None,
     }
     runs: dict[str, list] = {"cached": [], "online": [], "bare": []}
@@ -135,17 +155,27 @@ def main() -> None:
         for name in C.order(r, list(sides)):
             if name == "bare":
                 t_teacher, t_student = bare_times(teacher, student, views, device, args.bare_steps)
-                runs["bare"].append({"teacher_s_per_batch": t_teacher, "student_s_per_batch": t_student,
-                                     "ideal_speedup": (t_teacher + t_student) / t_student})
-                print(f"round {r}   bare: teacher {args.batch_size / t_teacher:.0f} views/s, student step "
-                      f"{args.batch_size / t_student:.0f} views/s, ideal {runs['bare'][-1]['ideal_speedup']:.2f}x",
-                      flush=True)
+                runs["bare"].append(
+                    {
+                        "teacher_s_per_batch": t_teacher,
+                        "student_s_per_batch": t_student,
+                        "ideal_speedup": (t_teacher + t_student) / t_student,
+                    }
+                )
+                print(
+                    f"round {r}   bare: teacher {args.batch_size / t_teacher:.0f} views/s, student step "
+                    f"{args.batch_size / t_student:.0f} views/s, ideal {runs['bare'][-1]['ideal_speedup']:.2f}x",
+                    flush=True,
+                )
                 continue
             out = work / f"{name}-{r}"
             rate = C.timed_train(train, sides[name](str(out)), out, args.batch_size, args.skip)
             runs[name].append(rate)
-            print(f"round {r} {name:>6}: {rate['steady_views_per_s']:.0f} views/s steady, "
-                  f"{rate['views_per_s']:.0f} whole epoch", flush=True)
+            print(
+                f"round {r} {name:>6}: {rate['steady_views_per_s']:.0f} views/s steady, "
+                f"{rate['views_per_s']:.0f} whole epoch",
+                flush=True,
+            )
 
     a = [x["steady_views_per_s"] for x in runs["cached"]]
     b = [x["steady_views_per_s"] for x in runs["online"]]
@@ -169,21 +199,39 @@ def main() -> None:
         ["measured speedup A/B (steady state)", f"{measured:.2f}x", ""],
         ["measured speedup A/B (whole epoch)", f"{C.median(a_epoch) / C.median(b_epoch):.2f}x", ""],
         ["ideal speedup (t_teacher + t_student) / t_student", f"{C.median(ideal):.2f}x", C.spread(ideal)],
-        ["efficiency measured / ideal, per round", f"{eff:.3f}",
-         f"{C.spread(paired)}; target >= {target}: {'met' if eff >= target else 'MISSED'}"],
+        [
+            "efficiency measured / ideal, per round",
+            f"{eff:.3f}",
+            f"{C.spread(paired)}; target >= {target}: {'met' if eff >= target else 'MISSED'}",
+        ],
         ["efficiency from the medians above", f"{eff_of_medians:.3f}", ""],
     ]
     table = C.md_table(["quantity", "median", f"range over {args.rounds} rounds"], rows)
     print()
-    print(f"online speedup: teacher {args.teacher} (random init), student {args.student}, batch {args.batch_size}, "
-          f"{args.workers} workers, {args.limit} views per run, on {C.device_label(machine)}\n")
+    print(
+        f"online speedup: teacher {args.teacher} (random init), student {args.student}, batch {args.batch_size}, "
+        f"{args.workers} workers, {args.limit} views per run, on {C.device_label(machine)}\n"
+    )
     print(table)
-    path = C.write_result("online_speedup", machine, vars(args),
-                          {**runs, "median_cached": C.median(a), "median_online": C.median(b),
-                           "measured_speedup": measured, "ideal_speedup": C.median(ideal), "efficiency": eff,
-                           "efficiency_of_medians": eff_of_medians,
-                           "paired_efficiency": paired, "target": target, "met": eff >= target},
-                          table, args.out)
+    path = C.write_result(
+        "online_speedup",
+        machine,
+        vars(args),
+        {
+            **runs,
+            "median_cached": C.median(a),
+            "median_online": C.median(b),
+            "measured_speedup": measured,
+            "ideal_speedup": C.median(ideal),
+            "efficiency": eff,
+            "efficiency_of_medians": eff_of_medians,
+            "paired_efficiency": paired,
+            "target": target,
+            "met": eff >= target,
+        },
+        table,
+        args.out,
+    )
     print(f"\nwrote {path}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

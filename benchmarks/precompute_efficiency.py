@@ -47,11 +47,11 @@ def main() -> None:
 
     import torch
 
-    from kdlib.resolve import load_model
     from kdlib.plan import make_plan, views_per_epoch
-    from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.precision import default_precision, prepare_model, teacher_logits
+    from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.recipe import load_recipe
+    from kdlib.resolve import load_model
     from kdlib.source import open_source
     from kdlib.views import Batch, FixedParams, ViewBatches, split_range
 
@@ -67,8 +67,9 @@ def main() -> None:
     ds = ViewBatches(source, [Batch(0, a, b) for a, b in ranges], recipe.size, recipe.group_size, FixedParams(plan))
     batches = [ds[i]["views"] for i in range(len(ds))]
     mean, std = source.mean_std()
-    teacher = load_model(args.teacher, num_classes=source.num_classes, in_channels=source.channels,
-                         mean=mean, std=std).eval()
+    teacher = load_model(
+        args.teacher, num_classes=source.num_classes, in_channels=source.channels, mean=mean, std=std
+    ).eval()
     teacher = prepare_model(teacher, device)  # channels_last on CUDA, as precompute does
     precision = default_precision(device)
     sizes = [b - a for a, b in split_range(0, n_views, args.batch_size)]
@@ -93,10 +94,20 @@ def main() -> None:
                 runs["bare"].append({"views_per_s": rate})
             else:
                 out = work / f"store-{r}"
-                cfg = PrecomputeConfig(teacher=args.teacher, data=data, recipe=recipe_path, out=str(out),
-                                       epochs=1, k=args.k, batch_size=args.batch_size, workers=args.workers,
-                                       limit=args.limit, chunk_views=args.chunk_views, backend=args.backend,
-                                       test=False)
+                cfg = PrecomputeConfig(
+                    teacher=args.teacher,
+                    data=data,
+                    recipe=recipe_path,
+                    out=str(out),
+                    epochs=1,
+                    k=args.k,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    limit=args.limit,
+                    chunk_views=args.chunk_views,
+                    backend=args.backend,
+                    test=False,
+                )
                 t0 = time.perf_counter()
                 with C.quiet() as log, C.update_clock() as stamps:
                     precompute(cfg)
@@ -108,11 +119,18 @@ def main() -> None:
                 run = max(stamps, key=len)
                 skip = min(args.skip, len(run) - 2)
                 rate = (len(run) - 1 - skip) * args.batch_size / (run[-1] - run[skip])
-                runs["precompute"].append({"views_per_s": rate, "epoch_views_per_s": epoch_rate,
-                                           "call_wall_s": wall, "call_views_per_s": n_views / wall})
+                runs["precompute"].append(
+                    {
+                        "views_per_s": rate,
+                        "epoch_views_per_s": epoch_rate,
+                        "call_wall_s": wall,
+                        "call_views_per_s": n_views / wall,
+                    }
+                )
                 shutil.rmtree(out, ignore_errors=True)
-            extra = (f" steady, {runs['precompute'][-1]['epoch_views_per_s']:.0f} epoch rate"
-                     if name == "precompute" else "")
+            extra = (
+                f" steady, {runs['precompute'][-1]['epoch_views_per_s']:.0f} epoch rate" if name == "precompute" else ""
+            )
             print(f"round {r} {name:>10}: {rate:.0f} views/s{extra}", flush=True)
 
     a = [x["views_per_s"] for x in runs["precompute"]]
@@ -127,21 +145,44 @@ def main() -> None:
         ["A': precompute, its own epoch rate", C.median(e), C.spread(e)],
         ["A'': precompute, whole call incl. start-up", C.median(w), C.spread(w)],
         ["B: bare teacher_logits on cached batches", C.median(b), C.spread(b)],
-        ["ratio A/B, per round", ratio, f"{C.spread(paired)}; target >= {target}: {'met' if ratio >= target else 'MISSED'}"],
+        [
+            "ratio A/B, per round",
+            ratio,
+            f"{C.spread(paired)}; target >= {target}: {'met' if ratio >= target else 'MISSED'}",
+        ],
         ["ratio A/B of the medians", C.median(a) / C.median(b), ""],
-        ["ratio A'/B, per round (epoch rate)", C.median([x / y for x, y in zip(e, b)]), C.spread([x / y for x, y in zip(e, b)])],
+        [
+            "ratio A'/B, per round (epoch rate)",
+            C.median([x / y for x, y in zip(e, b)]),
+            C.spread([x / y for x, y in zip(e, b)]),
+        ],
         ["ratio A''/B, per round (whole call)", C.median([x / y for x, y in zip(w, b)]), ""],
     ]
     table = C.md_table(["side", "views/s (median)", f"range over {args.rounds} rounds"], rows)
     print()
-    print(f"precompute efficiency: teacher {args.teacher}, batch {args.batch_size}, {args.workers} workers, "
-          f"{n_views} views, {args.backend} store, on {C.device_label(machine)}\n")
+    print(
+        f"precompute efficiency: teacher {args.teacher}, batch {args.batch_size}, {args.workers} workers, "
+        f"{n_views} views, {args.backend} store, on {C.device_label(machine)}\n"
+    )
     print(table)
-    path = C.write_result("precompute_efficiency", machine, vars(args),
-                          {**runs, "views": n_views, "median_precompute": C.median(a), "median_bare": C.median(b),
-                           "ratio_of_medians": C.median(a) / C.median(b), "paired_ratios": paired,
-                           "median_paired_ratio": ratio, "target": target,
-                           "met": ratio >= target}, table, args.out)
+    path = C.write_result(
+        "precompute_efficiency",
+        machine,
+        vars(args),
+        {
+            **runs,
+            "views": n_views,
+            "median_precompute": C.median(a),
+            "median_bare": C.median(b),
+            "ratio_of_medians": C.median(a) / C.median(b),
+            "paired_ratios": paired,
+            "median_paired_ratio": ratio,
+            "target": target,
+            "met": ratio >= target,
+        },
+        table,
+        args.out,
+    )
     print(f"\nwrote {path}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

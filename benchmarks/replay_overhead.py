@@ -55,12 +55,32 @@ def main() -> None:
     store = work / "store"
     print(f"precomputing a {args.epochs}-epoch store ({args.teacher}, {args.limit} images) in {store} ...", flush=True)
     with C.quiet():
-        precompute(PrecomputeConfig(teacher=args.teacher, data=data, recipe=recipe, out=str(store),
-                                    epochs=args.epochs, k=args.k, batch_size=args.batch_size, workers=args.workers,
-                                    limit=args.limit, backend=args.backend, test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher=args.teacher,
+                data=data,
+                recipe=recipe,
+                out=str(store),
+                epochs=args.epochs,
+                k=args.k,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                limit=args.limit,
+                backend=args.backend,
+                test=False,
+            )
+        )
 
-    common = dict(student=args.student, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
-                  limit=args.limit, eval=False, checkpoint_every=0, mixed_precision=args.mixed_precision)
+    common = dict(
+        student=args.student,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        limit=args.limit,
+        eval=False,
+        checkpoint_every=0,
+        mixed_precision=args.mixed_precision,
+    )
     sides = {
         "cached": lambda out: TrainConfig(out=out, shards=str(store), loss="kl", **common),
         "labels": lambda out: TrainConfig(out=out, data=data, recipe=recipe, loss="ce", **common),
@@ -71,34 +91,60 @@ def main() -> None:
             out = work / f"{name}-{r}"
             rate = C.timed_train(train, sides[name](str(out)), out, args.batch_size, args.skip)
             runs[name].append(rate)
-            print(f"round {r} {name:>6}: {rate['steady_views_per_s']:.0f} views/s steady, "
-                  f"{rate['views_per_s']:.0f} views/s whole epoch ({rate['views']} views in {rate['seconds']:.1f} s)",
-                  flush=True)
+            print(
+                f"round {r} {name:>6}: {rate['steady_views_per_s']:.0f} views/s steady, "
+                f"{rate['views_per_s']:.0f} views/s whole epoch ({rate['views']} views in {rate['seconds']:.1f} s)",
+                flush=True,
+            )
 
     target = 0.95
     rows, summary = [], {}
-    for key, what in (("steady_views_per_s", f"steady state (steps after the first {args.skip})"),
-                      ("views_per_s", "whole epoch (metrics.jsonl)")):
+    for key, what in (
+        ("steady_views_per_s", f"steady state (steps after the first {args.skip})"),
+        ("views_per_s", "whole epoch (metrics.jsonl)"),
+    ):
         a = [x[key] for x in runs["cached"]]
         b = [x[key] for x in runs["labels"]]
         paired = [x / y for x, y in zip(a, b)]
         ratio = C.median(a) / C.median(b)
-        summary[key] = {"median_cached": C.median(a), "median_labels": C.median(b), "ratio_of_medians": ratio,
-                        "paired_ratios": paired, "median_paired_ratio": C.median(paired)}
+        summary[key] = {
+            "median_cached": C.median(a),
+            "median_labels": C.median(b),
+            "ratio_of_medians": ratio,
+            "paired_ratios": paired,
+            "median_paired_ratio": C.median(paired),
+        }
         rows.append([what, C.median(a), C.median(b), ratio, C.median(paired), C.spread(paired)])
     ratio = summary["steady_views_per_s"]["median_paired_ratio"]
-    table = C.md_table(["views/s, median of rounds", "A: from the store (kl)", "B: plain supervised (ce)",
-                        "A/B (of medians)", "A/B (median of rounds)", f"A/B range, {args.rounds} rounds"], rows)
-    table += (f"\n\ntarget A/B >= {target} (steady state, median of the per-round ratios): {ratio:.3f}, "
-              f"{'met' if ratio >= target else 'MISSED'}")
+    table = C.md_table(
+        [
+            "views/s, median of rounds",
+            "A: from the store (kl)",
+            "B: plain supervised (ce)",
+            "A/B (of medians)",
+            "A/B (median of rounds)",
+            f"A/B range, {args.rounds} rounds",
+        ],
+        rows,
+    )
+    table += (
+        f"\n\ntarget A/B >= {target} (steady state, median of the per-round ratios): {ratio:.3f}, "
+        f"{'met' if ratio >= target else 'MISSED'}"
+    )
     print()
-    print(f"replay overhead: {args.student}, batch {args.batch_size}, {args.workers} workers, {args.limit} images x "
-          f"{args.epochs} epoch(s), {args.backend} store, on {C.device_label(machine)}\n")
+    print(
+        f"replay overhead: {args.student}, batch {args.batch_size}, {args.workers} workers, {args.limit} images x "
+        f"{args.epochs} epoch(s), {args.backend} store, on {C.device_label(machine)}\n"
+    )
     print(table)
-    path = C.write_result("replay_overhead", machine, vars(args),
-                          {"cached": runs["cached"], "labels": runs["labels"], **summary, "target": target,
-                           "met": ratio >= target},
-                          table, args.out)
+    path = C.write_result(
+        "replay_overhead",
+        machine,
+        vars(args),
+        {"cached": runs["cached"], "labels": runs["labels"], **summary, "target": target, "met": ratio >= target},
+        table,
+        args.out,
+    )
     print(f"\nwrote {path}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

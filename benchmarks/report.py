@@ -13,8 +13,15 @@ import json
 
 import _common as C
 
-ORDER = ["replay_overhead", "online_speedup", "precompute_efficiency", "decode_amortization", "storage",
-         "memory", "scale_on_paper"]
+ORDER = [
+    "replay_overhead",
+    "online_speedup",
+    "precompute_efficiency",
+    "decode_amortization",
+    "storage",
+    "memory",
+    "scale_on_paper",
+]
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
 
 
@@ -24,12 +31,16 @@ def section(name: str) -> str:
         return f"### {name}\n\nnot run yet (`.venv/bin/python benchmarks/{name}.py`)\n"
     doc = json.loads(path.read_text())
     m = doc["machine"]
-    where = m.get("gpu") or f"{m['cpu_model']}, {m['cpus_usable']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+    where = (
+        m.get("gpu") or f"{m['cpu_model']}, {m['cpus_usable']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+    )
     load = m.get("load_average_at_start")
     load_s = f"; load average at start {load[0]:.1f} on {m['cpus_usable']} CPUs (shared machine)" if load else ""
-    return (f"### {name}\n\n`{doc['command']}` -- {doc['date']}, {where}, kdlib {m.get('kdlib')} "
-            f"(git {m.get('git_commit')}{', kdlib/ modified' if m.get('git_dirty') else ''}){load_s}\n\n"
-            f"{doc['table_markdown']}\n")
+    return (
+        f"### {name}\n\n`{doc['command']}` -- {doc['date']}, {where}, kdlib {m.get('kdlib')} "
+        f"(git {m.get('git_commit')}{', kdlib/ modified' if m.get('git_dirty') else ''}){load_s}\n\n"
+        f"{doc['table_markdown']}\n"
+    )
 
 
 def main() -> None:

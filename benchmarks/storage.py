@@ -77,16 +77,15 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from kdlib.feed import Feed
     from kdlib.models import build_model
+    from kdlib.precision import teacher_logits
+    from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.resolve import load_model
     from kdlib.rundir import save_model
-    from kdlib.precompute import PrecomputeConfig, precompute
-    from kdlib.precision import teacher_logits
     from kdlib.softlabel import decode_logits, encode, reconstruct, to_codec
     from kdlib.source import open_source
-    from kdlib.store import open_store
-    from kdlib.feed import Feed
-    from kdlib.store import ChunkCache
+    from kdlib.store import ChunkCache, open_store
     from kdlib.views import Batch, ViewBatches, split_range
 
     machine = C.machine_info()
@@ -109,18 +108,35 @@ def main() -> None:
             out = work / f"{backend}-{codec}-k{k}"
             print(f"precompute {backend} {codec} k={k} ...", flush=True)
             with C.quiet():
-                precompute(PrecomputeConfig(teacher=str(teacher_dir), data=data, recipe=recipe, out=str(out), epochs=1,
-                                            k=k, batch_size=args.batch_size, workers=args.workers, backend=backend,
-                                            logit_codec=codec,
-                                            chunk_views=args.chunk_views or min(4096, args.images), test=False))
+                precompute(
+                    PrecomputeConfig(
+                        teacher=str(teacher_dir),
+                        data=data,
+                        recipe=recipe,
+                        out=str(out),
+                        epochs=1,
+                        k=k,
+                        batch_size=args.batch_size,
+                        workers=args.workers,
+                        backend=backend,
+                        logit_codec=codec,
+                        chunk_views=args.chunk_views or min(4096, args.images),
+                        test=False,
+                    )
+                )
             stores[(backend, codec, k)] = open_store(str(out))
 
     # Full teacher logits on the replayed views (the views train renders from a store).
     first = stores[(backends[0], "fp16", ks[0])]
     meta = first.meta
     teacher = load_model(str(teacher_dir)).eval()
-    ds = ViewBatches(source, [Batch(0, a, b) for a, b in split_range(0, meta.views_per_epoch, args.batch_size)],
-                     meta.recipe["size"], meta.group_size, ChunkCache(first))
+    ds = ViewBatches(
+        source,
+        [Batch(0, a, b) for a, b in split_range(0, meta.views_per_epoch, args.batch_size)],
+        meta.recipe["size"],
+        meta.group_size,
+        ChunkCache(first),
+    )
     cpu = torch.device("cpu")
     full = torch.cat([teacher_logits(teacher, item["views"], cpu) for item in Feed(ds, cpu, args.workers)])
     n = len(full)
@@ -129,16 +145,20 @@ def main() -> None:
 
     def stats(logits):
         p = logits.softmax(-1)
-        return {"mean_top1_prob": p.max(-1).values.mean().item(),
-                "mean_entropy_nats": (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean().item(),
-                **{f"mean_top{k}_mass": p.topk(min(k, p.shape[1]), -1).values.sum(-1).mean().item() for k in ks}}
+        return {
+            "mean_top1_prob": p.max(-1).values.mean().item(),
+            "mean_entropy_nats": (-(p * p.clamp_min(1e-30).log()).sum(-1)).mean().item(),
+            **{f"mean_top{k}_mass": p.topk(min(k, p.shape[1]), -1).values.sum(-1).mean().item() for k in ks},
+        }
 
     results, rows = [], []
     for (backend, codec, k), store in stores.items():
         cols = store.bytes_on_disk()
         v = store.meta.views_per_epoch * store.meta.epochs_done
-        part = {name: sum(b for c, b in cols.items() if c in group) / v
-                for name, group in (("params", PARAMS), ("labels", LABELS), ("full_sample", SAMPLE))}
+        part = {
+            name: sum(b for c, b in cols.items() if c in group) / v
+            for name, group in (("params", PARAMS), ("labels", LABELS), ("full_sample", SAMPLE))
+        }
         other = sum(b for c, b in cols.items() if c not in PARAMS + LABELS + SAMPLE) / v
         total_cols = sum(cols.values()) / v
         all_files = C.dir_bytes(store.root) / v
@@ -148,45 +168,104 @@ def main() -> None:
         target = reconstruct(ids, torch.from_numpy(decode_logits(stored, codec)), lse, args.classes)
         agree = (ids[:, 0] == full.argmax(-1)).float().mean().item()
         enc = {c: v.numpy() for c, v in to_codec(encode(sharp, k), codec).items()}
-        target_sharp = reconstruct(torch.from_numpy(enc["ids"]).long(), torch.from_numpy(decode_logits(enc, codec)),
-                                   torch.from_numpy(enc["lse"]), args.classes)
-        rec = {"backend": backend, "codec": codec, "k": k, "sample_views_per_chunk": store.meta.sample_views, "views": v, "bytes_per_view": part, "other_bytes_per_view": other,
-               "column_bytes_per_view": {c: b / v for c, b in cols.items()}, "total_columns_bytes_per_view": total_cols,
-               "all_files_bytes_per_view": all_files, "top1_agreement_replay": agree,
-               "kl_stored_T1": kl_rows(full, target, 1.0).mean().item(),
-               "kl_stored_T4": kl_rows(full, target, 4.0).mean().item(),
-               "kl_peaked_T1": kl_rows(sharp, target_sharp, 1.0).mean().item(),
-               "kl_peaked_T4": kl_rows(sharp, target_sharp, 4.0).mean().item()}
+        target_sharp = reconstruct(
+            torch.from_numpy(enc["ids"]).long(),
+            torch.from_numpy(decode_logits(enc, codec)),
+            torch.from_numpy(enc["lse"]),
+            args.classes,
+        )
+        rec = {
+            "backend": backend,
+            "codec": codec,
+            "k": k,
+            "sample_views_per_chunk": store.meta.sample_views,
+            "views": v,
+            "bytes_per_view": part,
+            "other_bytes_per_view": other,
+            "column_bytes_per_view": {c: b / v for c, b in cols.items()},
+            "total_columns_bytes_per_view": total_cols,
+            "all_files_bytes_per_view": all_files,
+            "top1_agreement_replay": agree,
+            "kl_stored_T1": kl_rows(full, target, 1.0).mean().item(),
+            "kl_stored_T4": kl_rows(full, target, 4.0).mean().item(),
+            "kl_peaked_T1": kl_rows(sharp, target_sharp, 1.0).mean().item(),
+            "kl_peaked_T4": kl_rows(sharp, target_sharp, 4.0).mean().item(),
+        }
         results.append(rec)
-        rows.append([backend, codec, "full" if k == args.classes else k, part["params"], part["labels"], part["full_sample"],
-                     part["params"] + part["labels"], total_cols, all_files, rec["kl_stored_T1"], rec["kl_peaked_T1"],
-                     rec["kl_peaked_T4"]])
-    table = C.md_table(["format", "logits", "k", "params B/view", "labels B/view", "full-logit sample B/view",
-                        "params+labels B/view", "all columns B/view", "all files B/view",
-                        "KL T=1 (stored, random teacher)", f"KL T=1 (top-1 p={args.peaked})",
-                        f"KL T=4 (top-1 p={args.peaked})"], rows)
+        rows.append(
+            [
+                backend,
+                codec,
+                "full" if k == args.classes else k,
+                part["params"],
+                part["labels"],
+                part["full_sample"],
+                part["params"] + part["labels"],
+                total_cols,
+                all_files,
+                rec["kl_stored_T1"],
+                rec["kl_peaked_T1"],
+                rec["kl_peaked_T4"],
+            ]
+        )
+    table = C.md_table(
+        [
+            "format",
+            "logits",
+            "k",
+            "params B/view",
+            "labels B/view",
+            "full-logit sample B/view",
+            "params+labels B/view",
+            "all columns B/view",
+            "all files B/view",
+            "KL T=1 (stored, random teacher)",
+            f"KL T=1 (top-1 p={args.peaked})",
+            f"KL T=4 (top-1 p={args.peaked})",
+        ],
+        rows,
+    )
     st_raw, st_sharp = stats(full), stats(sharp)
-    notes = (f"teacher as stored: mean top-1 prob {st_raw['mean_top1_prob']:.4f}, entropy "
-             f"{st_raw['mean_entropy_nats']:.2f} nats; sharpened (logits x {s:.2f}): top-1 prob "
-             f"{st_sharp['mean_top1_prob']:.3f}, entropy {st_sharp['mean_entropy_nats']:.2f} nats, "
-             + ", ".join(f"top-{k} mass {st_sharp[f'mean_top{k}_mass']:.3f}" for k in ks if k < args.classes)
-             + "\n\nfull-logit sample (precompute's default --full-sample, min(1%, 0.1 k / classes)): "
-             + ", ".join(f"k={r['k']}: {r['sample_views_per_chunk']} of every {meta.chunk_views} views"
-                         for r in results if r["backend"] == backends[0] and r["codec"] == "fp16")
-             + f"\n\nreplay check: stored top-1 id == argmax of the teacher on replayed views for "
-             f"{min(r['top1_agreement_replay'] for r in results):.4f} of views (worst store)"
-             f"\n\n{n} views of {args.size}px RGB, {args.classes} classes, teacher {args.teacher} (random init), "
-             f"logits {', '.join(codecs)}")
+    notes = (
+        f"teacher as stored: mean top-1 prob {st_raw['mean_top1_prob']:.4f}, entropy "
+        f"{st_raw['mean_entropy_nats']:.2f} nats; sharpened (logits x {s:.2f}): top-1 prob "
+        f"{st_sharp['mean_top1_prob']:.3f}, entropy {st_sharp['mean_entropy_nats']:.2f} nats, "
+        + ", ".join(f"top-{k} mass {st_sharp[f'mean_top{k}_mass']:.3f}" for k in ks if k < args.classes)
+        + "\n\nfull-logit sample (precompute's default --full-sample, min(1%, 0.1 k / classes)): "
+        + ", ".join(
+            f"k={r['k']}: {r['sample_views_per_chunk']} of every {meta.chunk_views} views"
+            for r in results
+            if r["backend"] == backends[0] and r["codec"] == "fp16"
+        )
+        + f"\n\nreplay check: stored top-1 id == argmax of the teacher on replayed views for "
+        f"{min(r['top1_agreement_replay'] for r in results):.4f} of views (worst store)"
+        f"\n\n{n} views of {args.size}px RGB, {args.classes} classes, teacher {args.teacher} (random init), "
+        f"logits {', '.join(codecs)}"
+    )
     print()
-    print(f"storage: {n} views of {args.size}px RGB, {args.classes} classes, teacher {args.teacher} (random init), "
-          f"logits {', '.join(codecs)}, on {C.device_label(machine)}\n")
+    print(
+        f"storage: {n} views of {args.size}px RGB, {args.classes} classes, teacher {args.teacher} (random init), "
+        f"logits {', '.join(codecs)}, on {C.device_label(machine)}\n"
+    )
     print(table)
     print("\n" + notes)
     table = table + "\n\n" + notes
-    path = C.write_result("storage", machine, vars(args),
-                          {"rows": results, "views": n, "classes": args.classes, "teacher_stats": st_raw,
-                           "sharpen_scale": s, "chunk_views": meta.chunk_views,
-                           "sharpened_teacher_stats": st_sharp}, table, args.out)
+    path = C.write_result(
+        "storage",
+        machine,
+        vars(args),
+        {
+            "rows": results,
+            "views": n,
+            "classes": args.classes,
+            "teacher_stats": st_raw,
+            "sharpen_scale": s,
+            "chunk_views": meta.chunk_views,
+            "sharpened_teacher_stats": st_sharp,
+        },
+        table,
+        args.out,
+    )
     print(f"\nwrote {path}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Distil from a kdlib store in your own PyTorch loop: your student, your optimizer, no teacher in memory.
 
-    python examples/own_loop.py --shards shards/demo --student mobilenet_v3_small --epochs 2
-    accelerate launch --multi_gpu --num_processes 2 examples/own_loop.py --shards ...   # each rank its share
+python examples/own_loop.py --shards shards/demo --student mobilenet_v3_small --epochs 2
+accelerate launch --multi_gpu --num_processes 2 examples/own_loop.py --shards ...   # each rank its share
 """
 
 import argparse

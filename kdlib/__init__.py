@@ -27,27 +27,62 @@ from ._version import __version__
 # public name -> the module that is its one home
 _HOMES = {
     # the store and its column kinds
-    "open_store": "store", "create_store": "store", "Store": "store", "StoreMeta": "store",
-    "Codec": "store.codecs", "TeacherOutput": "store.codecs", "register_codec": "store.codecs",
+    "open_store": "store",
+    "create_store": "store",
+    "Store": "store",
+    "StoreMeta": "store",
+    "Codec": "store.codecs",
+    "TeacherOutput": "store.codecs",
+    "register_codec": "store.codecs",
     "unregister_codec": "store.codecs",
     # replay: what a training loop consumes
-    "Replay": "replay", "ReplayBatch": "replay", "rank_batches": "replay",
+    "Replay": "replay",
+    "ReplayBatch": "replay",
+    "rank_batches": "replay",
     # sources, recipes, plans, render
-    "open_source": "source", "Source": "source", "Recipe": "recipe", "load_recipe": "recipe", "make_plan": "plan",
+    "open_source": "source",
+    "Source": "source",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "make_plan": "plan",
     "render_views": "render",
     # models: the teacher and the student
-    "Teacher": "teacher", "load_teacher": "teacher", "load_student": "resolve", "resolve_model": "resolve",
-    "load_model": "resolve", "save_model": "rundir", "Classifier": "models",
+    "Teacher": "teacher",
+    "load_teacher": "teacher",
+    "load_student": "resolve",
+    "resolve_model": "resolve",
+    "load_model": "resolve",
+    "save_model": "rundir",
+    "Classifier": "models",
     # losses of (student logits, teacher logits), attention transfer, the tail, train's schedule
-    "kl": "losses", "ttm": "losses", "wttm": "losses", "dist": "losses", "dih": "losses",
-    "soft_cross_entropy": "losses", "mixed_label_targets": "losses", "get_loss": "losses",
-    "at_loss": "attention", "attention_map": "attention", "reconstruct": "softlabel", "warmup_cosine": "schedule",
+    "kl": "losses",
+    "ttm": "losses",
+    "wttm": "losses",
+    "dist": "losses",
+    "dih": "losses",
+    "soft_cross_entropy": "losses",
+    "mixed_label_targets": "losses",
+    "get_loss": "losses",
+    "at_loss": "attention",
+    "attention_map": "attention",
+    "reconstruct": "softlabel",
+    "warmup_cosine": "schedule",
     # the commands' configs and the functions whose names are not their modules'
-    "PrecomputeConfig": "precompute", "TrainConfig": "train", "evaluate_model": "evaluate",
-    "inspect_store": "inspect", "fit_heads": "heads", "HeadsConfig": "heads",
+    "PrecomputeConfig": "precompute",
+    "TrainConfig": "train",
+    "evaluate_model": "evaluate",
+    "inspect_store": "inspect",
+    "fit_heads": "heads",
+    "HeadsConfig": "heads",
     # errors
-    "KdlibError": "errors", "ConfigError": "errors", "SourceError": "errors", "ModelError": "errors",
-    "StoreError": "errors", "StoreMismatchError": "errors", "CorruptStoreError": "errors", "StorageError": "errors",
+    "KdlibError": "errors",
+    "ConfigError": "errors",
+    "SourceError": "errors",
+    "ModelError": "errors",
+    "StoreError": "errors",
+    "StoreMismatchError": "errors",
+    "CorruptStoreError": "errors",
+    "StorageError": "errors",
 }
 _COMMANDS = ("precompute", "train", "verify", "evaluate")  # modules, each holding the function of its name
 
@@ -72,8 +107,16 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import evaluate, precompute, train, verify
     from .attention import at_loss, attention_map
-    from .errors import (ConfigError, CorruptStoreError, KdlibError, ModelError, SourceError, StorageError,
-                         StoreError, StoreMismatchError)
+    from .errors import (
+        ConfigError,
+        CorruptStoreError,
+        KdlibError,
+        ModelError,
+        SourceError,
+        StorageError,
+        StoreError,
+        StoreMismatchError,
+    )
     from .evaluate import evaluate_model
     from .heads import HeadsConfig, fit_heads
     from .inspect import inspect_store

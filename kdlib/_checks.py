@@ -78,10 +78,14 @@ def describe_os_error(exc: OSError, where: str | None = None, todo: str | None =
     """One line for an environment fault: the path (the file, else `where`: the command's --out), what
     the filesystem said, and what to do (`todo`, else a default for the errno)."""
     path = str(exc.filename) if exc.filename is not None else (where or "?")
-    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-              errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}.get(
-        exc.errno, exc.strerror or str(exc))
+    reason = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EFBIG: "file too large",
+    }.get(exc.errno, exc.strerror or str(exc))
     under_out = where is not None and (path == where or path.startswith(where.rstrip("/") + "/"))
     writing = exc.errno in WRITE_ERRNOS or under_out
     if todo is None:

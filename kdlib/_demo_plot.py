@@ -27,15 +27,30 @@ def save_demo_plot(result: dict, path: str | Path) -> Path | None:
         if r["kind"] == "cached":
             color = next(cached_colors)
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, marker=marker, ls=ls, color=color, lw=1.6, ms=4,
-                label=f"{r['name']}: {r['top1']:.4f} in {r['train_s']:.0f} s")
-    ax.axhline(teacher["top1"], color="black", lw=0.8, ls="-.",
-               label=f"teacher {teacher['arch']}: {teacher['top1']:.4f} "
-                     f"(once: {teacher['train_s']:.0f} s train + {teacher['precompute_s']:.0f} s precompute)")
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            ls=ls,
+            color=color,
+            lw=1.6,
+            ms=4,
+            label=f"{r['name']}: {r['top1']:.4f} in {r['train_s']:.0f} s",
+        )
+    ax.axhline(
+        teacher["top1"],
+        color="black",
+        lw=0.8,
+        ls="-.",
+        label=f"teacher {teacher['arch']}: {teacher['top1']:.4f} "
+        f"(once: {teacher['train_s']:.0f} s train + {teacher['precompute_s']:.0f} s precompute)",
+    )
     s = result["settings"]
-    ax.set(xlabel="student training seconds (2-core CPU; start-up and evaluations not counted)",
-           ylabel="test top-1 (after each epoch)",
-           title=f"Fashion-MNIST, {s['limit']} training images, {s['epochs']} epochs per student")
+    ax.set(
+        xlabel="student training seconds (2-core CPU; start-up and evaluations not counted)",
+        ylabel="test top-1 (after each epoch)",
+        title=f"Fashion-MNIST, {s['limit']} training images, {s['epochs']} epochs per student",
+    )
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")

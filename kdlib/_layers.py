@@ -53,17 +53,21 @@ def resolve_layers(model: nn.Module, names: Sequence[str], what: str = "layer") 
         if m:
             i = int(m.group(1))
             if not stages:
-                raise ModelError(f"{what} {name!r}: stages of {type(net).__name__} are unknown; name its "
-                                 f"submodules instead (top level: {_submodule_names(net)})")
+                raise ModelError(
+                    f"{what} {name!r}: stages of {type(net).__name__} are unknown; name its "
+                    f"submodules instead (top level: {_submodule_names(net)})"
+                )
             if not 1 <= i <= len(stages):
                 raise ModelError(f"{what} {name!r}: {type(net).__name__} has stages stage1..stage{len(stages)}")
             name = stages[i - 1]
         try:
             net.get_submodule(name)
         except AttributeError:
-            raise ModelError(f"{what} {name!r} is not a submodule of {type(net).__name__}; use stage1.."
-                             f"stage{len(stages)} or a path such as {stages[0] if stages else 'features.3'} "
-                             f"(top level: {_submodule_names(net)})") from None
+            raise ModelError(
+                f"{what} {name!r} is not a submodule of {type(net).__name__}; use stage1.."
+                f"stage{len(stages)} or a path such as {stages[0] if stages else 'features.3'} "
+                f"(top level: {_submodule_names(net)})"
+            ) from None
         out.append(name)
     if len(set(out)) != len(out):
         raise ModelError(f"{what}s {list(names)} name the same layer twice")
@@ -82,8 +86,9 @@ class LayerTaps:
         self._got: dict[str, torch.Tensor] = {}
         net = _net(model)
         # a partial of a bound method, not a closure: copy.deepcopy(model) then gives the copy its own taps
-        self._handles = [net.get_submodule(n).register_forward_hook(functools.partial(self._keep, n))
-                         for n in self.names]
+        self._handles = [
+            net.get_submodule(n).register_forward_hook(functools.partial(self._keep, n)) for n in self.names
+        ]
 
     def _keep(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if not isinstance(output, torch.Tensor):

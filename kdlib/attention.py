@@ -33,8 +33,18 @@ from torch import Tensor
 from ._layers import LayerTaps, resolve_layers, stage_layers
 from .errors import ConfigError
 
-__all__ = ["BETA", "MAP_CODECS", "attention_map", "at_loss", "encode_maps", "decode_maps", "LayerTaps",
-           "resolve_layers", "stage_layers", "parse_layers"]
+__all__ = [
+    "BETA",
+    "MAP_CODECS",
+    "attention_map",
+    "at_loss",
+    "encode_maps",
+    "decode_maps",
+    "LayerTaps",
+    "resolve_layers",
+    "stage_layers",
+    "parse_layers",
+]
 
 BETA = 1e3  # the reference's weight of the AT term
 MAP_CODECS = ("fp16", "q8")
@@ -65,13 +75,17 @@ def attention_map(activation: Tensor, grid: int | None = None) -> Tensor:
 def at_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], beta: float = BETA) -> Tensor:
     """``beta * sum_l mean((Q_s[l] - Q_t[l])^2)`` over paired, already normalised maps ``[B, M]``."""
     if len(student_maps) != len(teacher_maps) or not student_maps:
-        raise ConfigError(f"attention transfer pairs layers one to one: {len(student_maps)} student map(s), "
-                          f"{len(teacher_maps)} teacher map(s)")
+        raise ConfigError(
+            f"attention transfer pairs layers one to one: {len(student_maps)} student map(s), "
+            f"{len(teacher_maps)} teacher map(s)"
+        )
     total = student_maps[0].new_zeros((), dtype=torch.float32)
     for i, (s, t) in enumerate(zip(student_maps, teacher_maps)):
         if s.shape != t.shape:
-            raise ConfigError(f"attention pair {i}: student map {list(s.shape)} vs teacher map {list(t.shape)}; "
-                              "pool both to the same grid")
+            raise ConfigError(
+                f"attention pair {i}: student map {list(s.shape)} vs teacher map {list(t.shape)}; "
+                "pool both to the same grid"
+            )
         total = total + (s.float() - t.float().to(s.device)).pow(2).mean()
     return float(beta) * total
 

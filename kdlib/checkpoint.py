@@ -40,8 +40,19 @@ from ._checks import ENV_ERRNOS, describe_os_error
 from .errors import ConfigError, StorageError
 from .losses import loss_settings
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "find_checkpoint", "read_state", "load_checkpoint",
-           "has_checkpoint", "math_config", "check_resume", "check_out_dir", "clear_run", "RUN_FILES"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "find_checkpoint",
+    "read_state",
+    "load_checkpoint",
+    "has_checkpoint",
+    "math_config",
+    "check_resume",
+    "check_out_dir",
+    "clear_run",
+    "RUN_FILES",
+]
 
 CHECKPOINT_FORMAT = 1
 STATE = "state.json"
@@ -49,8 +60,17 @@ MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
 # what `kdlib train` writes into --out (--overwrite removes these, and only these)
-RUN_FILES = ("model.safetensors", "config.json", "train_config.json", "metrics.jsonl", "steps.jsonl", "curves.png",
-             "checkpoint", "checkpoint.tmp", "checkpoint.old")
+RUN_FILES = (
+    "model.safetensors",
+    "config.json",
+    "train_config.json",
+    "metrics.jsonl",
+    "steps.jsonl",
+    "curves.png",
+    "checkpoint",
+    "checkpoint.tmp",
+    "checkpoint.old",
+)
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -64,8 +84,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return st_load(path.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint file {path} is missing; the checkpoint is incomplete: "
-                          "start again without --resume (or with --overwrite)") from None
+        raise ConfigError(
+            f"checkpoint file {path} is missing; the checkpoint is incomplete: "
+            "start again without --resume (or with --overwrite)"
+        ) from None
     except Exception as exc:  # a truncated or foreign file: safetensors' own error
         raise ConfigError(f"checkpoint file {path} is corrupt ({exc}); start again with --overwrite") from exc
 
@@ -74,13 +96,16 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint file {path} is missing; the checkpoint is incomplete: "
-                          "start again without --resume (or with --overwrite)") from None
+        raise ConfigError(
+            f"checkpoint file {path} is missing; the checkpoint is incomplete: "
+            "start again without --resume (or with --overwrite)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"checkpoint file {path} is corrupt ({exc}); start again with --overwrite") from exc
 
 
 def has_checkpoint(ckpt: Path) -> bool:
+    """Whether `ckpt` holds a whole checkpoint (its state.json, written last)."""
     return (ckpt / STATE).is_file()
 
 
@@ -88,8 +113,10 @@ def _refuse_foreign(ckpt: Path) -> None:
     """A directory written by accelerate's save_state (kdlib <= 0.x) is refused, never unpickled."""
     pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES) if ckpt.is_dir() else []
     if pickles and not has_checkpoint(ckpt):
-        raise ConfigError(f"{ckpt} holds a pickled checkpoint ({', '.join(pickles[:3])}; written by an older kdlib "
-                          f"or by hand) and kdlib never unpickles: start again with --overwrite")
+        raise ConfigError(
+            f"{ckpt} holds a pickled checkpoint ({', '.join(pickles[:3])}; written by an older kdlib "
+            f"or by hand) and kdlib never unpickles: start again with --overwrite"
+        )
 
 
 # -- state <-> (tensors, JSON) -------------------------------------------------------------
@@ -104,8 +131,12 @@ def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
                 scalars.setdefault(str(pid), {})[name] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     tuples = sorted({k for g in sd["param_groups"] for k, v in g.items() if isinstance(v, tuple)})
-    return tensors, {"param_groups": groups, "tuples": tuples, "scalars": scalars,
-                     "tensor_params": sorted({int(p) for p in sd["state"]})}
+    return tensors, {
+        "param_groups": groups,
+        "tuples": tuples,
+        "scalars": scalars,
+        "tensor_params": sorted({int(p) for p in sd["state"]}),
+    }
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -127,8 +158,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
     version, py_state, gauss = random.getstate()
-    return tensors, {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-                     "python": {"version": version, "state": list(py_state), "gauss": gauss}}
+    return tensors, {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+    }
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -137,8 +170,9 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached"]))
+    np.random.set_state(
+        (n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     p = meta["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
@@ -168,8 +202,15 @@ def save_checkpoint(accelerator, ckpt: Path, step: int, model, optimizer, schedu
                 opt_t, opt_j = _split_optimizer(optimizer.state_dict())
                 _write(tmp / OPTIMIZER, st_save(opt_t))
                 scaler = accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None
-                state = {"format": CHECKPOINT_FORMAT, "step": step, "world_size": accelerator.num_processes,
-                         "config": config, "optimizer": opt_j, "scheduler": scheduler.state_dict(), "scaler": scaler}
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "world_size": accelerator.num_processes,
+                    "config": config,
+                    "optimizer": opt_j,
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler,
+                }
                 _write(tmp / STATE, json.dumps(state, indent=1).encode())  # last: its presence marks a whole checkpoint
     except OSError as exc:
         failed = exc
@@ -178,10 +219,21 @@ def save_checkpoint(accelerator, ckpt: Path, step: int, model, optimizer, schedu
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(failed, OSError) and failed.errno in ENV_ERRNOS:
-            kept = f"the previous checkpoint {ckpt} is kept" if has_checkpoint(ckpt) else "there is no earlier checkpoint"
-            raise StorageError(describe_os_error(failed, where=str(tmp), todo=(
-                f"the checkpoint of step {step} was not written and {tmp.name} was removed; {kept}: free some space "
-                f"and rerun with --resume" if failed.errno in (errno.ENOSPC, errno.EDQUOT) else None))) from failed
+            kept = (
+                f"the previous checkpoint {ckpt} is kept" if has_checkpoint(ckpt) else "there is no earlier checkpoint"
+            )
+            raise StorageError(
+                describe_os_error(
+                    failed,
+                    where=str(tmp),
+                    todo=(
+                        f"the checkpoint of step {step} was not written and {tmp.name} was removed; {kept}: free some space "
+                        f"and rerun with --resume"
+                        if failed.errno in (errno.ENOSPC, errno.EDQUOT)
+                        else None
+                    ),
+                )
+            ) from failed
         raise failed
     if accelerator.is_main_process:
         old = ckpt.with_name(ckpt.name + ".old")
@@ -202,10 +254,12 @@ def find_checkpoint(ckpt: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, refused unless it is a kdlib checkpoint of this format."""
     state = _json(ckpt / STATE)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{ckpt / STATE} is not a kdlib checkpoint of format {CHECKPOINT_FORMAT}; "
-                          "start again with --overwrite")
+        raise ConfigError(
+            f"{ckpt / STATE} is not a kdlib checkpoint of format {CHECKPOINT_FORMAT}; start again with --overwrite"
+        )
     return state
 
 
@@ -224,8 +278,10 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> int
     if (ckpt / f"rng-{rank}.safetensors").is_file():
         _set_rng_state(_tensors(ckpt / f"rng-{rank}.safetensors"), _json(ckpt / f"rng-{rank}.json"))
     else:
-        accelerator.print(f"notice: {ckpt} has no RNG state for process {rank} (written by "
-                          f"{state.get('world_size')} processes); the generators keep their seeded state")
+        accelerator.print(
+            f"notice: {ckpt} has no RNG state for process {rank} (written by "
+            f"{state.get('world_size')} processes); the generators keep their seeded state"
+        )
     return int(state["step"])
 
 
@@ -235,31 +291,58 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
 
     Left out on purpose: --out, --workers, checkpoint and eval cadence, --cpu, the world size
     (DESIGN invariant 6) and the store's path (its identity is compared instead)."""
-    c = {"student": cfg.student, "loss": cfg.loss, "ce_weight": cfg.ce_weight, "epochs": cfg.epochs,
-         "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup": cfg.warmup,
-         "clip": cfg.clip, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed, "weights": cfg.weights,
-         "mean": cfg.mean, "std": cfg.std,
-         "recipe": recipe.digest_dict(), "source fingerprint": targets.source.fingerprint()}
+    c = {
+        "student": cfg.student,
+        "loss": cfg.loss,
+        "ce_weight": cfg.ce_weight,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "warmup": cfg.warmup,
+        "clip": cfg.clip,
+        "mixed_precision": cfg.mixed_precision,
+        "seed": cfg.seed,
+        "weights": cfg.weights,
+        "mean": cfg.mean,
+        "std": cfg.std,
+        "recipe": recipe.digest_dict(),
+        "source fingerprint": targets.source.fingerprint(),
+    }
     settings = loss_settings(cfg.loss, cfg)  # exactly the settings this loss takes (kdlib.losses.LOSS_SETTINGS)
     if cfg.loss == "dih":
         c["dih"] = settings
     else:
         c.update(settings)
     if cfg.attention_student:
-        c["attention"] = {"student": cfg.attention_student, "teacher": cfg.attention_teacher,
-                          "weight": cfg.attention_weight, "grid": cfg.attention_grid}
+        c["attention"] = {
+            "student": cfg.attention_student,
+            "teacher": cfg.attention_teacher,
+            "weight": cfg.attention_weight,
+            "grid": cfg.attention_grid,
+        }
     if targets.store is not None:
         m = targets.store.meta
-        c["store"] = {"teacher digest": m.teacher.get("digest"), "k": m.k, "logit_codec": m.logit_codec,
-                      "param_packing": m.param_packing, "views_per_epoch": m.views_per_epoch, "heads": m.heads,
-                      "attention": m.attention}
+        c["store"] = {
+            "teacher digest": m.teacher.get("digest"),
+            "k": m.k,
+            "logit_codec": m.logit_codec,
+            "param_packing": m.param_packing,
+            "views_per_epoch": m.views_per_epoch,
+            "heads": m.heads,
+            "attention": m.attention,
+        }
         c["stored epochs cycled"] = targets.stored_epochs
     else:
         c["store"] = None
     if targets.teacher is not None:
         t = targets.teacher
-        c["online teacher"] = {"spec": cfg.teacher, "digest": t.digest, "precision": t.precision,
-                               "contract": t.contract.to_dict()}
+        c["online teacher"] = {
+            "spec": cfg.teacher,
+            "digest": t.digest,
+            "precision": t.precision,
+            "contract": t.contract.to_dict(),
+        }
     else:
         c["online teacher"] = None
     return json.loads(json.dumps(c))  # tuples -> lists, as read back from the checkpoint
@@ -279,9 +362,12 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], ckpt: Path) -> None
         else:
             diffs.append(f"{key} {a!r} -> {b!r}")
     if diffs:
-        raise ConfigError(f"--resume refused: this command differs from the run in {ckpt} in what it computes: "
-                          + "; ".join(diffs) + ". Resume with the run's flags (see train_config.json), "
-                          "or start a new run with another --out or --overwrite")
+        raise ConfigError(
+            f"--resume refused: this command differs from the run in {ckpt} in what it computes: "
+            + "; ".join(diffs)
+            + ". Resume with the run's flags (see train_config.json), "
+            "or start a new run with another --out or --overwrite"
+        )
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -300,8 +386,10 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         return False
     if not overwrite:
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        raise ConfigError(f"--out {out} already holds files ({shown}); give --resume to continue that run, "
-                          "--overwrite to replace it, or a new --out")
+        raise ConfigError(
+            f"--out {out} already holds files ({shown}); give --resume to continue that run, "
+            "--overwrite to replace it, or a new --out"
+        )
     return True
 
 

@@ -35,6 +35,7 @@ def _aliases(names: Sequence[str]) -> list[str]:
 
 
 def read_class_map(path: str) -> dict[str, int | str]:
+    """A --class-map JSON file: {data class: teacher index or class name}, checked."""
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -45,9 +46,10 @@ def read_class_map(path: str) -> dict[str, int | str]:
             data = json.loads(text)
         except ValueError as e:
             raise ModelError(f"class map {p} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
-                                                  for v in data.values()):
-            raise ModelError(f"class map {p}: want a JSON object {{\"data class\": teacher index or name}}")
+        if not isinstance(data, dict) or not all(
+            isinstance(v, (int, str)) and not isinstance(v, bool) for v in data.values()
+        ):
+            raise ModelError(f'class map {p}: want a JSON object {{"data class": teacher index or name}}')
         return {str(k): v for k, v in data.items()}
     out: dict[str, int | str] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -62,8 +64,13 @@ def read_class_map(path: str) -> dict[str, int | str]:
     return out
 
 
-def resolve_class_map(data_classes: Sequence[str], teacher_classes: int, teacher_names: list[list[str]] | None,
-                      class_map: str | None, spec: str) -> tuple[list[int] | None, str]:
+def resolve_class_map(
+    data_classes: Sequence[str],
+    teacher_classes: int,
+    teacher_names: list[list[str]] | None,
+    class_map: str | None,
+    spec: str,
+) -> tuple[list[int] | None, str]:
     """-> (teacher output index of each data class, or None for the identity; how it was decided)."""
     data_classes = list(data_classes)
     if class_map is not None:
@@ -76,16 +83,29 @@ def resolve_class_map(data_classes: Sequence[str], teacher_classes: int, teacher
                 return None, "the teacher's class names (same order)"
             return index, "the teacher's class names"
     if teacher_classes == len(data_classes):
-        how = "position (the teacher has no class names)" if teacher_names is None else \
-            "position (the folder's names are not the teacher's class names)"
+        how = (
+            "position (the teacher has no class names)"
+            if teacher_names is None
+            else "position (the folder's names are not the teacher's class names)"
+        )
         return None, how
-    missing = [c for c, i in zip(data_classes, _by_name(data_classes, teacher_names or []))
-               if i is None] if teacher_names else []
-    why = (f"; not among the teacher's class names: {_head(missing)}" if missing
-           else "; the teacher has no class names" if teacher_names is None else "")
-    raise ModelError(f"teacher {spec} has {teacher_classes} classes, the data has {len(data_classes)} "
-                     f"({_head(data_classes)}){why}. Give --class-map FILE (JSON {{\"data class\": teacher index "
-                     "or class name}}) so each data class maps to one teacher output")
+    missing = (
+        [c for c, i in zip(data_classes, _by_name(data_classes, teacher_names or [])) if i is None]
+        if teacher_names
+        else []
+    )
+    why = (
+        f"; not among the teacher's class names: {_head(missing)}"
+        if missing
+        else "; the teacher has no class names"
+        if teacher_names is None
+        else ""
+    )
+    raise ModelError(
+        f"teacher {spec} has {teacher_classes} classes, the data has {len(data_classes)} "
+        f'({_head(data_classes)}){why}. Give --class-map FILE (JSON {{"data class": teacher index '
+        "or class name}}) so each data class maps to one teacher output"
+    )
 
 
 def _head(names: Sequence[str], n: int = 5) -> str:
@@ -104,13 +124,13 @@ def _by_name(data_classes: list[str], teacher_names: list[list[str]]) -> list[in
     return [None if _key(c) in ambiguous else table.get(_key(c)) for c in data_classes]
 
 
-def _from_file(data_classes: list[str], teacher_classes: int, teacher_names: list[list[str]] | None, path: str,
-               spec: str) -> list[int]:
+def _from_file(
+    data_classes: list[str], teacher_classes: int, teacher_names: list[list[str]] | None, path: str, spec: str
+) -> list[int]:
     mapping = read_class_map(path)
     unknown = sorted(set(mapping) - set(data_classes))
     if unknown:
-        raise ModelError(f"class map {path} names {_head(unknown)}, not classes of the data "
-                         f"({_head(data_classes)})")
+        raise ModelError(f"class map {path} names {_head(unknown)}, not classes of the data ({_head(data_classes)})")
     missing = [c for c in data_classes if c not in mapping]
     if missing:
         raise ModelError(f"class map {path} lacks data class(es) {_head(missing)}; every class needs a teacher output")
@@ -120,8 +140,10 @@ def _from_file(data_classes: list[str], teacher_classes: int, teacher_names: lis
         if isinstance(target, str):
             i = _by_name([target], teacher_names)[0] if teacher_names else None
             if i is None:
-                raise ModelError(f"class map {path}: {c!r} -> {target!r} is not a class name of teacher {spec}"
-                                 + (" (it has none: use an output index)" if teacher_names is None else ""))
+                raise ModelError(
+                    f"class map {path}: {c!r} -> {target!r} is not a class name of teacher {spec}"
+                    + (" (it has none: use an output index)" if teacher_names is None else "")
+                )
         else:
             i = int(target)
             if not 0 <= i < teacher_classes:

@@ -17,30 +17,60 @@ import click
 from ._checks import ENV_ERRNOS, TRAIN_NUMBERS, Number, describe_os_error
 from .errors import KdlibError, StorageError, StoreBusyError
 
-LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Use only the first N images of each split (quick tries, tests).")
-WORKERS = click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-                       help="DataLoader worker processes that read and decode (and render, on a CPU-only machine).")
-RENDER = click.option("--render", type=click.Choice(["auto", "device", "workers"]), default="auto",
-                      help="Where views are rendered: on the model's device (default with a GPU) or in the "
-                           "DataLoader workers (default on a CPU-only machine); same pixels on one kind of device.")
-PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default="auto",
-                         help="Teacher forward: auto is bf16 + channels_last on CUDA, fp32 on the CPU.")
-MEAN = click.option("--mean", default=None, help="Input mean in [0,1] units, e.g. 0.485,0.456,0.406 or 'imagenet', "
-                    "for weights that do not define their preprocessing (default: the weights' own; the data's "
-                    "statistics only for a model trained from scratch).")
+LIMIT = click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use only the first N images of each split (quick tries, tests).",
+)
+WORKERS = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="DataLoader worker processes that read and decode (and render, on a CPU-only machine).",
+)
+RENDER = click.option(
+    "--render",
+    type=click.Choice(["auto", "device", "workers"]),
+    default="auto",
+    help="Where views are rendered: on the model's device (default with a GPU) or in the "
+    "DataLoader workers (default on a CPU-only machine); same pixels on one kind of device.",
+)
+PRECISION = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "tf32", "bf16"]),
+    default="auto",
+    help="Teacher forward: auto is bf16 + channels_last on CUDA, fp32 on the CPU.",
+)
+MEAN = click.option(
+    "--mean",
+    default=None,
+    help="Input mean in [0,1] units, e.g. 0.485,0.456,0.406 or 'imagenet', "
+    "for weights that do not define their preprocessing (default: the weights' own; the data's "
+    "statistics only for a model trained from scratch).",
+)
 STD = click.option("--std", default=None, help="Input std, e.g. 0.229,0.224,0.225 or 'imagenet' (see --mean).")
-CLASS_MAP = click.option("--class-map", default=None, type=click.Path(dir_okay=False),
-                         help="JSON {data class: teacher index or class name} for a teacher whose classes are not "
-                              "the data's (default: by the teacher's class names, else refused).")
-TRUST_CODE = click.option("--trust-code", is_flag=True,
-                          help="Allow a run dir's config.json to name a package.module:factory to import.")
+CLASS_MAP = click.option(
+    "--class-map",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="JSON {data class: teacher index or class name} for a teacher whose classes are not "
+    "the data's (default: by the teacher's class names, else refused).",
+)
+TRUST_CODE = click.option(
+    "--trust-code", is_flag=True, help="Allow a run dir's config.json to name a package.module:factory to import."
+)
 CPU = click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
 
 
 # what libraries that do their own I/O (safetensors' Rust writer) say instead of raising OSError
-_FOREIGN_ERRNOS = {"(os error 28)": errno.ENOSPC, "(os error 30)": errno.EROFS, "(os error 13)": errno.EACCES,
-                   "(os error 122)": errno.EDQUOT}
+_FOREIGN_ERRNOS = {
+    "(os error 28)": errno.ENOSPC,
+    "(os error 30)": errno.EROFS,
+    "(os error 13)": errno.EACCES,
+    "(os error 122)": errno.EDQUOT,
+}
 
 
 @contextlib.contextmanager
@@ -73,39 +103,82 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.option("--teacher", required=True, help="Run directory, architecture name, package.module:factory, "
-              "torchvision:<model>:<TAG> (e.g. torchvision:resnet50:IMAGENET1K_V2) or timm:<model> (needs kdlib[timm]).")
-@click.option("--weights", default=None, help="Weights file (.safetensors, or .pt loaded weights_only) for an "
-              "architecture; for torchvision:/timm: names, default: the local hub caches (nothing downloads).")
+@click.option(
+    "--teacher",
+    required=True,
+    help="Run directory, architecture name, package.module:factory, "
+    "torchvision:<model>:<TAG> (e.g. torchvision:resnet50:IMAGENET1K_V2) or timm:<model> (needs kdlib[timm]).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Weights file (.safetensors, or .pt loaded weights_only) for an "
+    "architecture; for torchvision:/timm: names, default: the local hub caches (nothing downloads).",
+)
 @click.option("--data", default="fashion-mnist", help="fashion-mnist, an ImageFolder directory, or a .npz file.")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML (see precompute/).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the recipe's seed.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, help="Epochs of views to store (more extends a store).")
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=1, help="Epochs of views to store (more extends a store)."
+)
 @click.option("--out", required=True, help="Store directory or fsspec URL, e.g. shards/run.")
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, help="Top-k logits kept per view (all when classes <= k).")
-@click.option("--format", "backend", type=click.Choice(["zarr", "wds"]), default="zarr",
-              help="Store backend: zarr (random access, fsspec URLs) or wds (webdataset tars, streaming).")
+@click.option(
+    "--k", "k", type=click.IntRange(min=1), default=10, help="Top-k logits kept per view (all when classes <= k)."
+)
+@click.option(
+    "--format",
+    "backend",
+    type=click.Choice(["zarr", "wds"]),
+    default="zarr",
+    help="Store backend: zarr (random access, fsspec URLs) or wds (webdataset tars, streaming).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Teacher batch, in views.")
 @click.option("--chunk-views", type=click.IntRange(min=1), default=4096, help="Views per chunk (write/resume unit).")
-@click.option("--params", "param_packing", type=click.Choice(["none", "packed"]), default="none",
-              help="packed: uint16 boxes and lambda on a 1/65535 grid, 24 -> 16 bytes of params per view.")
-@click.option("--logits", "logit_codec", type=click.Choice(["fp16", "q8"]), default="fp16",
-              help="How top-k logits are stored: fp16, or q8 (8-bit, 1/16 nat steps below the top-1).")
-@click.option("--full-sample", type=click.FloatRange(0, 1), default=None,
-              help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
-                   "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].")
+@click.option(
+    "--params",
+    "param_packing",
+    type=click.Choice(["none", "packed"]),
+    default="none",
+    help="packed: uint16 boxes and lambda on a 1/65535 grid, 24 -> 16 bytes of params per view.",
+)
+@click.option(
+    "--logits",
+    "logit_codec",
+    type=click.Choice(["fp16", "q8"]),
+    default="fp16",
+    help="How top-k logits are stored: fp16, or q8 (8-bit, 1/16 nat steps below the top-1).",
+)
+@click.option(
+    "--full-sample",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
+    "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].",
+)
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
-@click.option("--decode", type=click.Choice(["pil", "pil-draft"]), default="pil",
-              help="pil-draft: decode a JPEG 2-8x smaller in the DCT domain when all its boxes shrink that much "
-                   "(fast for photos; changes pixels, so it is recorded and replayed).")
+@click.option(
+    "--decode",
+    type=click.Choice(["pil", "pil-draft"]),
+    default="pil",
+    help="pil-draft: decode a JPEG 2-8x smaller in the DCT domain when all its boxes shrink that much "
+    "(fast for photos; changes pixels, so it is recorded and replayed).",
+)
 @PRECISION
 @RENDER
 # issue 13: attention maps (a teacher with DIH heads stores each head's labels by itself)
-@click.option("--attention", default=None, help="Teacher layers whose attention maps are stored per view, "
-              "comma-separated: stage1,stage2,... or net submodule paths (opt-in; bytes reported by inspect).")
+@click.option(
+    "--attention",
+    default=None,
+    help="Teacher layers whose attention maps are stored per view, "
+    "comma-separated: stage1,stage2,... or net submodule paths (opt-in; bytes reported by inspect).",
+)
 @click.option("--attention-grid", type=click.IntRange(1, 64), default=8, help="Maps are pooled to G x G.")
-@click.option("--attention-codec", type=click.Choice(["fp16", "q8"]), default="fp16",
-              help="Stored map values: fp16, or q8 (8 bits per value, relative to the map's max).")
+@click.option(
+    "--attention-codec",
+    type=click.Choice(["fp16", "q8"]),
+    default="fp16",
+    help="Stored map values: fp16, or q8 (8 bits per value, relative to the map's max).",
+)
 @MEAN
 @STD
 @CLASS_MAP
@@ -115,63 +188,117 @@ def cli(debug: bool) -> None:
 @WORKERS
 def precompute(**kw) -> None:
     """Run the teacher once over seeded views and store its soft labels."""
-    from .precompute import PrecomputeConfig, precompute as run
+    from .precompute import PrecomputeConfig
+    from .precompute import precompute as run
 
     test = not kw.pop("no_test")
-    with _disk_faults(kw["out"], "free some space and rerun the same command: it resumes from the chunks "
-                                 "committed so far"):
+    with _disk_faults(
+        kw["out"], "free some space and rerun the same command: it resumes from the chunks committed so far"
+    ):
         run(PrecomputeConfig(**kw, test=test))  # the main process prints what it wrote
 
 
 @cli.command()
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="Train config YAML (see train/); flags given on the command line override it.")
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Train config YAML (see train/); flags given on the command line override it.",
+)
 @click.option("--out", required=True, help="Run directory for model.safetensors, config.json, metrics.jsonl.")
-@click.option("--student", "--model", "student", default="resnet8", help="Architecture name, or package.module:factory.")
+@click.option(
+    "--student", "--model", "student", default="resnet8", help="Architecture name, or package.module:factory."
+)
 @click.option("--shards", default=None, help="Distill from this store (the teacher is never loaded).")
 @click.option("--data", default=None, help="Source for supervised or online training (default: the store's).")
 @click.option("--teacher", default=None, help="Online distillation baseline: teacher in memory, same plan.")
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML without --shards.")
-@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist", "dih", "ce"]), default=None,
-              help="Default: kl with --shards/--teacher, ce otherwise. dih: the cohort of a teacher with heads.")
-@click.option("--temperature", "-T", type=Number(*TRAIN_NUMBERS["temperature"]), default=1.0, help="KL/DIST temperature.")
+@click.option(
+    "--loss",
+    type=click.Choice(["kl", "ttm", "wttm", "dist", "dih", "ce"]),
+    default=None,
+    help="Default: kl with --shards/--teacher, ce otherwise. dih: the cohort of a teacher with heads.",
+)
+@click.option(
+    "--temperature", "-T", type=Number(*TRAIN_NUMBERS["temperature"]), default=1.0, help="KL/DIST temperature."
+)
 @click.option("--gamma", type=Number(*TRAIN_NUMBERS["gamma"]), default=0.5, help="TTM/WTTM power.")
-@click.option("--ce-weight", type=Number(*TRAIN_NUMBERS["ce_weight"]), default=0.0,
-              help="Add CE on (mixed) ground-truth labels.")
+@click.option(
+    "--ce-weight", type=Number(*TRAIN_NUMBERS["ce_weight"]), default=0.0, help="Add CE on (mixed) ground-truth labels."
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Global batch, in views.")
 @click.option("--lr", type=Number(*TRAIN_NUMBERS["lr"]), default=2e-3)
 @click.option("--weight-decay", type=Number(*TRAIN_NUMBERS["weight_decay"]), default=5e-4)
 @click.option("--warmup", type=Number(*TRAIN_NUMBERS["warmup"]), default=0.05, help="Warmup, fraction of all steps.")
 @click.option("--clip", type=Number(*TRAIN_NUMBERS["clip"]), default=1.0, help="Gradient norm clip (0: off).")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
-              help="Student autocast [default: what accelerate's config says, else no].")
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "fp16", "bf16"]),
+    default=None,
+    help="Student autocast [default: what accelerate's config says, else no].",
+)
 @PRECISION
 @RENDER
-@click.option("--log-every", type=click.IntRange(min=1), default=50,
-              help="Steps between reads of the loss on the host (steps.jsonl still has every step).")
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=1),
+    default=50,
+    help="Steps between reads of the loss on the host (steps.jsonl still has every step).",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Student initialisation seed.")
 @click.option("--weights", default=None, help="Initial student weights file.")
-@click.option("--stored-epochs", type=click.IntRange(min=1), default=None,
-              help="Cycle only the first N stored epochs (default: all the store holds).")
-@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint (refused if a flag that changes the math differs).")
-@click.option("--overwrite", is_flag=True, help="Replace the run in an existing --out (without it, a used --out is refused).")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, help="Steps between checkpoints (0: epoch ends only).")
+@click.option(
+    "--stored-epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cycle only the first N stored epochs (default: all the store holds).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue from --out/checkpoint (refused if a flag that changes the math differs)."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the run in an existing --out (without it, a used --out is refused)."
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=100,
+    help="Steps between checkpoints (0: epoch ends only).",
+)
 @click.option("--no-eval", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Also evaluate every N epochs (0: end only).")
 @CPU
 # issue 13: DIH cohort loss and attention transfer
-@click.option("--dih-alpha", type=click.FloatRange(0, 1, min_open=True), default=0.1,
-              help="DIH: weight of each cohort member's KD term (CE gets 1 - alpha per member).")
+@click.option(
+    "--dih-alpha",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    help="DIH: weight of each cohort member's KD term (CE gets 1 - alpha per member).",
+)
 @click.option("--dih-temperature", type=click.FloatRange(0, min_open=True), default=5.0, help="DIH: KD temperature.")
-@click.option("--attention-student", default=None,
-              help="Add attention transfer on these student layers (stage1,... or net paths), paired in order "
-                   "with the store's maps (or --attention-teacher online).")
-@click.option("--attention-teacher", default=None, help="Online AT: the teacher's layers [default: the student's names].")
-@click.option("--attention-weight", type=click.FloatRange(min=0), default=1e3,
-              help="beta of the AT term (the reference: 1e3; fasterai's weight w maps to w / (1 - w) with --loss ce).")
-@click.option("--attention-grid", type=click.IntRange(1, 64), default=None,
-              help="Online AT: pool maps to G x G [default 8]; with --shards the store's grid.")
+@click.option(
+    "--attention-student",
+    default=None,
+    help="Add attention transfer on these student layers (stage1,... or net paths), paired in order "
+    "with the store's maps (or --attention-teacher online).",
+)
+@click.option(
+    "--attention-teacher", default=None, help="Online AT: the teacher's layers [default: the student's names]."
+)
+@click.option(
+    "--attention-weight",
+    type=click.FloatRange(min=0),
+    default=1e3,
+    help="beta of the AT term (the reference: 1e3; fasterai's weight w maps to w / (1 - w) with --loss ce).",
+)
+@click.option(
+    "--attention-grid",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Online AT: pool maps to G x G [default 8]; with --shards the store's grid.",
+)
 @MEAN
 @STD
 @click.option("--teacher-weights", default=None, help="Online teacher: weights file for an architecture name.")
@@ -183,7 +310,8 @@ def precompute(**kw) -> None:
 @WORKERS
 def train(config_file: str | None, **kw) -> None:
     """Train a student: from a store, online from a teacher, or on labels."""
-    from .train import resolve_config, train as run
+    from .train import resolve_config
+    from .train import train as run
 
     ctx = click.get_current_context()
     given = {k for k in kw if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -199,41 +327,88 @@ def train(config_file: str | None, **kw) -> None:
 @click.option("--teacher", required=True, help="The teacher that wrote the store (its digest must match).")
 @click.option("--weights", default=None)
 @click.option("--views", type=click.IntRange(min=1), default=256, help="How many stored views to re-check.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
-              help="Fail below this top-1 agreement [default: 1.0 on the kind of device and in fp32 that wrote the "
-                   "store, else 0.99].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="Where to replay [default: the GPU when there is one]; a store written on the other kind is "
-                   "checked within the measured cross-device bounds.")
-@click.option("--data", default=None, help="The store's source, when the path its meta.json names is not where "
-              "the images are here (its fingerprint must match).")
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Fail below this top-1 agreement [default: 1.0 on the kind of device and in fp32 that wrote the "
+    "store, else 0.99].",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Where to replay [default: the GPU when there is one]; a store written on the other kind is "
+    "checked within the measured cross-device bounds.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="The store's source, when the path its meta.json names is not where "
+    "the images are here (its fingerprint must match).",
+)
 @MEAN
 @STD
 @CLASS_MAP
 @TRUST_CODE
 @CPU
 @LIMIT
-def verify(shards: str, teacher: str, weights: str | None, views: int, min_agreement: float | None,
-           device: str | None, data: str | None, mean: str | None, std: str | None, class_map: str | None,
-           trust_code: bool, cpu: bool, limit: int | None) -> None:
+def verify(
+    shards: str,
+    teacher: str,
+    weights: str | None,
+    views: int,
+    min_agreement: float | None,
+    device: str | None,
+    data: str | None,
+    mean: str | None,
+    std: str | None,
+    class_map: str | None,
+    trust_code: bool,
+    cpu: bool,
+    limit: int | None,
+) -> None:
     """Re-render stored views, re-run the teacher, compare pixels and logits; exit 1 when they disagree."""
     from .verify import verify as run
 
-    result = run(shards, teacher, views=views, weights=weights, data=data, min_agreement=min_agreement, device=device,
-                 mean=mean, std=std, class_map=class_map, trust_code=trust_code, cpu=cpu, limit=limit)
+    result = run(
+        shards,
+        teacher,
+        views=views,
+        weights=weights,
+        data=data,
+        min_agreement=min_agreement,
+        device=device,
+        mean=mean,
+        std=std,
+        class_map=class_map,
+        trust_code=trust_code,
+        cpu=cpu,
+        limit=limit,
+    )
     click.echo(json.dumps(result, indent=1))
     if not result["ok"]:
         pixels = result.get("pixels")
-        click.echo(f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {result['min_agreement']}), "
-                   f"max logit error {result['max_logit_error']:.3g}"
-                   + (f", pixels: max difference {pixels['max_pixel_diff']} on {pixels['pixels_differing']:.4%}"
-                      if pixels else ""), err=True)
+        click.echo(
+            f"verify FAILED: top-1 agreement {result['top1_agreement']:.4f} (min {result['min_agreement']}), "
+            f"max logit error {result['max_logit_error']:.3g}"
+            + (
+                f", pixels: max difference {pixels['max_pixel_diff']} on {pixels['pixels_differing']:.4%}"
+                if pixels
+                else ""
+            ),
+            err=True,
+        )
         sys.exit(1)
 
 
 @cli.command(name="eval")
-@click.option("--model", required=True, help="Run directory, or (with --data) an architecture, package.module:factory, "
-              "torchvision:<model>:<TAG> or timm:<model>.")
+@click.option(
+    "--model",
+    required=True,
+    help="Run directory, or (with --data) an architecture, package.module:factory, "
+    "torchvision:<model>:<TAG> or timm:<model>.",
+)
 @click.option("--weights", default=None, help="Weights file for a named model.")
 @click.option("--data", default=None, help="Default: what the model was trained on.")
 @click.option("--split", default="test")
@@ -245,25 +420,68 @@ def verify(shards: str, teacher: str, weights: str | None, views: int, min_agree
 @CPU
 @LIMIT
 @WORKERS
-def eval_(model: str, weights: str | None, data: str | None, split: str, shards: str | None, mean: str | None,
-          std: str | None, class_map: str | None, trust_code: bool, cpu: bool, limit: int | None, workers: int) -> None:
+def eval_(
+    model: str,
+    weights: str | None,
+    data: str | None,
+    split: str,
+    shards: str | None,
+    mean: str | None,
+    std: str | None,
+    class_map: str | None,
+    trust_code: bool,
+    cpu: bool,
+    limit: int | None,
+    workers: int,
+) -> None:
     """Print JSON with top1, top5 and, when cached, agreement with the teacher."""
     from .evaluate import evaluate
 
-    click.echo(json.dumps(evaluate(model, data, split, limit, shards, workers=workers, weights=weights, mean=mean,
-                                   std=std, class_map=class_map, trust_code=trust_code, cpu=cpu)))
+    click.echo(
+        json.dumps(
+            evaluate(
+                model,
+                data,
+                split,
+                limit,
+                shards,
+                workers=workers,
+                weights=weights,
+                mean=mean,
+                std=std,
+                class_map=class_map,
+                trust_code=trust_code,
+                cpu=cpu,
+            )
+        )
+    )
 
 
 @cli.command()
 @click.argument("shards")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--temperature", "-T", type=Number(0.0, open=True), default=1.0,
-              help="KL/DIST temperature the target error is measured at.")
-@click.option("--loss", type=click.Choice(["kl", "ttm", "wttm", "dist"]), default="kl",
-              help="Loss whose teacher target the full-logit sample is compared at.")
-@click.option("--gamma", type=Number(0.0, open=True), default=0.5, help="TTM/WTTM power the target error is measured at.")
-@click.option("--max-chunks", type=click.IntRange(min=1), default=None,
-              help="Label statistics from the first N chunks of each epoch only (the digest reads everything).")
+@click.option(
+    "--temperature",
+    "-T",
+    type=Number(0.0, open=True),
+    default=1.0,
+    help="KL/DIST temperature the target error is measured at.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["kl", "ttm", "wttm", "dist"]),
+    default="kl",
+    help="Loss whose teacher target the full-logit sample is compared at.",
+)
+@click.option(
+    "--gamma", type=Number(0.0, open=True), default=0.5, help="TTM/WTTM power the target error is measured at."
+)
+@click.option(
+    "--max-chunks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Label statistics from the first N chunks of each epoch only (the digest reads everything).",
+)
 def inspect(shards: str, as_json: bool, temperature: float, loss: str, gamma: float, max_chunks: int | None) -> None:
     """Format, size per view, digest, label statistics and the cost of top-k of a store."""
     from .inspect import format_report, inspect_store
@@ -291,9 +509,12 @@ def demo(out: str, shards: str, quick: bool) -> None:
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML of the fitting views.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1)
 @click.option("--out", required=True, help="Run directory of the teacher with heads.")
-@click.option("--head-layers", default=None,
-              help="Comma-separated layers to mount heads on: stage1,stage2,... or net submodule paths "
-                   "[default: every stage of a kdlib CIFAR ResNet or torchvision ResNet].")
+@click.option(
+    "--head-layers",
+    default=None,
+    help="Comma-separated layers to mount heads on: stage1,stage2,... or net submodule paths "
+    "[default: every stage of a kdlib CIFAR ResNet or torchvision ResNet].",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--lr", type=float, default=1e-3, help="AdamW learning rate of the heads.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Heads' initialisation seed.")
@@ -307,8 +528,12 @@ def heads(**kw) -> None:
 
     kw["eval"] = not kw.pop("no_eval")
     result = fit_heads(HeadsConfig(**kw))
-    click.echo(f"teacher with {len(result['layers'])} heads on {result['layers']} saved to {result['out']} "
-               f"(backbone digest {result['backbone_digest'][:12]}, unchanged)")
+    click.echo(
+        f"teacher with {len(result['layers'])} heads on {result['layers']} saved to {result['out']} "
+        f"(backbone digest {result['backbone_digest'][:12]}, unchanged)"
+    )
+
+
 def _worker_message(exc: BaseException) -> str:
     """The original message of an error re-raised by a DataLoader worker (torch prepends
     "Caught X in DataLoader worker process N." and the worker's traceback to it)."""
@@ -320,7 +545,7 @@ def _worker_message(exc: BaseException) -> str:
     for name in (f"{t.__module__}.{t.__qualname__}: ", f"{t.__qualname__}: "):
         at = msg.rfind("\n" + name)
         if at >= 0:
-            return msg[at + 1 + len(name):].strip()
+            return msg[at + 1 + len(name) :].strip()
     return msg.strip().splitlines()[-1]
 
 

@@ -25,8 +25,15 @@ from typing import Any
 
 from .errors import ModelError, StoreMismatchError
 
-__all__ = ["InputContract", "parse_floats", "check_flags", "check_store_contract", "size_note", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = [
+    "InputContract",
+    "parse_floats",
+    "check_flags",
+    "check_store_contract",
+    "size_note",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,35 +57,55 @@ class InputContract:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if not self.mean or len(self.mean) != len(self.std):
-            raise ModelError(f"input contract from {self.origin}: mean {self.mean} and std {self.std} "
-                             "need the same number of values")
+            raise ModelError(
+                f"input contract from {self.origin}: mean {self.mean} and std {self.std} need the same number of values"
+            )
         if any(not math.isfinite(v) for v in self.mean + self.std) or any(s <= 0 for s in self.std):
-            raise ModelError(f"input contract from {self.origin}: std must be positive and every value finite, "
-                             f"got mean {self.mean}, std {self.std}")
+            raise ModelError(
+                f"input contract from {self.origin}: std must be positive and every value finite, "
+                f"got mean {self.mean}, std {self.std}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std), "origin": self.origin, "size": self.size,
-                "crop_fraction": self.crop_fraction, "interpolation": self.interpolation}
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "origin": self.origin,
+            "size": self.size,
+            "crop_fraction": self.crop_fraction,
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], origin: str | None = None) -> "InputContract":
-        return cls(mean=d["mean"], std=d["std"], origin=origin or d.get("origin", "unknown"), size=d.get("size"),
-                   crop_fraction=d.get("crop_fraction"), interpolation=d.get("interpolation"))
+    def from_dict(cls, d: Mapping[str, Any], origin: str | None = None) -> InputContract:
+        return cls(
+            mean=d["mean"],
+            std=d["std"],
+            origin=origin or d.get("origin", "unknown"),
+            size=d.get("size"),
+            crop_fraction=d.get("crop_fraction"),
+            interpolation=d.get("interpolation"),
+        )
 
-    def replace(self, **changes: Any) -> "InputContract":
+    def replace(self, **changes: Any) -> InputContract:
         return dataclasses.replace(self, **changes)
 
-    def same_normalisation(self, other: "InputContract") -> bool:
+    def same_normalisation(self, other: InputContract) -> bool:
         return _close(self.mean, other.mean) and _close(self.std, other.std)
 
     def describe(self) -> str:
         """One line for the console: what the model is fed and who said so."""
-        extra = [f"size {self.size}" if self.size else "",
-                 f"crop {self.crop_fraction:g}" if self.crop_fraction else "",
-                 self.interpolation or ""]
+        extra = [
+            f"size {self.size}" if self.size else "",
+            f"crop {self.crop_fraction:g}" if self.crop_fraction else "",
+            self.interpolation or "",
+        ]
         extra_s = ", ".join(e for e in extra if e)
-        return (f"mean {_fmt(self.mean)}, std {_fmt(self.std)}" + (f", {extra_s}" if extra_s else "")
-                + f" (from {self.origin})")
+        return (
+            f"mean {_fmt(self.mean)}, std {_fmt(self.std)}"
+            + (f", {extra_s}" if extra_s else "")
+            + f" (from {self.origin})"
+        )
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -105,32 +132,37 @@ def parse_floats(text: str | Sequence[float] | None, name: str) -> tuple[float, 
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise ModelError(f"{name} {text!r}: want comma-separated numbers in [0, 1] units "
-                         f"(e.g. 0.485,0.456,0.406) or one of {sorted(_NAMED)}") from None
+        raise ModelError(
+            f"{name} {text!r}: want comma-separated numbers in [0, 1] units "
+            f"(e.g. 0.485,0.456,0.406) or one of {sorted(_NAMED)}"
+        ) from None
     if not values or any(not math.isfinite(v) for v in values):
         raise ModelError(f"{name} {text!r}: want finite numbers, e.g. 0.485,0.456,0.406")
     if name.endswith("std") and any(v <= 0 for v in values):
         raise ModelError(f"{name} {text!r}: every std must be positive")
     if any(abs(v) > 2 for v in values):  # 0..255 units would scale every pixel by 255
-        raise ModelError(f"{name} {text!r}: values are in [0, 1] pixel units (ImageNet's mean is 0.485,...), "
-                         "not 0..255")
+        raise ModelError(
+            f"{name} {text!r}: values are in [0, 1] pixel units (ImageNet's mean is 0.485,...), not 0..255"
+        )
     return values
 
 
-def check_flags(contract: InputContract, mean: Sequence[float] | None, std: Sequence[float] | None,
-                spec: str) -> None:
+def check_flags(contract: InputContract, mean: Sequence[float] | None, std: Sequence[float] | None, spec: str) -> None:
     """Refuse --mean/--std that contradict a contract the weights define."""
     for name, given, own in (("--mean", mean, contract.mean), ("--std", std, contract.std)):
         if given is not None and not _close(tuple(given), own):
-            raise ModelError(f"{spec}: {name} {_fmt(given)} contradicts the weights' own {name[2:]} {_fmt(own)} "
-                             f"(from {contract.origin}); drop {name}, the weights' preprocessing is used")
+            raise ModelError(
+                f"{spec}: {name} {_fmt(given)} contradicts the weights' own {name[2:]} {_fmt(own)} "
+                f"(from {contract.origin}); drop {name}, the weights' preprocessing is used"
+            )
 
 
 def check_store_contract(stored_teacher: Mapping[str, Any], contract: InputContract, where: str) -> None:
     """Refuse to replay/verify a store with a teacher normalised differently from the one that wrote it."""
     cfg = stored_teacher.get("config") or {}
-    stored = stored_teacher.get("contract") or ({"mean": cfg["mean"], "std": cfg["std"], "origin": "store meta"}
-                                                if "mean" in cfg and "std" in cfg else None)
+    stored = stored_teacher.get("contract") or (
+        {"mean": cfg["mean"], "std": cfg["std"], "origin": "store meta"} if "mean" in cfg and "std" in cfg else None
+    )
     if stored is None:
         return
     found = InputContract.from_dict(stored)
@@ -138,12 +170,14 @@ def check_store_contract(stored_teacher: Mapping[str, Any], contract: InputContr
         raise StoreMismatchError(
             f"store {where} was written with the teacher fed mean {_fmt(found.mean)}, std {_fmt(found.std)} "
             f"(from {found.origin}); this command feeds mean {_fmt(contract.mean)}, std {_fmt(contract.std)} "
-            f"(from {contract.origin}): give the same --mean/--std (or weights) the store was made with")
+            f"(from {contract.origin}): give the same --mean/--std (or weights) the store was made with"
+        )
 
 
 def size_note(contract: InputContract, size: int, who: str) -> str | None:
     """A line to print when views are rendered at another size than the weights were evaluated at."""
     if contract.size and int(contract.size) != int(size):
-        return (f"note: {who} was evaluated at {contract.size} px ({contract.origin}); the recipe renders "
-                f"{size} px views")
+        return (
+            f"note: {who} was evaluated at {contract.size} px ({contract.origin}); the recipe renders {size} px views"
+        )
     return None

@@ -34,6 +34,8 @@ RECIPE = "precompute/fmnist.yaml"
 
 @dataclass(frozen=True)
 class Settings:
+    """The demo's sizes: images, teacher and student architectures and epochs, losses."""
+
     limit: int  # first N images of the train split (and of the test split: the store's test predictions)
     teacher: str
     teacher_epochs: int
@@ -48,10 +50,25 @@ class Settings:
 
 # Chosen on a validation range of the *training* split (images 55,000-59,999, never trained on), from the
 # fidelity table's evidence (README.md): see README.md "Results" and benchmarks/demo_settings.py.
-DEMO_SETTINGS = Settings(limit=4000, teacher="resnet20x2", teacher_epochs=3, stored_epochs=2, student="resnet8",
-                         epochs=4, losses=("kl", "dist"))
-QUICK_SETTINGS = Settings(limit=384, teacher="resnet14", teacher_epochs=1, stored_epochs=1, student="resnet8",
-                          epochs=2, losses=("kl", "dist"), verify_views=32)
+DEMO_SETTINGS = Settings(
+    limit=4000,
+    teacher="resnet20x2",
+    teacher_epochs=3,
+    stored_epochs=2,
+    student="resnet8",
+    epochs=4,
+    losses=("kl", "dist"),
+)
+QUICK_SETTINGS = Settings(
+    limit=384,
+    teacher="resnet14",
+    teacher_epochs=1,
+    stored_epochs=1,
+    student="resnet8",
+    epochs=2,
+    losses=("kl", "dist"),
+    verify_views=32,
+)
 
 
 def _env() -> dict:
@@ -83,7 +100,7 @@ def _last_json(text: str) -> dict:
 def _verify_summary(text: str) -> dict:
     """The headline of `kdlib verify`'s JSON report (top-1 agreement, logit error, ok)."""
     try:
-        report = json.loads(text[text.index("{"):])
+        report = json.loads(text[text.index("{") :])
     except ValueError:
         return {"output": text.strip()[-500:]}
     return {k: report.get(k) for k in ("views", "top1_agreement", "max_logit_error", "ok")}
@@ -109,8 +126,10 @@ def _curve(run: str) -> list[tuple[float, float]]:
     return points
 
 
-def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = False,
-             settings: Settings | None = None) -> dict:
+def run_demo(
+    out: str = "runs/demo", shards: str = "shards/demo", quick: bool = False, settings: Settings | None = None
+) -> dict:
+    """Run the demo through the real CLI (teacher once, students from its store, online KD and CE); -> its table as a dict."""
     s = settings or (QUICK_SETTINGS if quick else DEMO_SETTINGS)
     common = ["--data", "fashion-mnist", "--limit", str(s.limit)]
     recipe = RECIPE if Path(RECIPE).exists() else str(Path(__file__).resolve().parent.parent / RECIPE)
@@ -118,14 +137,47 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
     teacher = f"{out}/teacher"
     log: list = []
     t_start = time.time()
-    print(f"kdlib demo: Fashion-MNIST, first {s.limit} training images (test: first {s.limit} test images); "
-          f"runs in {out}, store in {shards}; OMP_NUM_THREADS={_env()['OMP_NUM_THREADS']}")
+    print(
+        f"kdlib demo: Fashion-MNIST, first {s.limit} training images (test: first {s.limit} test images); "
+        f"runs in {out}, store in {shards}; OMP_NUM_THREADS={_env()['OMP_NUM_THREADS']}"
+    )
 
     # 1. The teacher, paid once.
-    _, t_train = _run(["train", *common, "--model", s.teacher, "--loss", "ce", "--recipe", recipe,
-                       "--epochs", str(s.teacher_epochs), *batch, "--no-eval", "--overwrite", "--out", teacher], log)
-    _, t_pre = _run(["precompute", "--teacher", teacher, *common, "--recipe", recipe,
-                     "--epochs", str(s.stored_epochs), "--out", shards], log)
+    _, t_train = _run(
+        [
+            "train",
+            *common,
+            "--model",
+            s.teacher,
+            "--loss",
+            "ce",
+            "--recipe",
+            recipe,
+            "--epochs",
+            str(s.teacher_epochs),
+            *batch,
+            "--no-eval",
+            "--overwrite",
+            "--out",
+            teacher,
+        ],
+        log,
+    )
+    _, t_pre = _run(
+        [
+            "precompute",
+            "--teacher",
+            teacher,
+            *common,
+            "--recipe",
+            recipe,
+            "--epochs",
+            str(s.stored_epochs),
+            "--out",
+            shards,
+        ],
+        log,
+    )
     t_train, t_pre = round(t_train, 1), round(t_pre, 1)  # the table, the JSON and the picture show the same numbers
     verify, t_verify = _run(["verify", "--shards", shards, "--teacher", teacher, "--views", str(s.verify_views)], log)
 
@@ -133,26 +185,62 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
     runs = []
     student_flags = ["--student", s.student, "--epochs", str(s.epochs), *batch, "--eval-every", "1"]
     for loss in s.losses:
-        runs.append({"name": f"{s.student}, {loss.upper()} from the store", "kind": "cached", "loss": loss,
-                     "out": f"{out}/{s.student}-{loss}-cached",
-                     "args": ["train", "--shards", shards, *student_flags, "--loss", loss,
-                              *s.extra.get(loss, [])]})
+        runs.append(
+            {
+                "name": f"{s.student}, {loss.upper()} from the store",
+                "kind": "cached",
+                "loss": loss,
+                "out": f"{out}/{s.student}-{loss}-cached",
+                "args": ["train", "--shards", shards, *student_flags, "--loss", loss, *s.extra.get(loss, [])],
+            }
+        )
     loss0 = s.losses[0]
-    runs.append({"name": f"{s.student}, {loss0.upper()} online (teacher in memory)", "kind": "online", "loss": loss0,
-                 "out": f"{out}/{s.student}-{loss0}-online",
-                 "args": ["train", "--teacher", teacher, *common, "--recipe", recipe, *student_flags, "--loss", loss0,
-                          *s.extra.get(loss0, [])]})
-    runs.append({"name": f"{s.student}, CE on labels", "kind": "ce", "loss": "ce", "out": f"{out}/{s.student}-ce",
-                 "args": ["train", *common, "--recipe", recipe, *student_flags, "--loss", "ce"]})
+    runs.append(
+        {
+            "name": f"{s.student}, {loss0.upper()} online (teacher in memory)",
+            "kind": "online",
+            "loss": loss0,
+            "out": f"{out}/{s.student}-{loss0}-online",
+            "args": [
+                "train",
+                "--teacher",
+                teacher,
+                *common,
+                "--recipe",
+                recipe,
+                *student_flags,
+                "--loss",
+                loss0,
+                *s.extra.get(loss0, []),
+            ],
+        }
+    )
+    runs.append(
+        {
+            "name": f"{s.student}, CE on labels",
+            "kind": "ce",
+            "loss": "ce",
+            "out": f"{out}/{s.student}-ce",
+            "args": ["train", *common, "--recipe", recipe, *student_flags, "--loss", "ce"],
+        }
+    )
     for r in runs:
         _, r["command_s"] = _run([*r["args"], "--overwrite", "--out", r["out"]], log)
         epochs, final = _metrics(r["out"])
         r["train_s"] = sum(e["seconds"] for e in epochs)
         if final is None or "agreement" not in final:  # online and CE runs: agreement from the store's test predictions
-            final = _last_json(_run(["eval", "--model", r["out"], "--split", "test", "--limit", str(s.limit),
-                                            "--shards", shards], log)[0])
-        r.update(top1=final["top1"], agreement=final["agreement"], teacher_top1=final.get("teacher_top1"),
-                 test_images=final["images"], curve=_curve(r["out"]))
+            final = _last_json(
+                _run(
+                    ["eval", "--model", r["out"], "--split", "test", "--limit", str(s.limit), "--shards", shards], log
+                )[0]
+            )
+        r.update(
+            top1=final["top1"],
+            agreement=final["agreement"],
+            teacher_top1=final.get("teacher_top1"),
+            test_images=final["images"],
+            curve=_curve(r["out"]),
+        )
         r.pop("args")
 
     teacher_top1 = next(r["teacher_top1"] for r in runs if r.get("teacher_top1") is not None)
@@ -160,32 +248,50 @@ def run_demo(out: str = "runs/demo", shards: str = "shards/demo", quick: bool = 
     table = _table(s, runs, teacher_top1, t_train, t_pre, online, _verify_summary(verify))
     total = time.time() - t_start
     print("\n" + table)
-    result = {"settings": asdict(s), "recipe": RECIPE, "teacher": {"arch": s.teacher, "top1": teacher_top1,
-              "train_s": round(t_train, 1), "precompute_s": round(t_pre, 1), "verify_s": round(t_verify, 1),
-              "verify": _verify_summary(verify)},
-              "students": runs, "total_s": round(total, 1), "load_average": list(os.getloadavg()), "steps": log}
+    result = {
+        "settings": asdict(s),
+        "recipe": RECIPE,
+        "teacher": {
+            "arch": s.teacher,
+            "top1": teacher_top1,
+            "train_s": round(t_train, 1),
+            "precompute_s": round(t_pre, 1),
+            "verify_s": round(t_verify, 1),
+            "verify": _verify_summary(verify),
+        },
+        "students": runs,
+        "total_s": round(total, 1),
+        "load_average": list(os.getloadavg()),
+        "steps": log,
+    }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.md").write_text(table + "\n")
     (Path(out) / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     from ._demo_plot import save_demo_plot
 
     png = save_demo_plot(result, Path(out) / "demo.png")
-    print(f"\ntable: {out}/demo.md, numbers: {out}/demo.json" + (f", picture: {png}" if png else "")
-          + f"; runs in {out}, store in {shards}; total {total:.0f} s (load average {os.getloadavg()[0]:.1f})")
+    print(
+        f"\ntable: {out}/demo.md, numbers: {out}/demo.json"
+        + (f", picture: {png}" if png else "")
+        + f"; runs in {out}, store in {shards}; total {total:.0f} s (load average {os.getloadavg()[0]:.1f})"
+    )
     return result
 
 
-def _table(s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t_pre: float, online: dict,
-           verify: dict) -> str:
+def _table(
+    s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t_pre: float, online: dict, verify: dict
+) -> str:
     n_test = runs[0]["test_images"]
-    lines = [f"Fashion-MNIST, first {s.limit} training images, {s.epochs} student epochs ({s.stored_epochs} stored "
-             f"epochs, cycled), recipe {RECIPE}; test top-1 and agreement with the teacher on the first {n_test} "
-             f"test images. Seconds: training only (sum of the epochs; start-up and evaluations not counted).",
-             "",
-             "| run | test top-1 | agreement with teacher | seconds | vs online KD |",
-             "| --- | --- | --- | --- | --- |",
-             f"| teacher {s.teacher}, CE, {s.teacher_epochs} epochs (once) | {teacher_top1:.4f} | - | "
-             f"{t_train:.0f} train + {t_pre:.0f} precompute | - |"]
+    lines = [
+        f"Fashion-MNIST, first {s.limit} training images, {s.epochs} student epochs ({s.stored_epochs} stored "
+        f"epochs, cycled), recipe {RECIPE}; test top-1 and agreement with the teacher on the first {n_test} "
+        f"test images. Seconds: training only (sum of the epochs; start-up and evaluations not counted).",
+        "",
+        "| run | test top-1 | agreement with teacher | seconds | vs online KD |",
+        "| --- | --- | --- | --- | --- |",
+        f"| teacher {s.teacher}, CE, {s.teacher_epochs} epochs (once) | {teacher_top1:.4f} | - | "
+        f"{t_train:.0f} train + {t_pre:.0f} precompute | - |",
+    ]
     for r in runs:
         ratio = f"{r['train_s'] / online['train_s']:.2f}x" if r["kind"] != "online" else "1x"
         lines.append(f"| {r['name']} | {r['top1']:.4f} | {r['agreement']:.4f} | {r['train_s']:.1f} | {ratio} |")
@@ -193,13 +299,17 @@ def _table(s: Settings, runs: list[dict], teacher_top1: float, t_train: float, t
     ce = next(r for r in runs if r["kind"] == "ce")
     best = max(cached, key=lambda r: r["top1"])
     verdict = ("beats" if best["top1"] > ce["top1"] else "does NOT beat") + " CE on labels"
-    lines += ["", f"Best student from the store ({best['loss'].upper()}): {best['top1']:.4f} top-1, {verdict} "
-              f"({ce['top1']:.4f}, {100 * (best['top1'] - ce['top1']):+.2f} points); every student from the store "
-              f"against CE: " + ", ".join(f"{r['loss'].upper()} {100 * (r['top1'] - ce['top1']):+.2f} points"
-                                         for r in cached) + ". "
-              f"Each student from the store costs {cached[0]['train_s']:.0f} s against {online['train_s']:.0f} s online "
-              f"(the teacher's {t_pre:.0f} s precompute is paid once, for all of them; the {t_train:.0f} s of its "
-              f"training are paid by online KD too).",
-              f"`kdlib verify`: top-1 agreement {verify.get('top1_agreement')} over {verify.get('views')} re-rendered "
-              f"stored views, max logit error {verify.get('max_logit_error') or 0:.2g}, ok: {verify.get('ok')}."]
+    lines += [
+        "",
+        f"Best student from the store ({best['loss'].upper()}): {best['top1']:.4f} top-1, {verdict} "
+        f"({ce['top1']:.4f}, {100 * (best['top1'] - ce['top1']):+.2f} points); every student from the store "
+        f"against CE: "
+        + ", ".join(f"{r['loss'].upper()} {100 * (r['top1'] - ce['top1']):+.2f} points" for r in cached)
+        + ". "
+        f"Each student from the store costs {cached[0]['train_s']:.0f} s against {online['train_s']:.0f} s online "
+        f"(the teacher's {t_pre:.0f} s precompute is paid once, for all of them; the {t_train:.0f} s of its "
+        f"training are paid by online KD too).",
+        f"`kdlib verify`: top-1 agreement {verify.get('top1_agreement')} over {verify.get('views')} re-rendered "
+        f"stored views, max logit error {verify.get('max_logit_error') or 0:.2g}, ok: {verify.get('ok')}.",
+    ]
     return "\n".join(lines)

@@ -15,22 +15,31 @@ import torch
 
 from .errors import ConfigError
 from .feed import Feed
-from .runtime import process_state
-from .teacher import load_teacher
-from .resolve import load_model, resolve_model
 from .plan import center_params
+from .precision import precision_context
 from .render import RENDERER
+from .resolve import load_model
+from .runtime import process_state
 from .source import open_source
 from .store import open_store
-from .precision import precision_context
+from .teacher import load_teacher
 from .views import Batch, FixedParams, ViewBatches, split_range
 
 __all__ = ["evaluate", "evaluate_model", "predict"]
 
 
-def predict(model: torch.nn.Module, source, size: int, center_fraction: float, batch_size: int = 512,
-            workers: int = 0, device: torch.device | None = None, accelerator: Any = None,
-            precision: str = "fp32", renderer: str = RENDERER) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module,
+    source,
+    size: int,
+    center_fraction: float,
+    batch_size: int = 512,
+    workers: int = 0,
+    device: torch.device | None = None,
+    accelerator: Any = None,
+    precision: str = "fp32",
+    renderer: str = RENDERER,
+) -> torch.Tensor:
     """float32 logits [N, C] of the model on every image's center view.
 
     With an `accelerator` of N processes, each rank predicts a contiguous share of the images on
@@ -56,10 +65,21 @@ def predict(model: torch.nn.Module, source, size: int, center_fraction: float, b
     return logits.cpu()
 
 
-def evaluate(model_spec: str, data: str | None = None, split: str = "test", limit: int | None = None,
-             shards: str | None = None, workers: int = 0, batch_size: int = 512, weights: str | None = None,
-             mean: str | None = None, std: str | None = None, class_map: str | None = None,
-             trust_code: bool = False, cpu: bool = False) -> dict[str, Any]:
+def evaluate(
+    model_spec: str,
+    data: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    shards: str | None = None,
+    workers: int = 0,
+    batch_size: int = 512,
+    weights: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    class_map: str | None = None,
+    trust_code: bool = False,
+    cpu: bool = False,
+) -> dict[str, Any]:
     """JSON-able metrics of a model (a run directory, or an arch / factory / pretrained name with
     `data`) on `data`'s `split`. A named model is fed at the size and center crop of its contract.
     It runs on the process state's device (a GPU when there is one, unless `cpu`)."""
@@ -78,8 +98,16 @@ def evaluate(model_spec: str, data: str | None = None, split: str = "test", limi
     recipe = cfg.get("recipe") or {}
     fraction = float(recipe.get("center_fraction", 1.0))
     if not Path(model_spec).is_dir():  # a named model is loaded as every teacher is
-        model = load_teacher(model_spec, source, device=device, weights=weights, mean=mean, std=std,
-                             class_map=class_map, trust_code=trust_code).model
+        model = load_teacher(
+            model_spec,
+            source,
+            device=device,
+            weights=weights,
+            mean=mean,
+            std=std,
+            class_map=class_map,
+            trust_code=trust_code,
+        ).model
         fraction = float(model.contract.crop_fraction or fraction)
     size = int(cfg.get("input_size") or model.contract.size or source.sizes()[0].min())
     model = model.to(device)
@@ -87,9 +115,16 @@ def evaluate(model_spec: str, data: str | None = None, split: str = "test", limi
     return {"model": str(model_spec), "data": data, "split": split, **result}
 
 
-def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: float = 1.0,
-                   shards: str | None = None, workers: int = 0, batch_size: int = 512,
-                   accelerator: Any = None) -> dict[str, Any]:
+def evaluate_model(
+    model: torch.nn.Module,
+    source,
+    size: int,
+    center_fraction: float = 1.0,
+    shards: str | None = None,
+    workers: int = 0,
+    batch_size: int = 512,
+    accelerator: Any = None,
+) -> dict[str, Any]:
     """top1/top5 on `source`'s center views; agreement when `shards` cached the teacher on this source.
 
     With an `accelerator`, every rank must call it: each predicts its share on its device."""
@@ -98,8 +133,9 @@ def evaluate_model(model: torch.nn.Module, source, size: int, center_fraction: f
     # with a store, the center views are rendered as its teacher's test predictions were, so that agreement
     # compares answers on the same pixels
     renderer = store.meta.rendered["renderer"] if store is not None else RENDERER
-    logits = predict(model, source, size, center_fraction, batch_size, workers, accelerator=accelerator,
-                     renderer=renderer)
+    logits = predict(
+        model, source, size, center_fraction, batch_size, workers, accelerator=accelerator, renderer=renderer
+    )
     model.train(was_training)
     labels = torch.from_numpy(source.labels())
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

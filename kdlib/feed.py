@@ -85,9 +85,15 @@ class Feed:
         self.data = data.staged(stage)
         self.render_device = render_device(render, device, workers)  # what a store records of its pixels
         self._finish = {"device": self._render_on_device, "pillow-main": self._render_with_pillow}.get(stage)
-        self.loader = DataLoader(self.data, batch_size=None, shuffle=False, num_workers=workers,
-                                 prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
-                                 persistent_workers=False)
+        self.loader = DataLoader(
+            self.data,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __len__(self) -> int:

@@ -22,15 +22,10 @@ features is easier to keep stable with Adam, and only the heads' quality depends
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,10 +46,20 @@ class HeadedClassifier(Classifier):
     def __init__(self, base: Classifier, layers: Sequence[str], input_size: int) -> None:
         cfg = base.config
         if base.class_index is not None:  # heads answer over the net's classes: a mapped teacher would mix two sets
-            raise ModelError(f"{cfg['arch']}: DIH heads cannot be mounted on a teacher mapped onto other classes "
-                             "(--class-map); fit them on a teacher whose classes are the data's")
-        super().__init__(base.net, arch=cfg["arch"], num_classes=cfg["num_classes"], in_channels=cfg["in_channels"],
-                         mean=cfg["mean"], std=cfg["std"], net_channels=cfg["net_channels"], contract=base.contract)
+            raise ModelError(
+                f"{cfg['arch']}: DIH heads cannot be mounted on a teacher mapped onto other classes "
+                "(--class-map); fit them on a teacher whose classes are the data's"
+            )
+        super().__init__(
+            base.net,
+            arch=cfg["arch"],
+            num_classes=cfg["num_classes"],
+            in_channels=cfg["in_channels"],
+            mean=cfg["mean"],
+            std=cfg["std"],
+            net_channels=cfg["net_channels"],
+            contract=base.contract,
+        )
         self.classes = getattr(base, "classes", None)
         self.mean.copy_(base.mean)
         self.std.copy_(base.std)
@@ -68,8 +73,9 @@ class HeadedClassifier(Classifier):
         was_training = base.training
         self.eval()
         with torch.no_grad():  # one dry forward at the fitted size tells each head its input width
-            probe = torch.zeros(1, self.in_channels, self.input_size, self.input_size, dtype=torch.uint8,
-                                device=self.mean.device)
+            probe = torch.zeros(
+                1, self.in_channels, self.input_size, self.input_size, dtype=torch.uint8, device=self.mean.device
+            )
             Classifier.forward(self, probe)
             widths = [int(t[0].numel()) for t in self._taps.outputs]
         self._taps.clear()
@@ -84,8 +90,10 @@ class HeadedClassifier(Classifier):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(main logits, the head layers' feature maps) of one forward of the backbone."""
         if x.dim() == 4 and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            raise ModelError(f"{self.arch} with heads: the heads were fitted on {self.input_size}x{self.input_size} "
-                             f"views (a flattened feature map fixes the size), got {x.shape[-2]}x{x.shape[-1]}")
+            raise ModelError(
+                f"{self.arch} with heads: the heads were fitted on {self.input_size}x{self.input_size} "
+                f"views (a flattened feature map fixes the size), got {x.shape[-2]}x{x.shape[-1]}"
+            )
         self._taps.clear()
         try:
             logits = Classifier.forward(self, x)
@@ -109,6 +117,7 @@ class HeadedClassifier(Classifier):
 
 
 def head_names(model: HeadedClassifier) -> list[str]:
+    """The layers `model`'s heads sit on, shallow to deep."""
     return list(model.head_layers)
 
 
@@ -118,8 +127,10 @@ def attach_heads(base: Classifier, layers: Sequence[str] | None, input_size: int
         raise ModelError(f"{base.arch} already has heads on {base.head_layers}; start from the plain teacher")
     layers = list(layers) if layers else stage_layers(base)
     if not layers:
-        raise ModelError(f"{base.arch}: kdlib does not know its stages; name the head layers with --head-layers "
-                         "(submodule paths of the net)")
+        raise ModelError(
+            f"{base.arch}: kdlib does not know its stages; name the head layers with --head-layers "
+            "(submodule paths of the net)"
+        )
     return HeadedClassifier(base, layers, input_size)
 
 
@@ -133,10 +144,15 @@ def load_headed_run(path: str | Path, cfg: Mapping[str, Any]) -> HeadedClassifie
     """The HeadedClassifier of a run dir whose config.json has a `heads` entry (`kdlib.resolve` calls it)."""
     path = Path(path)
     spec = cfg.get(HEADS_KEY)
-    if (not isinstance(spec, Mapping) or not isinstance(spec.get("layers"), list)
-            or not all(isinstance(s, str) for s in spec["layers"]) or not isinstance(spec.get("input_size"), int)):
-        raise ModelError(f"{path / 'config.json'}: 'heads' must be {{'layers': [str, ...], 'input_size': int, ...}}; "
-                         f"got {spec!r}")
+    if (
+        not isinstance(spec, Mapping)
+        or not isinstance(spec.get("layers"), list)
+        or not all(isinstance(s, str) for s in spec["layers"])
+        or not isinstance(spec.get("input_size"), int)
+    ):
+        raise ModelError(
+            f"{path / 'config.json'}: 'heads' must be {{'layers': [str, ...], 'input_size': int, ...}}; got {spec!r}"
+        )
     base = build_model(cfg["arch"], cfg["num_classes"], cfg["in_channels"], cfg["mean"], cfg["std"])
     model = HeadedClassifier(base, spec["layers"], spec["input_size"])
     w_path = path / WEIGHTS_NAME
@@ -144,5 +160,7 @@ def load_headed_run(path: str | Path, cfg: Mapping[str, Any]) -> HeadedClassifie
     if spec.get("backbone_digest") and backbone_digest(model) != spec["backbone_digest"]:
         raise ModelError(f"{w_path}: backbone weights differ from the backbone_digest in config.json")
     classes = cfg.get("classes")  # so that a folder in another order is mapped by name, not by position
-    model.classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes else None
+    model.classes = (
+        [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes else None
+    )
     return model

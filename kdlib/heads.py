@@ -10,7 +10,6 @@ with Adam, and only the heads' quality depends on it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ __all__ = ["HeadsConfig", "fit_heads"]
 
 @dataclass
 class HeadsConfig:
+    """Everything `kdlib heads` takes (see `kdlib heads -h`)."""
+
     teacher: str
     data: str
     out: str
@@ -59,8 +60,9 @@ class HeadsConfig:
 def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
     """Fit heads on a frozen teacher over the recipe's views; save the headed run dir to `cfg.out`."""
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise ConfigError(f"heads: epochs, batch size and lr must be positive, got {cfg.epochs}, {cfg.batch_size}, "
-                          f"{cfg.lr}")
+        raise ConfigError(
+            f"heads: epochs, batch size and lr must be positive, got {cfg.epochs}, {cfg.batch_size}, {cfg.lr}"
+        )
     state = process_state(cfg.cpu)
     device = state.device
     source = open_source(cfg.data, "train", cfg.limit)
@@ -93,8 +95,9 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
             with torch.no_grad():
                 _, feats = model.features(item["views"])
             logits = model.head_logits([f.float() for f in feats])
-            target = mixed_label_targets(item["label"].to(device), item["partner_label"].to(device),
-                                         item["lam"].to(device), model.num_classes)
+            target = mixed_label_targets(
+                item["label"].to(device), item["partner_label"].to(device), item["lam"].to(device), model.num_classes
+            )
             loss = sum(soft_cross_entropy(z, target) for z in logits)  # the reference: the sum of the heads' CE
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,15 +108,25 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
             correct += torch.stack([(z.argmax(1) == own).sum() for z in logits])
             seen += len(target)
         correct_np = correct.cpu().numpy().astype(np.float64)
-        log.append({"epoch": epoch, "loss": float(loss_sum) / max(seen, 1),
-                    "train_top1": dict(zip(model.head_layers, (correct_np / max(seen, 1)).round(6).tolist()))})
+        log.append(
+            {
+                "epoch": epoch,
+                "loss": float(loss_sum) / max(seen, 1),
+                "train_top1": dict(zip(model.head_layers, (correct_np / max(seen, 1)).round(6).tolist())),
+            }
+        )
         state.print(f"heads epoch {epoch}: loss {log[-1]['loss']:.4f}, train top-1 per head {log[-1]['train_top1']}")
 
     after = backbone_digest(model)
     if after != before:  # a bug, never the user's fault: refuse to save a teacher that moved
         raise RuntimeError(f"the backbone changed while fitting heads ({before[:12]} -> {after[:12]})")
-    result: dict[str, Any] = {"out": str(cfg.out), "backbone_digest": before, "layers": list(model.head_layers),
-                              "epochs": log, "seconds": round(time.time() - t0, 3)}
+    result: dict[str, Any] = {
+        "out": str(cfg.out),
+        "backbone_digest": before,
+        "layers": list(model.head_layers),
+        "epochs": log,
+        "seconds": round(time.time() - t0, 3),
+    }
     if cfg.eval:
         try:
             test = open_source(cfg.data, "test", cfg.limit)
@@ -121,19 +134,28 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
             state.print(f"note: no test split for {cfg.data} ({exc}); heads are not evaluated")
         else:
             params = center_params(test.sizes(), np.arange(len(test)), recipe.center_fraction)
-            data = ViewBatches(test, [Batch(0, a, b) for a, b in split_range(0, len(test), batch)], recipe.size, 1,
-                               FixedParams(params))
+            data = ViewBatches(
+                test, [Batch(0, a, b) for a, b in split_range(0, len(test), batch)], recipe.size, 1, FixedParams(params)
+            )
             hits, labels = np.zeros(1 + model.num_heads), test.labels()
             with torch.inference_mode():
                 for item in Feed(data, device, cfg.workers):
                     cohort = model.cohort_logits(item["views"]).argmax(-1).cpu()
-                    y = torch.from_numpy(labels[item["start"]:item["stop"]].astype(np.int64))
+                    y = torch.from_numpy(labels[item["start"] : item["stop"]].astype(np.int64))
                     hits += (cohort == y[:, None]).float().sum(0).numpy()
             result["test_top1"] = dict(zip(["main", *model.head_layers], (hits / len(test)).round(6).tolist()))
             state.print(f"test top-1: {result['test_top1']}")
-    extra = {HEADS_KEY: {"layers": list(model.head_layers), "input_size": recipe.size, "backbone_digest": before,
-                         "fit": {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "cpu")}},
-             "input_size": recipe.size, "recipe": recipe.to_dict(), "classes": list(source.classes)}
+    extra = {
+        HEADS_KEY: {
+            "layers": list(model.head_layers),
+            "input_size": recipe.size,
+            "backbone_digest": before,
+            "fit": {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "cpu")},
+        },
+        "input_size": recipe.size,
+        "recipe": recipe.to_dict(),
+        "classes": list(source.classes),
+    }
     model.cpu()
     save_model(model, cfg.out, extra=extra)
     Path(cfg.out, "heads.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -75,12 +75,12 @@ class _LabelStats:
         self.tail_max = max(self.tail_max, float(tm.max()))
         block = max(1, _BLOCK_ELEMS // self.c)
         for a in range(0, n, block):
-            dense = reconstruct(ids_t[a:a + block], logits_t[a:a + block], lse_t[a:a + block], self.c)
+            dense = reconstruct(ids_t[a : a + block], logits_t[a : a + block], lse_t[a : a + block], self.c)
             log_p = torch.log_softmax(dense, dim=-1)
             p = log_p.exp()
             self.entropy_sum += float(-(p * log_p).sum(-1).double().sum())
             self.top1_prob_sum += float(p.max(-1).values.double().sum())
-        self.counts += np.bincount(ids[:, 0].astype(np.int64), minlength=self.c)[:self.c]
+        self.counts += np.bincount(ids[:, 0].astype(np.int64), minlength=self.c)[: self.c]
         self.n += n
 
     def summary(self, classes: list[str] | None) -> dict[str, Any]:
@@ -127,23 +127,42 @@ def _classes(meta_source: dict[str, Any], num_classes: int) -> list[str] | None:
 def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
     m, c = r.get("images_per_group", 1), r.get("crops_per_image", 1)
     crop = r.get("crop")
-    crop_text = f"{crop} (scale {r.get('scale')}, ratio {[round(x, 3) for x in r.get('ratio', [])]})" \
-        if crop == "inception" else f"{crop} (fraction {r.get('center_fraction')})"
+    crop_text = (
+        f"{crop} (scale {r.get('scale')}, ratio {[round(x, 3) for x in r.get('ratio', [])]})"
+        if crop == "inception"
+        else f"{crop} (fraction {r.get('center_fraction')})"
+    )
     mix = r.get("mix", "none")
-    mix_text = "none" if mix == "none" else (f"{mix} (p={r.get('mix_prob')}, lambda {r.get('lam')}"
-                                             f"{'' if r.get('lam') == 'uniform' else ', alpha=' + str(r.get('alpha'))})")
+    mix_text = (
+        "none"
+        if mix == "none"
+        else (
+            f"{mix} (p={r.get('mix_prob')}, lambda {r.get('lam')}"
+            f"{'' if r.get('lam') == 'uniform' else ', alpha=' + str(r.get('alpha'))})"
+        )
+    )
     return {
-        "name": r.get("name"), "size": r.get("size"), "crop": crop, "scale": r.get("scale"),
-        "ratio": r.get("ratio"), "center_fraction": r.get("center_fraction"), "flip": r.get("flip"),
-        "mix": mix, "mix_prob": r.get("mix_prob"), "lam": r.get("lam"), "alpha": r.get("alpha"),
-        "group": [m, c], "seed": r.get("seed"),
+        "name": r.get("name"),
+        "size": r.get("size"),
+        "crop": crop,
+        "scale": r.get("scale"),
+        "ratio": r.get("ratio"),
+        "center_fraction": r.get("center_fraction"),
+        "flip": r.get("flip"),
+        "mix": mix,
+        "mix_prob": r.get("mix_prob"),
+        "lam": r.get("lam"),
+        "alpha": r.get("alpha"),
+        "group": [m, c],
+        "seed": r.get("seed"),
         "summary": f"{r.get('size')}px, crop {crop_text}, flip {'on' if r.get('flip') else 'off'}, mix {mix_text}, "
-                   f"groups of {m} images x {c} crop{'s' if c != 1 else ''}, seed {r.get('seed')}",
+        f"groups of {m} images x {c} crop{'s' if c != 1 else ''}, seed {r.get('seed')}",
     }
 
 
-def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: float = 0.5,
-                  max_chunks: int | None = None) -> dict:
+def inspect_store(
+    url: str, temperature: float = 1.0, loss: str = "kl", gamma: float = 0.5, max_chunks: int | None = None
+) -> dict:
     """A JSON-able report on the store at `url` (see the module docstring).
 
     Label statistics and the truncation measurement read every chunk of every done epoch, or the
@@ -164,17 +183,25 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
     done = store.committed_chunks(meta.epochs_done)  # chunks of the first epoch that is not done
     if done:
         partial = {"epoch": meta.epochs_done, "committed_chunks": len(done), "of": meta.chunks_per_epoch}
-        notes.append(f"epoch {meta.epochs_done} is partly written ({len(done)} of {meta.chunks_per_epoch} "
-                     f"chunks committed; rerun precompute to finish it); its bytes count in bytes_on_disk "
-                     f"but not its views")
+        notes.append(
+            f"epoch {meta.epochs_done} is partly written ({len(done)} of {meta.chunks_per_epoch} "
+            f"chunks committed; rerun precompute to finish it); its bytes count in bytes_on_disk "
+            f"but not its views"
+        )
     if meta.epochs_done == 0:
         notes.append("no epoch is complete yet: nothing to measure (run or finish `kdlib precompute`)")
     on_disk = {k: int(v) for k, v in sorted(store.bytes_on_disk().items())}
     # bytes per column family, as the codecs define the families (params, labels, heads, attention, extra kinds)
-    kinds = {codec.name: sum(on_disk.get(name, 0) for name in codec.fields(meta))
-             for codec in [*active_codecs(meta), *([SAMPLE] if SAMPLE.active(meta) else [])]}
-    groups = {"params": kinds["params"], "labels": kinds["labels"], "sample": kinds.get("sample", 0),
-              "total": sum(on_disk.values())}
+    kinds = {
+        codec.name: sum(on_disk.get(name, 0) for name in codec.fields(meta))
+        for codec in [*active_codecs(meta), *([SAMPLE] if SAMPLE.active(meta) else [])]
+    }
+    groups = {
+        "params": kinds["params"],
+        "labels": kinds["labels"],
+        "sample": kinds.get("sample", 0),
+        "total": sum(on_disk.values()),
+    }
     per_view = {k: (v / total_views if total_views else None) for k, v in groups.items()}
 
     classes = _classes(meta.source, meta.num_classes)
@@ -183,20 +210,32 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         "format": meta.backend,
         "version": meta.format_version,
         "kdlib_version": meta.kdlib_version,
-        "teacher": {"id": meta.teacher.get("id"), "arch": meta.teacher.get("arch"),
-                    "digest": meta.teacher.get("digest"), "precision": meta.precision},
+        "teacher": {
+            "id": meta.teacher.get("id"),
+            "arch": meta.teacher.get("arch"),
+            "digest": meta.teacher.get("digest"),
+            "precision": meta.precision,
+        },
         "rendered": {k: meta.rendered[k] for k in ("device", "decoder", "renderer")},
-        "source": {"name": meta.source.get("name"), "data": meta.source.get("data"),
-                   "limit": meta.source.get("limit"), "images": meta.source.get("num_images"),
-                   "fingerprint": meta.source.get("fingerprint")},
+        "source": {
+            "name": meta.source.get("name"),
+            "data": meta.source.get("data"),
+            "limit": meta.source.get("limit"),
+            "images": meta.source.get("num_images"),
+            "fingerprint": meta.source.get("fingerprint"),
+        },
         "recipe": _recipe_summary(meta.recipe),
         "num_classes": meta.num_classes,
         "k": meta.k,
         "id_dtype": meta.id_dtype,
         "epochs": meta.epochs_done,
         "views": {"per_epoch": meta.views_per_epoch, "total": total_views, "group_size": meta.group_size},
-        "chunks": {"chunk_views": meta.chunk_views, "chunks_per_epoch": meta.chunks_per_epoch,
-                   "sample_views_per_chunk": meta.sample_views, "partial_epoch": partial},
+        "chunks": {
+            "chunk_views": meta.chunk_views,
+            "chunks_per_epoch": meta.chunks_per_epoch,
+            "sample_views_per_chunk": meta.sample_views,
+            "partial_epoch": partial,
+        },
         "bytes_on_disk": {"columns": on_disk, **groups},
         "bytes_per_view": per_view,
         "bytes_per_view_by_kind": {k: (v / total_views if total_views else None) for k, v in kinds.items()},
@@ -224,15 +263,22 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
                 continue
             s = len(full)  # the sample rows are the chunk's first views
             full_t = torch.from_numpy(np.ascontiguousarray(full)).float()
-            recon = reconstruct(torch.from_numpy(cols["ids"][:s].astype(np.int64)),
-                                torch.from_numpy(np.ascontiguousarray(cols["logits"][:s])),
-                                torch.from_numpy(np.ascontiguousarray(cols["lse"][:s])), meta.num_classes)
+            recon = reconstruct(
+                torch.from_numpy(cols["ids"][:s].astype(np.int64)),
+                torch.from_numpy(np.ascontiguousarray(cols["logits"][:s])),
+                torch.from_numpy(np.ascontiguousarray(cols["lse"][:s])),
+                meta.num_classes,
+            )
             trunc.add(losses.target_error(full_t, recon, "kl", temperature=1.0), s)
             target.add(losses.target_error(full_t, recon, loss, **params), s)
     report["digest"] = digest.hexdigest()
     report.update(extras.summary(on_disk, total_views))  # per DIH head and per attention map (issue 13)
-    report["labels"] = {**stats.summary(classes), "epochs": meta.epochs_done, "chunks_per_epoch_read": per_epoch,
-                        "complete": per_epoch == meta.chunks_per_epoch}
+    report["labels"] = {
+        **stats.summary(classes),
+        "epochs": meta.epochs_done,
+        "chunks_per_epoch_read": per_epoch,
+        "complete": per_epoch == meta.chunks_per_epoch,
+    }
     if meta.sample_views == 0:
         report["truncation"] = None
         notes.append(NO_SAMPLE)
@@ -242,12 +288,15 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         t1 = trunc.summary()
         report["truncation"] = {
             "sample_views": trunc.n,
-            "kl_mean": t1["kl_mean"], "kl_max": t1["kl_max"], "max_abs_prob_error": t1["max_abs_prob_error"],
+            "kl_mean": t1["kl_mean"],
+            "kl_max": t1["kl_max"],
+            "max_abs_prob_error": t1["max_abs_prob_error"],
             "target_error": target.summary(),
         }
     if meta.k == meta.num_classes:
-        notes.append(f"k = {meta.k} = classes: the soft labels hold every logit (fp16); the tail mass is fp16 "
-                     f"rounding only")
+        notes.append(
+            f"k = {meta.k} = classes: the soft labels hold every logit (fp16); the tail mass is fp16 rounding only"
+        )
 
     # -- teacher predictions on the test split --------------------------------------------
     test = store.read_test()
@@ -258,9 +307,15 @@ def inspect_store(url: str, temperature: float = 1.0, loss: str = "kl", gamma: f
         ts = _LabelStats(meta.num_classes)
         ts.add(test["ids"], test["logits"], test["lse"])
         src = (meta.test or {}).get("source", {})
-        report["test"] = {"source": {"name": src.get("name"), "split": src.get("split"),
-                                     "images": src.get("num_images"), "fingerprint": src.get("fingerprint")},
-                          **ts.summary(classes)}
+        report["test"] = {
+            "source": {
+                "name": src.get("name"),
+                "split": src.get("split"),
+                "images": src.get("num_images"),
+                "fingerprint": src.get("fingerprint"),
+            },
+            **ts.summary(classes),
+        }
     report["notes"] = notes
     return report
 
@@ -287,38 +342,75 @@ class _ExtrasStats:
 
     def summary(self, on_disk: dict[str, int], total_views: int) -> dict[str, Any]:
         def per_view(prefix: str) -> float | None:
-            b = sum(v for k, v in on_disk.items() if k.startswith(prefix) and (k[len(prefix):len(prefix) + 1] in ("_", "")))
+            b = sum(
+                v
+                for k, v in on_disk.items()
+                if k.startswith(prefix) and (k[len(prefix) : len(prefix) + 1] in ("_", ""))
+            )
             return b / total_views if total_views else None
 
         n = max(self.n, 1)
         heads = []
         for j, (layer, st) in enumerate(zip(self.meta.heads, self.heads), 1):
             s = st.summary(None)
-            heads.append({"head": j, "layer": layer, "bytes_per_view": per_view(f"h{j}"),
-                          "tail_mass_mean": s["tail_mass_mean"], "tail_mass_max": s["tail_mass_max"],
-                          "entropy_mean": s["entropy_mean"], "top1_prob_mean": s["top1_prob_mean"],
-                          "top1_agreement_with_main": self.agree[j - 1] / n if self.n else None})
+            heads.append(
+                {
+                    "head": j,
+                    "layer": layer,
+                    "bytes_per_view": per_view(f"h{j}"),
+                    "tail_mass_mean": s["tail_mass_mean"],
+                    "tail_mass_max": s["tail_mass_max"],
+                    "entropy_mean": s["entropy_mean"],
+                    "top1_prob_mean": s["top1_prob_mean"],
+                    "top1_agreement_with_main": self.agree[j - 1] / n if self.n else None,
+                }
+            )
         att = self.meta.attention
-        maps = [] if not att else [
-            {"map": i, "layer": layer, "grid": att["grid"], "codec": att["codec"], "bytes_per_view": per_view(f"at{i}"),
-             "peak_mean": self.map_peak[i - 1] / n if self.n else None}
-            for i, layer in enumerate(att["layers"], 1)]
+        maps = (
+            []
+            if not att
+            else [
+                {
+                    "map": i,
+                    "layer": layer,
+                    "grid": att["grid"],
+                    "codec": att["codec"],
+                    "bytes_per_view": per_view(f"at{i}"),
+                    "peak_mean": self.map_peak[i - 1] / n if self.n else None,
+                }
+                for i, layer in enumerate(att["layers"], 1)
+            ]
+        )
         return {"heads": heads, "attention": maps}
 
 
 def _extras_text(r: dict) -> list[str]:
     out: list[str] = []
     if r.get("heads"):
-        out += _section(f"DIH heads ({len(r['heads'])}, one label set each, k = {r['k']})", [
-            (f"head {h['head']} {h['layer']}", f"{_f(h['bytes_per_view'], '.2f')} B/view, tail mass mean "
-                                               f"{_f(h['tail_mass_mean'])} (max {_f(h['tail_mass_max'])}), entropy "
-                                               f"{_f(h['entropy_mean'])}, top-1 = main's on {_f(h['top1_agreement_with_main'])}")
-            for h in r["heads"]])
+        out += _section(
+            f"DIH heads ({len(r['heads'])}, one label set each, k = {r['k']})",
+            [
+                (
+                    f"head {h['head']} {h['layer']}",
+                    f"{_f(h['bytes_per_view'], '.2f')} B/view, tail mass mean "
+                    f"{_f(h['tail_mass_mean'])} (max {_f(h['tail_mass_max'])}), entropy "
+                    f"{_f(h['entropy_mean'])}, top-1 = main's on {_f(h['top1_agreement_with_main'])}",
+                )
+                for h in r["heads"]
+            ],
+        )
     if r.get("attention"):
-        out += _section("attention maps", [
-            (f"map {m['map']} {m['layer']}", f"{_f(m['bytes_per_view'], '.2f')} B/view ({m['grid']}x{m['grid']} "
-                                             f"{m['codec']}), mean peak {_f(m['peak_mean'])}")
-            for m in r["attention"]])
+        out += _section(
+            "attention maps",
+            [
+                (
+                    f"map {m['map']} {m['layer']}",
+                    f"{_f(m['bytes_per_view'], '.2f')} B/view ({m['grid']}x{m['grid']} "
+                    f"{m['codec']}), mean peak {_f(m['peak_mean'])}",
+                )
+                for m in r["attention"]
+            ],
+        )
     return out
 
 
@@ -343,7 +435,9 @@ def _histogram(hist: dict[str, Any], total: int, top: int = 20) -> list[str]:
     lines = []
     for i, name in zip(shown, names):
         frac = counts[i] / total if total else 0.0
-        lines.append(f"  {name.ljust(width)}  {counts[i]:>9d}  {100 * frac:5.1f}%  {'#' * round(30 * counts[i] / biggest)}".rstrip())
+        lines.append(
+            f"  {name.ljust(width)}  {counts[i]:>9d}  {100 * frac:5.1f}%  {'#' * round(30 * counts[i] / biggest)}".rstrip()
+        )
     if len(shown) < len(counts):
         never = sum(1 for c in counts if c == 0)
         lines.append(f"  ... {len(counts) - len(shown)} more classes ({never} never top-1)")
@@ -354,69 +448,113 @@ def format_report(report: dict) -> str:
     """Human-readable text of an `inspect_store` report."""
     r = report
     out: list[str] = [f"kdlib store {r['url']}", ""]
-    out += _section("format", [
-        ("backend", str(r["format"])),
-        ("version", f"{r['version']}" + (f" (written by kdlib {r['kdlib_version']})" if r.get("kdlib_version") else "")),
-        ("digest", str(r["digest"])),
-        ("render", "{device}, decoder {decoder}, {renderer}".format(**r["rendered"])
-         + f"; teacher in {r['teacher']['precision']}"),
-    ])
+    out += _section(
+        "format",
+        [
+            ("backend", str(r["format"])),
+            (
+                "version",
+                f"{r['version']}" + (f" (written by kdlib {r['kdlib_version']})" if r.get("kdlib_version") else ""),
+            ),
+            ("digest", str(r["digest"])),
+            (
+                "render",
+                "{device}, decoder {decoder}, {renderer}".format(**r["rendered"])
+                + f"; teacher in {r['teacher']['precision']}",
+            ),
+        ],
+    )
     t, s = r["teacher"], r["source"]
-    out += _section("teacher / source", [
-        ("teacher", f"{t['id']} (arch {t['arch']}, weights sha256 {str(t['digest'])[:16]})"),
-        ("source", f"{s['name']} (data {s['data']}, limit {s['limit']}, {s['images']} images)"),
-        ("fingerprint", str(s["fingerprint"])),
-        ("recipe", f"{r['recipe']['name']}: {r['recipe']['summary']}"),
-    ])
+    out += _section(
+        "teacher / source",
+        [
+            ("teacher", f"{t['id']} (arch {t['arch']}, weights sha256 {str(t['digest'])[:16]})"),
+            ("source", f"{s['name']} (data {s['data']}, limit {s['limit']}, {s['images']} images)"),
+            ("fingerprint", str(s["fingerprint"])),
+            ("recipe", f"{r['recipe']['name']}: {r['recipe']['summary']}"),
+        ],
+    )
     v, c = r["views"], r["chunks"]
     layout = [
         ("epochs done", str(r["epochs"])),
         ("views", f"{v['per_epoch']} per epoch, {v['total']} in all (groups of {v['group_size']})"),
         ("classes / k", f"{r['num_classes']} / {r['k']} (ids {r['id_dtype']})"),
-        ("chunks", f"{c['chunks_per_epoch']} per epoch of {c['chunk_views']} views; "
-                   f"full logits kept for the first {c['sample_views_per_chunk']} views of each"),
+        (
+            "chunks",
+            f"{c['chunks_per_epoch']} per epoch of {c['chunk_views']} views; "
+            f"full logits kept for the first {c['sample_views_per_chunk']} views of each",
+        ),
     ]
     if c.get("partial_epoch"):
         p = c["partial_epoch"]
         layout.append(("partial epoch", f"epoch {p['epoch']}: {p['committed_chunks']} of {p['of']} chunks committed"))
     out += _section("layout", layout)
     b, bv = r["bytes_on_disk"], r["bytes_per_view"]
-    others = [(f"{kind} (column kind)", f"{_f(v, '.2f'):>8} B/view")
-              for kind, v in r["bytes_per_view_by_kind"].items() if kind not in ("params", "labels", "sample")]
-    out += _section("size on disk", [
-        (name, f"{_f(bv[name], '.2f'):>8} B/view  {b[name]:>12d} B")
-        for name in ("params", "labels", "sample", "total")
-    ] + others + [("dense fp16", f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, "
-                        f"for comparison)")])
+    others = [
+        (f"{kind} (column kind)", f"{_f(v, '.2f'):>8} B/view")
+        for kind, v in r["bytes_per_view_by_kind"].items()
+        if kind not in ("params", "labels", "sample")
+    ]
+    out += _section(
+        "size on disk",
+        [
+            (name, f"{_f(bv[name], '.2f'):>8} B/view  {b[name]:>12d} B")
+            for name in ("params", "labels", "sample", "total")
+        ]
+        + others
+        + [
+            (
+                "dense fp16",
+                f"{float(r['dense_fp16_bytes_per_view']):8.2f} B/view  (all {r['num_classes']} logits, for comparison)",
+            )
+        ],
+    )
     lab = r["labels"]
     scope = "all chunks" if lab["complete"] else f"first {lab['chunks_per_epoch_read']} chunks per epoch"
-    out += _section(f"soft labels ({lab['views']} views, {scope})", [
-        ("tail mass beyond top-k", f"mean {_f(lab['tail_mass_mean'])}, max {_f(lab['tail_mass_max'])}"),
-        ("entropy (nats)", f"mean {_f(lab['entropy_mean'])} (uniform: {math.log(r['num_classes']):.4g})"),
-        ("top-1 probability", f"mean {_f(lab['top1_prob_mean'])}"),
-    ])
+    out += _section(
+        f"soft labels ({lab['views']} views, {scope})",
+        [
+            ("tail mass beyond top-k", f"mean {_f(lab['tail_mass_mean'])}, max {_f(lab['tail_mass_max'])}"),
+            ("entropy (nats)", f"mean {_f(lab['entropy_mean'])} (uniform: {math.log(r['num_classes']):.4g})"),
+            ("top-1 probability", f"mean {_f(lab['top1_prob_mean'])}"),
+        ],
+    )
     out += ["teacher top-1 histogram"] + _histogram(lab["top1_histogram"], lab["views"]) + [""]
     tr = r.get("truncation")
     if tr is None:
-        out += _section("truncation (top-k vs full logits)", [("sample", NO_SAMPLE if NO_SAMPLE in r["notes"]
-                                                                else "nothing measured")])
+        out += _section(
+            "truncation (top-k vs full logits)",
+            [("sample", NO_SAMPLE if NO_SAMPLE in r["notes"] else "nothing measured")],
+        )
     else:
         te = tr["target_error"]
         setting = ", ".join(f"{k}={v:g}" for k, v in te["params"].items() if k in ("temperature", "gamma"))
-        out += _section(f"truncation (top-k vs full logits, {tr['sample_views']} sample views)", [
-            ("KL(full||stored) T=1", f"mean {_f(tr['kl_mean'])}, max {_f(tr['kl_max'])}, "
-                                     f"max |prob error| {_f(tr['max_abs_prob_error'])}"),
-            (f"{te['loss']} target ({setting})", f"KL mean {_f(te['kl_mean'])}, in loss units {_f(te['kl_mean_scaled'])}, "
-                                                f"max {_f(te['kl_max'])}, max |prob error| {_f(te['max_abs_prob_error'])}"),
-        ])
+        out += _section(
+            f"truncation (top-k vs full logits, {tr['sample_views']} sample views)",
+            [
+                (
+                    "KL(full||stored) T=1",
+                    f"mean {_f(tr['kl_mean'])}, max {_f(tr['kl_max'])}, "
+                    f"max |prob error| {_f(tr['max_abs_prob_error'])}",
+                ),
+                (
+                    f"{te['loss']} target ({setting})",
+                    f"KL mean {_f(te['kl_mean'])}, in loss units {_f(te['kl_mean_scaled'])}, "
+                    f"max {_f(te['kl_max'])}, max |prob error| {_f(te['max_abs_prob_error'])}",
+                ),
+            ],
+        )
     out += _extras_text(r)
     ts = r.get("test")
     if ts is not None:
         src = ts["source"]
-        out += _section("test-split predictions", [
-            ("views", f"{ts['views']} ({src['name']} {src['split']}, {src['images']} images)"),
-            ("tail mass / entropy", f"mean {_f(ts['tail_mass_mean'])} / {_f(ts['entropy_mean'])} nats"),
-        ])
+        out += _section(
+            "test-split predictions",
+            [
+                ("views", f"{ts['views']} ({src['name']} {src['split']}, {src['images']} images)"),
+                ("tail mass / entropy", f"mean {_f(ts['tail_mass_mean'])} / {_f(ts['entropy_mean'])} nats"),
+            ],
+        )
     if r.get("notes"):
         out += ["notes"] + [f"  - {n}" for n in r["notes"]] + [""]
     return "\n".join(out).rstrip() + "\n"

@@ -17,7 +17,8 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +71,9 @@ def _ttm_rows(student: Tensor, teacher: Tensor, gamma: float) -> tuple[Tensor, T
     """Per-row TTM KL and log U_gamma(p_t) = log sum_c p_t,c^gamma."""
     g = float(gamma)
     log_pt = F.log_softmax(teacher.float(), dim=-1)
-    log_power = g * log_pt                               # log p_t^gamma (unnormalised)
-    log_u = torch.logsumexp(log_power, dim=-1)           # log U_gamma(p_t), the normaliser
-    log_target = log_power - log_u.unsqueeze(-1)         # == log_softmax(gamma * teacher)
+    log_power = g * log_pt  # log p_t^gamma (unnormalised)
+    log_u = torch.logsumexp(log_power, dim=-1)  # log U_gamma(p_t), the normaliser
+    log_target = log_power - log_u.unsqueeze(-1)  # == log_softmax(gamma * teacher)
     log_ps = F.log_softmax(student.float(), dim=-1)
     return _kl_rows(log_target, log_ps), log_u
 
@@ -109,9 +110,7 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
-def dist(
-    student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0
-) -> Tensor:
+def dist(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> Tensor:
     """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
 
     With ``Y_s = softmax(student/T)``, ``Y_t = softmax(teacher/T)`` (``[B, C]``) and
@@ -251,8 +250,13 @@ def target_error(teacher_full: Tensor, teacher_reconstructed: Tensor, loss_name:
 DIH_ALPHA, DIH_TEMPERATURE = 0.1, 5.0  # the reference's defaults
 
 
-def dih(student: Tensor, cohort: Tensor | list[Tensor], target: Tensor, alpha: float = DIH_ALPHA,
-        temperature: float = DIH_TEMPERATURE) -> Tensor:
+def dih(
+    student: Tensor,
+    cohort: Tensor | list[Tensor],
+    target: Tensor,
+    alpha: float = DIH_ALPHA,
+    temperature: float = DIH_TEMPERATURE,
+) -> Tensor:
     """Distillation via intermediate heads (Asadian & Salehi-Abari, arXiv 2103.00497), as its reference code.
 
     ``sum_j [alpha * T^2 * KL(softmax(t_j/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)]`` over the cohort
@@ -308,8 +312,9 @@ def target_loss(loss: str, settings: dict[str, float]) -> tuple[str, dict[str, f
     return loss, dict(settings)
 
 
-def training_loss(loss: str, settings: dict[str, float], num_classes: int,
-                  ce_weight: float = 0.0) -> Callable[[Tensor, Tensor | None, dict[str, Any]], Tensor]:
+def training_loss(
+    loss: str, settings: dict[str, float], num_classes: int, ce_weight: float = 0.0
+) -> Callable[[Tensor, Tensor | None, dict[str, Any]], Tensor]:
     """``(student logits, teacher logits or DIH cohort or None, item) -> scalar``: the loss `kdlib train` runs.
 
     `ce_weight` adds CE on the views' (mixed) ground-truth labels (`item["label"]`, `partner_label`,
@@ -342,5 +347,6 @@ def training_loss(loss: str, settings: dict[str, float], num_classes: int,
 
 
 def _item_targets(item: dict[str, Any], device: torch.device, num_classes: int) -> Tensor:
-    return mixed_label_targets(item["label"].to(device), item["partner_label"].to(device), item["lam"].to(device),
-                               num_classes)
+    return mixed_label_targets(
+        item["label"].to(device), item["partner_label"].to(device), item["lam"].to(device), num_classes
+    )

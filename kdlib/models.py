@@ -40,8 +40,16 @@ from .errors import ModelError
 from .rundir import CONFIG_NAME, WEIGHTS_NAME
 from .weights import read_state_file
 
-__all__ = ["Classifier", "CifarResNet", "Built", "build_net", "build_model", "load_net_weights", "model_id",
-           "count_params"]
+__all__ = [
+    "Classifier",
+    "CifarResNet",
+    "Built",
+    "build_net",
+    "build_model",
+    "load_net_weights",
+    "model_id",
+    "count_params",
+]
 
 _RESNET_RE = re.compile(r"resnet(\d+)(?:x(\d+))?")
 _FORMS = (
@@ -54,9 +62,19 @@ _FORMS = (
 class Classifier(nn.Module):
     """uint8 images [B, in_channels, H, W] -> logits [B, num_classes]."""
 
-    def __init__(self, net: nn.Module, *, arch: str, num_classes: int, in_channels: int,
-                 mean: Sequence[float], std: Sequence[float], net_channels: int,
-                 contract: InputContract | None = None, class_index: Sequence[int] | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        net_channels: int,
+        contract: InputContract | None = None,
+        class_index: Sequence[int] | None = None,
+    ):
         super().__init__()
         # A grayscale input fed to an RGB net may carry the net's 3-channel constants (ImageNet's).
         chans = net_channels if len(_floats(mean)) == net_channels == 3 and in_channels == 1 else in_channels
@@ -87,10 +105,15 @@ class Classifier(nn.Module):
 
     @property
     def config(self) -> dict:
-        cfg = {"arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
-               "mean": [float(v) for v in self.mean.flatten()],
-               "std": [float(v) for v in self.std.flatten()], "net_channels": self.net_channels,
-               "contract": self.contract.to_dict()}
+        cfg = {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "mean": [float(v) for v in self.mean.flatten()],
+            "std": [float(v) for v in self.std.flatten()],
+            "net_channels": self.net_channels,
+            "contract": self.contract.to_dict(),
+        }
         if self.class_index is not None:
             cfg["class_index"] = [int(i) for i in self.class_index]
             cfg["net_classes"] = self.net_classes
@@ -99,8 +122,10 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One input convention: uint8 only, so a [0,1] float can never be divided by 255 twice.
         if x.dtype != torch.uint8:
-            raise ModelError(f"{self.arch}: expects uint8 images [B,{self.in_channels},H,W] "
-                             f"(scaling is done inside the model), got dtype {x.dtype}")
+            raise ModelError(
+                f"{self.arch}: expects uint8 images [B,{self.in_channels},H,W] "
+                f"(scaling is done inside the model), got dtype {x.dtype}"
+            )
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ModelError(f"{self.arch}: expects [B,{self.in_channels},H,W], got {list(x.shape)}")
         # Normalise in float32 even if buffers were cast, then match the net's dtype (e.g. .half()).
@@ -137,7 +162,10 @@ def _per_channel(values: Sequence[float], channels: int, name: str) -> list[floa
 
 # --- CIFAR-style ResNet ---------------------------------------------------------------------
 
+
 class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a shortcut (projection only where the shape changes)."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -160,8 +188,9 @@ class CifarResNet(nn.Module):
         super().__init__()
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         blocks, cin = [], widths[0]
         for i, cout in enumerate(widths):
             for j in range(n):
@@ -187,6 +216,7 @@ class CifarResNet(nn.Module):
 
 
 # --- resolving an arch -----------------------------------------------------------------------
+
 
 @functools.cache
 def _torchvision_names() -> frozenset[str]:
@@ -237,11 +267,18 @@ def _from_factory(spec: str, num_classes: int, in_channels: int) -> Built:
             kwargs["num_classes"] = num_classes
         if "in_channels" in params:
             kwargs["in_channels"] = in_channels
-        needed = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
-                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        needed = [
+            n
+            for n, p in params.items()
+            if p.default is inspect.Parameter.empty
+            and n not in kwargs
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
         if needed:
-            raise ModelError(f"model factory {spec!r} needs {', '.join(needed)}; kdlib passes only num_classes "
-                             "and in_channels (when the factory takes them): wrap it in a function that does")
+            raise ModelError(
+                f"model factory {spec!r} needs {', '.join(needed)}; kdlib passes only num_classes "
+                "and in_channels (when the factory takes them): wrap it in a function that does"
+            )
     try:
         out = factory(**kwargs)
     except TypeError as e:
@@ -262,26 +299,36 @@ def _from_factory(spec: str, num_classes: int, in_channels: int) -> Built:
     outputs = _probe_classes(spec, out, net_channels, size)
     sized = "num_classes" in kwargs
     if sized and outputs != num_classes:
-        raise ModelError(f"model factory {spec!r} was asked for num_classes={num_classes} but its model "
-                         f"gives {outputs} outputs")
+        raise ModelError(
+            f"model factory {spec!r} was asked for num_classes={num_classes} but its model gives {outputs} outputs"
+        )
     return Built(out, net_channels, outputs, sized, contract)
 
 
-def _factory_contract(spec: str, factory: Callable[..., Any], net: nn.Module,
-                      returned: Mapping[str, Any] | None) -> InputContract | None:
-    for cfg, origin in ((returned, f"the config returned by {spec}"),
-                        (getattr(net, "pretrained_cfg", None), f"the pretrained_cfg of {spec}'s model"),
-                        (getattr(net, "default_cfg", None), f"the default_cfg of {spec}'s model"),
-                        ({"mean": getattr(factory, "mean", None), "std": getattr(factory, "std", None)},
-                         f"the mean/std attributes of {spec}")):
+def _factory_contract(
+    spec: str, factory: Callable[..., Any], net: nn.Module, returned: Mapping[str, Any] | None
+) -> InputContract | None:
+    for cfg, origin in (
+        (returned, f"the config returned by {spec}"),
+        (getattr(net, "pretrained_cfg", None), f"the pretrained_cfg of {spec}'s model"),
+        (getattr(net, "default_cfg", None), f"the default_cfg of {spec}'s model"),
+        (
+            {"mean": getattr(factory, "mean", None), "std": getattr(factory, "std", None)},
+            f"the mean/std attributes of {spec}",
+        ),
+    ):
         if isinstance(cfg, Mapping) and cfg.get("mean") is not None and cfg.get("std") is not None:
             size = cfg.get("input_size", cfg.get("size"))
             if isinstance(size, (list, tuple)):
                 size = size[-1]
-            return InputContract(mean=_floats(cfg["mean"]), std=_floats(cfg["std"]), origin=origin,
-                                 size=int(size) if size else None,
-                                 crop_fraction=cfg.get("crop_pct", cfg.get("crop_fraction")),
-                                 interpolation=cfg.get("interpolation"))
+            return InputContract(
+                mean=_floats(cfg["mean"]),
+                std=_floats(cfg["std"]),
+                origin=origin,
+                size=int(size) if size else None,
+                crop_fraction=cfg.get("crop_pct", cfg.get("crop_fraction")),
+                interpolation=cfg.get("interpolation"),
+            )
     return None
 
 
@@ -323,8 +370,7 @@ def build_net(arch: str, num_classes: int, in_channels: int) -> Built:
     if m:
         depth, width = int(m.group(1)), int(m.group(2) or 1)
         if depth < 8 or (depth - 2) % 6:
-            raise ModelError(f"{arch}: depth {depth} is not 6n+2 with n >= 1 "
-                             "(resnet8, 14, 20, 32, 44, 56, 110, ...)")
+            raise ModelError(f"{arch}: depth {depth} is not 6n+2 with n >= 1 (resnet8, 14, 20, 32, 44, 56, 110, ...)")
         if width < 1:
             raise ModelError(f"{arch}: width multiplier must be >= 1")
         return Built(CifarResNet(depth, width, num_classes, in_channels), in_channels, num_classes, True)
@@ -333,13 +379,18 @@ def build_net(arch: str, num_classes: int, in_channels: int) -> Built:
     raise ModelError(f"unknown model {arch!r}. Accepted: {_FORMS}.{hint}")
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[float],
-                std: Sequence[float], weights: str | None = None) -> Classifier:
+def build_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    weights: str | None = None,
+) -> Classifier:
     """A fresh Classifier; ``weights`` is a local state-dict file for the inner net (kdlib's own
     model.safetensors too, whose normalisation then wins over ``mean``/``std``)."""
     if int(num_classes) < 1 or int(in_channels) < 1:
-        raise ModelError(f"{arch}: num_classes and in_channels must be >= 1, "
-                         f"got {num_classes}, {in_channels}")
+        raise ModelError(f"{arch}: num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
     built = build_net(arch, int(num_classes), int(in_channels))
     if built.num_classes != int(num_classes):
         raise ModelError(f"model {arch!r} gives {built.num_classes} outputs but the data has {num_classes} classes")
@@ -348,8 +399,16 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
         contract = load_net_weights(built.net, Path(weights), int(num_classes)) or contract
     if contract is not None:
         mean, std = contract.mean, contract.std
-    return Classifier(built.net, arch=arch, num_classes=num_classes, in_channels=in_channels,
-                      mean=mean, std=std, net_channels=built.net_channels, contract=contract)
+    return Classifier(
+        built.net,
+        arch=arch,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        mean=mean,
+        std=std,
+        net_channels=built.net_channels,
+        contract=contract,
+    )
 
 
 def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], InputContract | None]:
@@ -358,8 +417,9 @@ def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, 
         return state, None
     if "class_index" in state:
         raise ModelError(f"weights file {path} is a class-mapped teacher's; load its run directory instead")
-    contract = InputContract(state["mean"].flatten().tolist(), state["std"].flatten().tolist(),
-                             origin=f"kdlib weights {path}")
+    contract = InputContract(
+        state["mean"].flatten().tolist(), state["std"].flatten().tolist(), origin=f"kdlib weights {path}"
+    )
     cfg_path = path.parent / CONFIG_NAME  # its run dir's config (data only) may also know the size
     if path.name == WEIGHTS_NAME and cfg_path.is_file():
         try:
@@ -371,7 +431,7 @@ def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, 
     extra = sorted(k for k in state if not k.startswith("net.") and k not in ("mean", "std"))
     if extra:
         raise ModelError(f"weights file {path} mixes a kdlib model's keys with others: {extra[:5]}")
-    return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, contract
+    return {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}, contract
 
 
 def load_net_weights(net: nn.Module, path: Path, num_classes: int) -> InputContract | None:
@@ -383,9 +443,11 @@ def load_net_weights(net: nn.Module, path: Path, num_classes: int) -> InputContr
         if key in own and own[key].shape != t.shape:
             want = tuple(own[key].shape)
             if want[:1] == (num_classes,) and t.dim() == len(want) and t.shape[1:] == want[1:]:
-                problems.append(f"classifier head {key!r} has shape {tuple(t.shape)} "
-                                f"({t.shape[0]} classes) but the model is built for "
-                                f"num_classes={num_classes} (shape {want})")
+                problems.append(
+                    f"classifier head {key!r} has shape {tuple(t.shape)} "
+                    f"({t.shape[0]} classes) but the model is built for "
+                    f"num_classes={num_classes} (shape {want})"
+                )
             else:
                 problems.append(f"{key!r} has shape {tuple(t.shape)}, model expects {want}")
     if problems:
@@ -404,4 +466,5 @@ def model_id(spec: str) -> str:
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters of `model`."""
     return sum(p.numel() for p in model.parameters())

@@ -26,8 +26,21 @@ import numpy as np
 
 from .recipe import Recipe
 
-__all__ = ["PARAM_FIELDS", "PACKED_FIELDS", "PACKINGS", "param_fields", "pack_params", "unpack_params",
-           "MIX_NONE", "MIX_MIXUP", "MIX_CUTMIX", "make_plan", "center_params", "views_per_epoch", "slice_params"]
+__all__ = [
+    "PARAM_FIELDS",
+    "PACKED_FIELDS",
+    "PACKINGS",
+    "param_fields",
+    "pack_params",
+    "unpack_params",
+    "MIX_NONE",
+    "MIX_MIXUP",
+    "MIX_CUTMIX",
+    "make_plan",
+    "center_params",
+    "views_per_epoch",
+    "slice_params",
+]
 
 PARAM_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
     "image": ("uint32", ()),
@@ -112,6 +125,7 @@ def center_params(sizes: np.ndarray, ids: np.ndarray, fraction: float = 1.0) -> 
 
 
 def param_fields(packing: str = "none") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The view-param columns (name -> dtype, trailing shape) of a packing."""
     return PACKED_FIELDS if packing == "packed" else PARAM_FIELDS
 
 
@@ -122,7 +136,9 @@ def pack_params(params: dict[str, np.ndarray], packing: str) -> dict[str, np.nda
     out = dict(params)
     for name, limit in (("box", 65535), ("cutbox", 255), ("partner", 255)):
         if params[name].size and int(params[name].max()) > limit:
-            raise ValueError(f"--params packed: {name} value {int(params[name].max())} exceeds {limit}; use --params none")
+            raise ValueError(
+                f"--params packed: {name} value {int(params[name].max())} exceeds {limit}; use --params none"
+            )
         out[name] = params[name].astype(PACKED_FIELDS[name][0])
     out["lam"] = np.rint(params["lam"].astype(np.float64) * LAM_STEPS).astype(np.uint16)
     return out
@@ -140,11 +156,13 @@ def unpack_params(params: dict[str, np.ndarray], packing: str) -> dict[str, np.n
 
 
 def slice_params(params: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """The view params of views [start, stop)."""
     return {k: a[start:stop] for k, a in params.items() if k in PARAM_FIELDS}
 
 
-def _inception_boxes(rng: np.random.Generator, hw: np.ndarray, scale: tuple[float, float],
-                     ratio: tuple[float, float]) -> np.ndarray:
+def _inception_boxes(
+    rng: np.random.Generator, hw: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float]
+) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params, vectorised over views."""
     v = len(hw)
     h_img, w_img = hw[:, 0:1].astype(np.float64), hw[:, 1:2].astype(np.float64)
@@ -195,8 +213,11 @@ def _draw_mix(rng: np.random.Generator, recipe: Recipe, v: int) -> tuple[np.ndar
         return mix, lam, cutbox
     # Every draw is made for every view (then masked), so the stream never depends on earlier outcomes.
     mixed = rng.random(v) < recipe.mix_prob
-    kind = {"mixup": np.full(v, MIX_MIXUP), "cutmix": np.full(v, MIX_CUTMIX),
-            "both": np.where(rng.random(v) < 0.5, MIX_MIXUP, MIX_CUTMIX)}[recipe.mix]
+    kind = {
+        "mixup": np.full(v, MIX_MIXUP),
+        "cutmix": np.full(v, MIX_CUTMIX),
+        "both": np.where(rng.random(v) < 0.5, MIX_MIXUP, MIX_CUTMIX),
+    }[recipe.mix]
     mix = np.where(mixed, kind, MIX_NONE).astype(np.uint8)
     draw = _draw_lambda(rng, recipe.lam, recipe.alpha, v)
 

@@ -50,6 +50,8 @@ PIXEL_SAMPLE = 8  # rendered views of epoch 0 kept in the store, so verify can m
 
 @dataclass
 class PrecomputeConfig:
+    """Everything `kdlib precompute` takes (see `kdlib precompute -h`); `columns` names extra column kinds (registered codecs) to store."""
+
     teacher: str
     data: str
     out: str
@@ -104,9 +106,18 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     columns = check_names(list(cfg.columns), "precompute columns")
     source = open_source(cfg.data, "train", cfg.limit)
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
-    teacher = load_teacher(cfg.teacher, source, device=device, precision=cfg.precision, weights=cfg.weights,
-                           mean=cfg.mean, std=cfg.std, class_map=cfg.class_map, trust_code=cfg.trust_code,
-                           size=recipe.size)
+    teacher = load_teacher(
+        cfg.teacher,
+        source,
+        device=device,
+        precision=cfg.precision,
+        weights=cfg.weights,
+        mean=cfg.mean,
+        std=cfg.std,
+        class_map=cfg.class_map,
+        trust_code=cfg.trust_code,
+        size=recipe.size,
+    )
     if layers := parse_layers(cfg.attention):
         teacher.tap(layers, cfg.attention_grid, cfg.attention_codec)
     g = recipe.group_size
@@ -115,18 +126,31 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     if not 0 <= full_sample <= 1:
         raise ConfigError(f"full_sample={full_sample} must be a fraction in [0, 1]")
     meta = StoreMeta(
-        format_version=FORMAT_VERSION, backend=cfg.backend, recipe=recipe.digest_dict(),
+        format_version=FORMAT_VERSION,
+        backend=cfg.backend,
+        recipe=recipe.digest_dict(),
         source={**source.describe(), "data": cfg.data, "limit": cfg.limit},
         teacher=teacher.identity(),
-        num_classes=source.num_classes, k=k, id_dtype=np.dtype(id_dtype(source.num_classes)).name,
-        views_per_epoch=views_per_epoch(recipe, len(source)), group_size=g,
+        num_classes=source.num_classes,
+        k=k,
+        id_dtype=np.dtype(id_dtype(source.num_classes)).name,
+        views_per_epoch=views_per_epoch(recipe, len(source)),
+        group_size=g,
         chunk_views=(chunk_views := _round_to_groups(cfg.chunk_views, g, "chunk_views", state)),
-        logit_codec=cfg.logit_codec, param_packing=cfg.param_packing,
+        logit_codec=cfg.logit_codec,
+        param_packing=cfg.param_packing,
         # with every class kept (k >= classes) a full-logit sample would only duplicate the labels
         sample_views=0 if k >= source.num_classes else min(chunk_views, math.ceil(chunk_views * full_sample)),
-        render={"device": render_device(cfg.render, device, cfg.workers), "decoder": cfg.decode,
-                "renderer": (renderer := _renderer_of(cfg.out))},
-        heads=teacher.heads, attention=teacher.attention, codecs=columns, kdlib_version=__version__)
+        render={
+            "device": render_device(cfg.render, device, cfg.workers),
+            "decoder": cfg.decode,
+            "renderer": (renderer := _renderer_of(cfg.out)),
+        },
+        heads=teacher.heads,
+        attention=teacher.attention,
+        codecs=columns,
+        kdlib_version=__version__,
+    )
     batch = _round_to_groups(cfg.batch_size, g, "batch_size", state)
 
     if state.is_main_process:
@@ -153,13 +177,27 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         if done[epoch]:  # on every rank, so that all of them refuse together
             store.check_plan(epoch, plan.epoch(epoch), done[epoch])  # a resumed epoch must not mix two plans
     batches = [Batch(e, a, b) for e in epochs for c in todo[e] for a, b in split_range(*meta.chunk_range(c), batch)]
-    feed = Feed(ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft", renderer=renderer),
-                device, cfg.workers, cfg.render)
+    feed = Feed(
+        ViewBatches(source, batches, recipe.size, g, plan, draft=cfg.decode == "pil-draft", renderer=renderer),
+        device,
+        cfg.workers,
+        cfg.render,
+    )
     items = iter(feed)
     for epoch in epochs:
         if todo[epoch]:
-            _run_epoch(store, teacher, items, plan.epoch(epoch), epoch, todo[epoch], batch, state,
-                       log_path, skipped=len(mine) - len(todo[epoch]))
+            _run_epoch(
+                store,
+                teacher,
+                items,
+                plan.epoch(epoch),
+                epoch,
+                todo[epoch],
+                batch,
+                state,
+                log_path,
+                skipped=len(mine) - len(todo[epoch]),
+            )
         state.wait_for_everyone()
         if state.is_main_process:
             if not store.epoch_complete(epoch):
@@ -173,8 +211,9 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     state.wait_for_everyone()
     store = open_store(cfg.out)
     m = store.meta
-    state.print(f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, "
-                f"teacher {m.teacher['id']}")
+    state.print(
+        f"store {store.url}: {m.epochs_done} epochs x {m.views_per_epoch} views, k={m.k}, teacher {m.teacher['id']}"
+    )
     return store
 
 
@@ -186,8 +225,18 @@ def _renderer_of(url: str) -> str:
         return RENDERER
 
 
-def _run_epoch(store: Store, teacher: Teacher, items: Iterator[dict[str, Any]], params: dict[str, np.ndarray],
-               epoch: int, chunks: list[int], batch: int, state: PartialState, log_path: str, skipped: int) -> None:
+def _run_epoch(
+    store: Store,
+    teacher: Teacher,
+    items: Iterator[dict[str, Any]],
+    params: dict[str, np.ndarray],
+    epoch: int,
+    chunks: list[int],
+    batch: int,
+    state: PartialState,
+    log_path: str,
+    skipped: int,
+) -> None:
     meta = store.meta
     codecs = [c for c in active_codecs(meta) if not isinstance(c, ParamsCodec)]  # what a teacher forward fills
     total = sum(b - a for a, b in (meta.chunk_range(c) for c in chunks))
@@ -228,8 +277,15 @@ def _run_epoch(store: Store, teacher: Teacher, items: Iterator[dict[str, Any]], 
         tqdm.write(f"epoch {epoch}: {len(chunks)} chunks, {rate:.0f} views/s on rank {state.process_index}")
 
 
-def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], parts: list[dict[str, torch.Tensor]],
-                   codecs: list, log_path: str) -> None:
+def _write_and_log(
+    store: Store,
+    epoch: int,
+    chunk: int,
+    cols: dict[str, Any],
+    parts: list[dict[str, torch.Tensor]],
+    codecs: list,
+    log_path: str,
+) -> None:
     """In the writer thread: the device-to-host copy of the chunk's labels, the checks, the write, the commit."""
     host = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
     for codec in codecs:
@@ -240,8 +296,9 @@ def _write_and_log(store: Store, epoch: int, chunk: int, cols: dict[str, Any], p
         f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()}) + "\n")
 
 
-def _store_test_predictions(store: Store, teacher: Teacher, cfg: PrecomputeConfig, recipe: Recipe,
-                            state: PartialState, batch: int) -> None:
+def _store_test_predictions(
+    store: Store, teacher: Teacher, cfg: PrecomputeConfig, recipe: Recipe, state: PartialState, batch: int
+) -> None:
     try:
         test = open_source(cfg.data, "test", cfg.limit)
     except Exception as exc:  # a source without a test split still makes a valid store
@@ -255,16 +312,32 @@ def _store_test_predictions(store: Store, teacher: Teacher, cfg: PrecomputeConfi
     lo, hi = min(n, state.process_index * share), min(n, (state.process_index + 1) * share)
     params = FixedParams(center_params(test.sizes(), np.arange(n), recipe.center_fraction))
     batches = [Batch(0, a, b) for a, b in split_range(lo, hi, batch)]
-    feed = Feed(ViewBatches(test, batches, recipe.size, 1, params, draft=cfg.decode == "pil-draft",
-                            renderer=store.meta.rendered["renderer"]), device, cfg.workers, cfg.render)
-    parts = [encode(teacher.logits(item["views"]), store.meta.k)
-             for item in tqdm(feed, desc="teacher on test split", unit="batch", disable=not state.is_local_main_process)]
+    feed = Feed(
+        ViewBatches(
+            test,
+            batches,
+            recipe.size,
+            1,
+            params,
+            draft=cfg.decode == "pil-draft",
+            renderer=store.meta.rendered["renderer"],
+        ),
+        device,
+        cfg.workers,
+        cfg.render,
+    )
+    parts = [
+        encode(teacher.logits(item["views"]), store.meta.k)
+        for item in tqdm(feed, desc="teacher on test split", unit="batch", disable=not state.is_local_main_process)
+    ]
     k = min(store.meta.k, store.meta.num_classes)
     # ids as int64 and values as float32 for the collective (not every backend moves uint16 / fp16);
     # equal shares, the last one padded, cut back to n after the gather
-    cols = {"ids": torch.zeros((share, k), dtype=torch.int64, device=device),
-            "logits": torch.zeros((share, k), dtype=torch.float32, device=device),
-            "lse": torch.zeros(share, dtype=torch.float32, device=device)}
+    cols = {
+        "ids": torch.zeros((share, k), dtype=torch.int64, device=device),
+        "logits": torch.zeros((share, k), dtype=torch.float32, device=device),
+        "lse": torch.zeros(share, dtype=torch.float32, device=device),
+    }
     for name, col in cols.items():
         if parts:
             mine = torch.cat([p[name] for p in parts])
@@ -272,7 +345,11 @@ def _store_test_predictions(store: Store, teacher: Teacher, cfg: PrecomputeConfi
         if world > 1:
             cols[name] = gather(col)
     if state.is_main_process:
-        labels = {"ids": cols["ids"][:n].to(getattr(torch, store.meta.id_dtype)),
-                  "logits": cols["logits"][:n].to(torch.float16), "lse": cols["lse"][:n]}
-        store.write_test({c: v.cpu().numpy() for c, v in to_codec(labels, store.meta.logit_codec).items()},
-                         test.describe())
+        labels = {
+            "ids": cols["ids"][:n].to(getattr(torch, store.meta.id_dtype)),
+            "logits": cols["logits"][:n].to(torch.float16),
+            "lse": cols["lse"][:n],
+        }
+        store.write_test(
+            {c: v.cpu().numpy() for c, v in to_codec(labels, store.meta.logit_codec).items()}, test.describe()
+        )

@@ -23,12 +23,16 @@ __all__ = ["Pretrained", "is_pretrained_spec", "load_pretrained"]
 
 PREFIXES = ("torchvision:", "timm:")
 # Builders that torchvision calls with extra arguments when it loads weights (see their *_Weights code).
-_TV_WEIGHT_KWARGS = {"inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
-                     "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False}}
+_TV_WEIGHT_KWARGS = {
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
 
 
 @dataclasses.dataclass
 class Pretrained:
+    """A pretrained net with its class count, input contract, class names and weights file."""
+
     net: nn.Module
     num_classes: int
     contract: InputContract
@@ -38,6 +42,7 @@ class Pretrained:
 
 
 def is_pretrained_spec(spec: str) -> bool:
+    """Whether `spec` names pretrained weights (`torchvision:...` or `timm:...`)."""
     return str(spec).startswith(PREFIXES)
 
 
@@ -59,8 +64,9 @@ def _load_into(net: nn.Module, state: dict, spec: str, path: Path) -> None:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise ModelError(f"weights file {path} does not fit {spec}: {first} "
-                         "(is it the weights of another model or tag?)") from e
+        raise ModelError(
+            f"weights file {path} does not fit {spec}: {first} (is it the weights of another model or tag?)"
+        ) from e
 
 
 def _torchvision(spec: str, rest: str, weights: str | None, load: bool) -> Pretrained:
@@ -71,8 +77,9 @@ def _torchvision(spec: str, rest: str, weights: str | None, load: bool) -> Pretr
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
-        raise ModelError(f"{spec!r}: torchvision has no model {name!r} with weights "
-                         "(see torchvision.models.list_models())") from None
+        raise ModelError(
+            f"{spec!r}: torchvision has no model {name!r} with weights (see torchvision.models.list_models())"
+        ) from None
     try:
         w = enum[tag]
     except KeyError:
@@ -83,11 +90,19 @@ def _torchvision(spec: str, rest: str, weights: str | None, load: bool) -> Pretr
     num_classes = len(categories) if categories else int(meta.get("num_classes", 1000))
     t = w.transforms()
     if not all(hasattr(t, a) for a in ("mean", "std", "crop_size", "resize_size")):
-        raise ModelError(f"{spec!r}: {enum.__name__}.{w.name}.transforms() is not an image classification "
-                         "transform (kdlib distills classifiers)")
+        raise ModelError(
+            f"{spec!r}: {enum.__name__}.{w.name}.transforms() is not an image classification "
+            "transform (kdlib distills classifiers)"
+        )
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
-    contract = InputContract(mean=t.mean, std=t.std, origin=f"torchvision {enum.__name__}.{w.name}", size=crop,
-                             crop_fraction=round(crop / resize, 6), interpolation=t.interpolation.value)
+    contract = InputContract(
+        mean=t.mean,
+        std=t.std,
+        origin=f"torchvision {enum.__name__}.{w.name}",
+        size=crop,
+        crop_fraction=round(crop / resize, 6),
+        interpolation=t.interpolation.value,
+    )
     kwargs = dict(_TV_WEIGHT_KWARGS.get(name, {}))
     if "min_size" in meta and name.startswith("vit_") and tuple(meta["min_size"]) != (224, 224):
         kwargs["image_size"] = meta["min_size"][0]  # ViT SWAG weights are built for their own size
@@ -115,8 +130,10 @@ def _weights_path(spec: str, weights: str | None, cached: list[Path]) -> Path:
     for path in cached:
         if path.is_file():
             return path
-    raise ModelError(f"{spec}: no local weights (looked in {', '.join(map(str, cached))}); kdlib downloads "
-                     "nothing: put the file there (download it where a network exists) or pass --weights FILE")
+    raise ModelError(
+        f"{spec}: no local weights (looked in {', '.join(map(str, cached))}); kdlib downloads "
+        "nothing: put the file there (download it where a network exists) or pass --weights FILE"
+    )
 
 
 def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
@@ -124,8 +141,9 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
         import timm
         from timm.data import ImageNetInfo, infer_imagenet_subset
     except ImportError:
-        raise ModelError(f"{spec!r} needs timm, which is not installed: pip install 'kdlib[timm]' "
-                         "(or pip install timm)") from None
+        raise ModelError(
+            f"{spec!r} needs timm, which is not installed: pip install 'kdlib[timm]' (or pip install timm)"
+        ) from None
     if not timm.is_model(name):
         raise ModelError(f"{spec!r}: timm has no model {name!r} (see timm.list_models(pretrained=True))")
     try:
@@ -136,9 +154,14 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
     if "mean" not in cfg or "std" not in cfg:
         raise ModelError(f"{spec!r}: timm's pretrained_cfg has no mean/std; name a tag (e.g. resnet50.a1_in1k)")
     size = cfg.get("input_size") or (3, None, None)
-    contract = InputContract(mean=cfg["mean"], std=cfg["std"], origin=f"timm pretrained_cfg of {name}",
-                             size=int(size[-1]) if size[-1] else None, crop_fraction=cfg.get("crop_pct"),
-                             interpolation=cfg.get("interpolation"))
+    contract = InputContract(
+        mean=cfg["mean"],
+        std=cfg["std"],
+        origin=f"timm pretrained_cfg of {name}",
+        size=int(size[-1]) if size[-1] else None,
+        crop_fraction=cfg.get("crop_pct"),
+        interpolation=cfg.get("interpolation"),
+    )
     cached = []
     if load and cfg.get("hf_hub_id"):
         try:
@@ -146,8 +169,11 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
 
             for filename in ("model.safetensors", "pytorch_model.bin"):
                 found = huggingface_hub.try_to_load_from_cache(cfg["hf_hub_id"], filename)  # offline lookup
-                cached.append(Path(found) if isinstance(found, str) else
-                              Path(huggingface_hub.constants.HF_HUB_CACHE) / cfg["hf_hub_id"] / filename)
+                cached.append(
+                    Path(found)
+                    if isinstance(found, str)
+                    else Path(huggingface_hub.constants.HF_HUB_CACHE) / cfg["hf_hub_id"] / filename
+                )
         except ImportError:
             pass
     path = _weights_path(spec, weights, cached) if load else None
@@ -164,5 +190,6 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
         names = None
     if names is not None and len(names) != num_classes:
         names = None
-    return Pretrained(net, num_classes, contract, names, None if path is None else str(path),
-                      net_channels=int(size[0] or 3))
+    return Pretrained(
+        net, num_classes, contract, names, None if path is None else str(path), net_channels=int(size[0] or 3)
+    )

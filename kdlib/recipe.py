@@ -103,7 +103,7 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], origin: str = "recipe") -> "Recipe":
+    def from_dict(cls, d: dict[str, Any], origin: str = "recipe") -> Recipe:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -120,7 +120,7 @@ class Recipe:
         except RecipeError as exc:
             raise RecipeError(f"{origin}: {exc}") from None
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
     def digest_dict(self) -> dict[str, Any]:

@@ -48,9 +48,24 @@ from .errors import StoreError
 from .plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE
 from .source import pil_image
 
-__all__ = ["RENDERER", "RENDERERS", "check_renderer", "pillow_agrees", "pillow_renders", "DECODERS", "Decoded", "Draft",
-           "decode_batch", "draft_scales", "param_tensors", "flip_mix", "render_decoded", "render_decoded_pil",
-           "render_pil", "render_views"]
+__all__ = [
+    "RENDERER",
+    "RENDERERS",
+    "check_renderer",
+    "pillow_agrees",
+    "pillow_renders",
+    "DECODERS",
+    "Decoded",
+    "Draft",
+    "decode_batch",
+    "draft_scales",
+    "param_tensors",
+    "flip_mix",
+    "render_decoded",
+    "render_decoded_pil",
+    "render_pil",
+    "render_views",
+]
 
 RENDERERS = ("pil-bilinear-1", "roi_align-1")  # the crop-resize + mix arithmetic; a new id if it changes pixels
 RENDERER = RENDERERS[0]  # what new stores are rendered with
@@ -70,13 +85,13 @@ class Decoded:
     slot: torch.Tensor  # int64 [V]
     scale: torch.Tensor  # float32 [V]: decoded pixels per source pixel
 
-    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "Decoded":
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Decoded:
         return Decoded([f(s) for s in self.stacks], [f(m) for m in self.members], f(self.slot), f(self.scale))
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Decoded":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Decoded:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "Decoded":  # DataLoader(pin_memory=True) calls this on custom types
+    def pin_memory(self) -> Decoded:  # DataLoader(pin_memory=True) calls this on custom types
         return self._map(torch.Tensor.pin_memory)
 
 
@@ -84,9 +99,12 @@ Draft = Callable[[int, int], tuple[np.ndarray, int]]  # (id, scale asked) -> (pi
 
 
 def check_renderer(name: str) -> str:
+    """`name` if this kdlib knows the renderer, else a StoreError saying to upgrade."""
     if name not in RENDERERS:
-        raise StoreError(f"renderer {name!r} is unknown to this kdlib (it knows {list(RENDERERS)}): the store was "
-                         "written by another version; upgrade kdlib to replay it")
+        raise StoreError(
+            f"renderer {name!r} is unknown to this kdlib (it knows {list(RENDERERS)}): the store was "
+            "written by another version; upgrade kdlib to replay it"
+        )
     return name
 
 
@@ -101,8 +119,12 @@ def draft_scales(params: dict[str, np.ndarray], size: int) -> dict[int, int]:
     return {i: next(d for d in _DRAFT_SCALES if s >= d) for i, s in least.items() if s >= 2}
 
 
-def decode_batch(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int | None = None,
-                 draft: Draft | None = None) -> Decoded:
+def decode_batch(
+    params: dict[str, np.ndarray],
+    decode: Callable[[int], np.ndarray],
+    size: int | None = None,
+    draft: Draft | None = None,
+) -> Decoded:
     """Decode each distinct image of `params["image"]` once (the CPU half of rendering).
 
     `decode(i)` returns uint8 [C, H, W]. With `draft` (the pil-draft decoder), an image whose
@@ -123,14 +145,22 @@ def decode_batch(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarr
         where[i] = (list(buckets).index(img.shape), len(bucket), 1.0 / scale)
         bucket.append(img)
     stack_of = np.array([where[i][0] for i in ids], np.int64)
-    return Decoded([torch.from_numpy(np.stack(b)) for b in buckets.values()],
-                   [torch.from_numpy(np.flatnonzero(stack_of == b)) for b in range(len(buckets))],
-                   torch.tensor([where[i][1] for i in ids], dtype=torch.int64),
-                   torch.tensor([where[i][2] for i in ids], dtype=torch.float32))
+    return Decoded(
+        [torch.from_numpy(np.stack(b)) for b in buckets.values()],
+        [torch.from_numpy(np.flatnonzero(stack_of == b)) for b in range(len(buckets))],
+        torch.tensor([where[i][1] for i in ids], dtype=torch.int64),
+        torch.tensor([where[i][2] for i in ids], dtype=torch.float32),
+    )
 
 
-def param_tensors(params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int,
-                  renderer: str = RENDERER, taps: bool = True) -> dict[str, torch.Tensor]:
+def param_tensors(
+    params: dict[str, np.ndarray],
+    images: Decoded,
+    size: int,
+    group_size: int,
+    renderer: str = RENDERER,
+    taps: bool = True,
+) -> dict[str, torch.Tensor]:
     """What `render_decoded` needs besides the images, as CPU tensors made on the host: the boxes,
     the index lists of flipped / mixed views (so rendering on a device never waits on a boolean
     mask) and, for `pil-bilinear-1`, the resample taps of each view's decoded image (`taps=False`
@@ -152,9 +182,11 @@ def _mix_tensors(params: dict[str, np.ndarray], group_size: int) -> dict[str, to
     return {
         "box": torch.from_numpy(params["box"].astype(np.float32)),
         "flip": torch.from_numpy(np.flatnonzero(params["flip"])),
-        "mixup": torch.from_numpy(mixup), "mixup_partner": torch.from_numpy(partner[mixup]),
+        "mixup": torch.from_numpy(mixup),
+        "mixup_partner": torch.from_numpy(partner[mixup]),
         "mixup_lam": torch.from_numpy(params["lam"][mixup].astype(np.float32)).view(-1, 1, 1, 1),
-        "cut": torch.from_numpy(cut), "cut_partner": torch.from_numpy(partner[cut]),
+        "cut": torch.from_numpy(cut),
+        "cut_partner": torch.from_numpy(partner[cut]),
         "cutbox": torch.from_numpy(params["cutbox"][cut].astype(np.int64)),
     }
 
@@ -196,8 +228,13 @@ def _flip_mix_round(p: dict[str, torch.Tensor], crops: torch.Tensor, size: int) 
     return flip_mix(p, crops, size).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def render_views(params: dict[str, np.ndarray], decode: Callable[[int], np.ndarray], size: int,
-                 group_size: int, renderer: str = RENDERER) -> torch.Tensor:
+def render_views(
+    params: dict[str, np.ndarray],
+    decode: Callable[[int], np.ndarray],
+    size: int,
+    group_size: int,
+    renderer: str = RENDERER,
+) -> torch.Tensor:
     """Decode each distinct image of the batch once, then render on the CPU."""
     images = decode_batch(params, decode)
     return render_decoded(param_tensors(params, images, size, group_size, renderer), images, size, renderer)
@@ -211,13 +248,24 @@ def _crop_resize(box: torch.Tensor, images: Decoded, size: int) -> torch.Tensor:
     # aligned=True: pixel centres at +0.5, so box [left, left + w) covers exactly w source pixels.
     rois = torch.stack([images.slot.to(torch.float32), left * s, top * s, (left + w) * s, (top + h) * s], dim=1)
     if len(images.stacks) == 1:
-        return roi_align(images.stacks[0].float(), rois, output_size=(size, size), spatial_scale=1.0,
-                         sampling_ratio=-1, aligned=True)
+        return roi_align(
+            images.stacks[0].float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True
+        )
     first = images.stacks[0]
     out = torch.empty((len(box), first.shape[1], size, size), dtype=torch.float32, device=first.device)
     for stack, views in zip(images.stacks, images.members):
-        out.index_copy_(0, views, roi_align(stack.float(), rois.index_select(0, views), output_size=(size, size),
-                                            spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+        out.index_copy_(
+            0,
+            views,
+            roi_align(
+                stack.float(),
+                rois.index_select(0, views),
+                output_size=(size, size),
+                spatial_scale=1.0,
+                sampling_ratio=-1,
+                aligned=True,
+            ),
+        )
     return out
 
 
@@ -234,8 +282,9 @@ def _box_mask(cutbox: torch.Tensor, size: int) -> torch.Tensor:
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit images: weights in fixed point with 22 fraction bits
 
 
-def _axis_taps(length: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _axis_taps(
+    length: np.ndarray, lo: np.ndarray, hi: np.ndarray, out: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pillow's bilinear coefficients (`precompute_coeffs` + `normalize_coeffs_8bpc` in Resample.c)
     for resampling [lo, hi) of an axis of `length` pixels onto `out` pixels, for every view at once.
 
@@ -288,8 +337,13 @@ def resample_taps(params: dict[str, np.ndarray], images: Decoded, size: int) -> 
     _, _, vidx, vweight = _axis_taps(last - first, y0 - first.astype(np.float32), y1 - first.astype(np.float32), size)
     span = int((last - first).max()) if v else 1
     rows = np.minimum(first[:, None] + np.arange(span), (dims[:, 0] - 1)[:, None])
-    return {"rows": torch.from_numpy(rows), "hidx": torch.from_numpy(hidx), "hw": torch.from_numpy(hweight),
-            "vidx": torch.from_numpy(vidx), "vw": torch.from_numpy(vweight)}
+    return {
+        "rows": torch.from_numpy(rows),
+        "hidx": torch.from_numpy(hidx),
+        "hw": torch.from_numpy(hweight),
+        "vidx": torch.from_numpy(vidx),
+        "vw": torch.from_numpy(vweight),
+    }
 
 
 def _band(height: np.ndarray, y0: np.ndarray, y1: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,13 +363,23 @@ def _resample(p: dict[str, torch.Tensor], images: Decoded, size: int) -> torch.T
     first = images.stacks[0]
     out = torch.empty((len(images.slot), first.shape[1], size, size), dtype=torch.uint8, device=first.device)
     for stack, views in zip(images.stacks, images.members):
-        out.index_copy_(0, views, _resample_stack(stack, images.slot.index_select(0, views),
-                                                  *(p[t].index_select(0, views) for t in _TAPS)))
+        out.index_copy_(
+            0,
+            views,
+            _resample_stack(stack, images.slot.index_select(0, views), *(p[t].index_select(0, views) for t in _TAPS)),
+        )
     return out
 
 
-def _resample_stack(stack: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, hidx: torch.Tensor,
-                    hw: torch.Tensor, vidx: torch.Tensor, vw: torch.Tensor) -> torch.Tensor:
+def _resample_stack(
+    stack: torch.Tensor,
+    slot: torch.Tensor,
+    rows: torch.Tensor,
+    hidx: torch.Tensor,
+    hw: torch.Tensor,
+    vidx: torch.Tensor,
+    vw: torch.Tensor,
+) -> torch.Tensor:
     c = stack.shape[1]
     v, r, s = len(slot), rows.shape[1], hidx.shape[1]
     half = 1 << (_BITS - 1)
@@ -333,8 +397,9 @@ def _resample_stack(stack: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor,
 ImageDecode = Callable[[int, int], tuple[Image.Image, int]]  # (id, draft scale asked) -> (image, scale applied)
 
 
-def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, group_size: int,
-               draft: bool = False) -> torch.Tensor:
+def render_pil(
+    params: dict[str, np.ndarray], image: ImageDecode, size: int, group_size: int, draft: bool = False
+) -> torch.Tensor:
     """`pil-bilinear-1` on the CPU, view by view with Pillow's C resample: what a DataLoader worker
     runs. uint8 [V, C, size, size], identical to `render_decoded(..., "pil-bilinear-1")`."""
     v = len(params["image"])
@@ -354,14 +419,17 @@ def render_pil(params: dict[str, np.ndarray], image: ImageDecode, size: int, gro
     for j, i in enumerate(ids):
         im, a, b = decoded[i][0], int(first[j]), int(last[j])
         # One axis per call, so that Pillow cannot reorder the passes (its versions differ there).
-        band = im.crop((0, a, im.width, b)).resize((size, b - a), bilinear, box=(float(x0[j]), 0.0, float(x1[j]), b - a))
+        band = im.crop((0, a, im.width, b)).resize(
+            (size, b - a), bilinear, box=(float(x0[j]), 0.0, float(x1[j]), b - a)
+        )
         crop = band.resize((size, size), bilinear, box=(0.0, float(top[j]), size, float(bottom[j])))
         out[j] = np.asarray(crop).reshape(size, size, channels).transpose(2, 0, 1)  # HWC -> CHW while in cache
     return flip_mix(_mix_tensors(params, group_size), torch.from_numpy(out), size)
 
 
-def render_decoded_pil(params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int,
-                       draft: bool = False) -> torch.Tensor:
+def render_decoded_pil(
+    params: dict[str, np.ndarray], images: Decoded, size: int, group_size: int, draft: bool = False
+) -> torch.Tensor:
     """`render_pil` over images already decoded on the CPU (the main process rendering on a CPU
     device): the same Pillow calls on the same pixels as a worker makes."""
     stack_of = np.empty(len(images.slot), np.int64)
@@ -396,13 +464,23 @@ def pillow_agrees() -> bool:
         box = np.stack([rng.uniform(0, hw[0] - h), rng.uniform(0, hw[1] - w), h, w], 1).astype(np.float32)
         box[::3] = np.floor(box[::3]).clip(min=1)  # whole-pixel boxes too
         v = np.arange(n)
-        params = {"image": np.zeros(n, np.int64), "box": box, "flip": v % 3 == 0, "partner": (v + 1) % 2,
-                  "mix": np.where(v % 4 == 1, MIX_MIXUP, np.where(v % 4 == 2, MIX_CUTMIX, MIX_NONE)),
-                  "lam": rng.uniform(0, 1, n).astype(np.float32), "cutbox": np.tile([3, 5, 11, 13], (n, 1))}
+        params = {
+            "image": np.zeros(n, np.int64),
+            "box": box,
+            "flip": v % 3 == 0,
+            "partner": (v + 1) % 2,
+            "mix": np.where(v % 4 == 1, MIX_MIXUP, np.where(v % 4 == 2, MIX_CUTMIX, MIX_NONE)),
+            "lam": rng.uniform(0, 1, n).astype(np.float32),
+            "cutbox": np.tile([3, 5, 11, 13], (n, 1)),
+        }
         pil = render_pil(params, lambda i, s, img=img: (pil_image(img), 1), size, 2)
         agree &= torch.equal(pil, render_views(params, lambda i, img=img: img, size, 2))
     if not agree:
         import PIL
-        warnings.warn(f"Pillow {PIL.__version__} resamples differently from kdlib's renderer pil-bilinear-1; "
-                      "rendering with kdlib's own implementation on the CPU (same pixels, slower)", stacklevel=2)
+
+        warnings.warn(
+            f"Pillow {PIL.__version__} resamples differently from kdlib's renderer pil-bilinear-1; "
+            "rendering with kdlib's own implementation on the CPU (same pixels, slower)",
+            stacklevel=2,
+        )
     return agree

@@ -33,19 +33,25 @@ from .views import Batch, rank_slice, split_range
 __all__ = ["Replay", "ReplayBatch", "rank_batches"]
 
 
-def rank_batches(views_per_epoch: int, batch_size: int, group_size: int, rank: int, world: int, epochs: int,
-                 start_step: int = 0) -> list[Batch]:
+def rank_batches(
+    views_per_epoch: int, batch_size: int, group_size: int, rank: int, world: int, epochs: int, start_step: int = 0
+) -> list[Batch]:
     """This rank's share of every global batch from `start_step` on, over `epochs` training epochs."""
     if batch_size % (group_size * world):
-        raise ConfigError(f"--batch-size {batch_size} must be a multiple of group size {group_size} "
-                          f"x processes {world}, so every process gets whole groups")
+        raise ConfigError(
+            f"--batch-size {batch_size} must be a multiple of group size {group_size} "
+            f"x processes {world}, so every process gets whole groups"
+        )
     steps = views_per_epoch // batch_size
     if steps == 0:
         raise ConfigError(f"--batch-size {batch_size} is larger than an epoch ({views_per_epoch} views)")
     global_batches = split_range(0, steps * batch_size, batch_size)
     first = start_step // steps
-    return [Batch(e, *rank_slice(a, b, rank, world, group_size)) for e in range(first, epochs)
-            for a, b in global_batches[(start_step - e * steps if e == first else 0):]]
+    return [
+        Batch(e, *rank_slice(a, b, rank, world, group_size))
+        for e in range(first, epochs)
+        for a, b in global_batches[(start_step - e * steps if e == first else 0) :]
+    ]
 
 
 @dataclass
@@ -61,7 +67,7 @@ class ReplayBatch:
     epoch: int  # training epoch
     views: Tensor  # uint8 [b, C, H, W] on the device: exactly the pixels the teacher saw
     item: dict[str, Any]
-    _replay: "Replay" = field(repr=False)
+    _replay: Replay = field(repr=False)
 
     @property
     def inputs(self) -> Tensor:
@@ -99,10 +105,21 @@ class Replay:
     device. `mean`/`std` (per channel, [0, 1] units) give `ReplayBatch.inputs`; default: the data's
     statistics."""
 
-    def __init__(self, targets: Targets, *, batch_size: int, epochs: int | None = None, start_step: int = 0,
-                 device: torch.device | str | None = None, rank: int | None = None, world: int | None = None,
-                 workers: int = 2, render: str = "auto", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        targets: Targets,
+        *,
+        batch_size: int,
+        epochs: int | None = None,
+        start_step: int = 0,
+        device: torch.device | str | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+        workers: int = 2,
+        render: str = "auto",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         if rank is None or world is None or device is None:
             state = process_state()
             rank = state.process_index if rank is None else rank
@@ -122,15 +139,29 @@ class Replay:
     def normalisation(self) -> tuple[Tensor, Tensor]:
         """(mean, std) as [1, C, 1, 1] float32 on the device: the ones given, else the data's statistics."""
         if self._norm is None:
-            mean, std = (self.mean, self.std) if self.mean is not None and self.std is not None \
+            mean, std = (
+                (self.mean, self.std)
+                if self.mean is not None and self.std is not None
                 else self.targets.source.mean_std()
-            self._norm = tuple(torch.tensor([float(v) for v in x], dtype=torch.float32, device=self.device)
-                               .view(1, -1, 1, 1) for x in (mean, std))
+            )
+            self._norm = tuple(
+                torch.tensor([float(v) for v in x], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+                for x in (mean, std)
+            )
         return self._norm
 
     @classmethod
-    def from_store(cls, store: Store | str, *, batch_size: int, epochs: int | None = None, data: str | None = None,
-                   limit: int | None = None, stored_epochs: int | None = None, **kwargs: Any) -> "Replay":
+    def from_store(
+        cls,
+        store: Store | str,
+        *,
+        batch_size: int,
+        epochs: int | None = None,
+        data: str | None = None,
+        limit: int | None = None,
+        stored_epochs: int | None = None,
+        **kwargs: Any,
+    ) -> Replay:
         """The replay of a store (a path, an fsspec URL or an open `Store`); `data` names its source
         when the path in its meta.json is not where the images are here. Other arguments as `Replay`."""
         store = open_store(store) if isinstance(store, str) else store
@@ -138,26 +169,32 @@ class Replay:
 
     @property
     def store(self) -> Store | None:
+        """The store replayed (None when the targets are an online teacher or labels)."""
         return self.targets.store
 
     @property
     def num_classes(self) -> int:
+        """Classes of the soft labels (and of the student)."""
         return self.targets.num_classes
 
     @property
     def source(self):
+        """The source whose images are rendered."""
         return self.targets.source
 
     @property
     def recipe(self):
+        """The recipe the views were planned with."""
         return self.targets.recipe
 
     @property
     def steps_per_epoch(self) -> int:
+        """Global steps per epoch: whole global batches only."""
         return self.targets.views // self.batch_size
 
     @property
     def total_steps(self) -> int:
+        """Global steps over all `epochs`."""
         return self.steps_per_epoch * self.epochs
 
     @property
@@ -170,8 +207,9 @@ class Replay:
 
     def feed(self) -> Feed:
         """The feed of every remaining step: one set of workers lives from the first batch to the last."""
-        batches = rank_batches(self.targets.views, self.batch_size, self.group_size, self.rank, self.world,
-                               self.epochs, self.start_step)
+        batches = rank_batches(
+            self.targets.views, self.batch_size, self.group_size, self.rank, self.world, self.epochs, self.start_step
+        )
         return Feed(self.targets.dataset(batches), self.device, self.workers, self.render)
 
     def __iter__(self) -> Iterator[ReplayBatch]:

@@ -23,7 +23,7 @@ from .errors import ModelError
 from .headed import load_headed_run
 from .models import Classifier, build_model, build_net, load_net_weights
 from .pretrained import is_pretrained_spec, load_pretrained
-from .rundir import CONFIG_NAME, WEIGHTS_NAME, read_run_config, load_run_weights
+from .rundir import CONFIG_NAME, WEIGHTS_NAME, load_run_weights, read_run_config
 
 __all__ = ["resolve_model", "load_model", "load_student"]
 
@@ -34,10 +34,19 @@ def _log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, weights: str | None = None,
-                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  class_map: str | None = None, data_stats: Callable[[], tuple[list[float], list[float]]] | None = None,
-                  trust_code: bool = False, role: str = "teacher") -> Classifier:
+def resolve_model(
+    spec: str,
+    *,
+    classes: Sequence[str] | int,
+    in_channels: int,
+    weights: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_map: str | None = None,
+    data_stats: Callable[[], tuple[list[float], list[float]]] | None = None,
+    trust_code: bool = False,
+    role: str = "teacher",
+) -> Classifier:
     """The model a command names, with its input contract settled and its outputs fitted to the data.
 
     ``classes``: the data's class names (a teacher may then be mapped onto them, see
@@ -60,8 +69,16 @@ def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, 
     elif is_pretrained_spec(spec):
         p = load_pretrained(spec, weights)
         check_flags(p.contract, mean, std, spec)
-        model = Classifier(p.net, arch=spec, num_classes=p.num_classes, in_channels=in_channels, mean=p.contract.mean,
-                           std=p.contract.std, net_channels=p.net_channels, contract=p.contract)
+        model = Classifier(
+            p.net,
+            arch=spec,
+            num_classes=p.num_classes,
+            in_channels=in_channels,
+            mean=p.contract.mean,
+            std=p.contract.std,
+            net_channels=p.net_channels,
+            contract=p.contract,
+        )
         names = p.class_names
     else:
         if "/" in str(spec) or os.sep in str(spec):
@@ -79,22 +96,34 @@ def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, 
             contract = InputContract(m, s, origin="the data's measured statistics (a model trained from scratch)")
         else:
             why = f"weights {weights}" if weights is not None else "its pretrained head"
-            raise ModelError(f"{role} {spec}: the preprocessing its weights expect is unknown ({why} say nothing "
-                             "of mean/std); give --mean and --std (e.g. --mean imagenet --std imagenet), or name "
-                             "the weights as torchvision:<model>:<TAG> / timm:<model>")
+            raise ModelError(
+                f"{role} {spec}: the preprocessing its weights expect is unknown ({why} say nothing "
+                "of mean/std); give --mean and --std (e.g. --mean imagenet --std imagenet), or name "
+                "the weights as torchvision:<model>:<TAG> / timm:<model>"
+            )
         if contract.size is None and weights is not None and built.contract is not None:
             contract = contract.replace(size=built.contract.size)
-        model = Classifier(built.net, arch=spec, num_classes=built.num_classes, in_channels=in_channels,
-                           mean=contract.mean, std=contract.std, net_channels=built.net_channels, contract=contract)
+        model = Classifier(
+            built.net,
+            arch=spec,
+            num_classes=built.num_classes,
+            in_channels=in_channels,
+            mean=contract.mean,
+            std=contract.std,
+            net_channels=built.net_channels,
+            contract=contract,
+        )
     if isinstance(classes, int) or role != "teacher":
         if model.num_classes != n:
             raise ModelError(f"{role} {spec} gives {model.num_classes} outputs but the data has {n} classes")
     elif model.class_index is None:
         index, how = resolve_class_map(list(classes), model.num_classes, names, class_map, spec)
         if index is not None and getattr(model, "head_layers", None):
-            raise ModelError(f"{role} {spec} has DIH heads, which answer over its own {model.num_classes} classes: "
-                             "it cannot be mapped onto the data's classes (fit the heads on a teacher of the data's "
-                             "classes, or drop the heads)")
+            raise ModelError(
+                f"{role} {spec} has DIH heads, which answer over its own {model.num_classes} classes: "
+                "it cannot be mapped onto the data's classes (fit the heads on a teacher of the data's "
+                "classes, or drop the heads)"
+            )
         if index is not None:
             model.class_index = torch.tensor(index, dtype=torch.int64)
             model.num_classes = len(index)
@@ -107,9 +136,15 @@ def resolve_model(spec: str, *, classes: Sequence[str] | int, in_channels: int, 
     return model
 
 
-def load_model(spec: str, num_classes: int | None = None, in_channels: int | None = None,
-               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-               weights: str | None = None, trust_code: bool = False) -> Classifier:
+def load_model(
+    spec: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    weights: str | None = None,
+    trust_code: bool = False,
+) -> Classifier:
     """A Classifier in eval mode from a run directory or an arch name.
 
     For a run directory the saved config wins; num_classes / in_channels, when given, must
@@ -123,8 +158,11 @@ def load_model(spec: str, num_classes: int | None = None, in_channels: int | Non
         return _load_run(path, num_classes, in_channels, trust_code).eval()
     if os.sep in str(spec) or "/" in str(spec):
         raise ModelError(f"run directory not found: {spec}")
-    missing = [n for n, v in [("num_classes", num_classes), ("in_channels", in_channels),
-                              ("mean", mean), ("std", std)] if v is None]
+    missing = [
+        n
+        for n, v in [("num_classes", num_classes), ("in_channels", in_channels), ("mean", mean), ("std", std)]
+        if v is None
+    ]
     if missing:
         raise ModelError(f"building {spec!r} needs {', '.join(missing)}")
     return build_model(spec, num_classes, in_channels, mean, std, weights).eval()
@@ -136,16 +174,21 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
     arch = str(cfg["arch"])
     if ":" in arch and not is_pretrained_spec(arch) and not trust_code:
         # DESIGN invariant 8: code runs only when the user names it on the command line.
-        raise ModelError(f"{path}: its {CONFIG_NAME} names the factory {arch!r}, and kdlib never imports code "
-                         f"named in a file; type it: --model/--teacher {arch} --weights {w_path} "
-                         "(or add --trust-code to run it from the config)")
+        raise ModelError(
+            f"{path}: its {CONFIG_NAME} names the factory {arch!r}, and kdlib never imports code "
+            f"named in a file; type it: --model/--teacher {arch} --weights {w_path} "
+            "(or add --trust-code to run it from the config)"
+        )
     if "heads" in cfg:  # a DIH teacher written by `kdlib heads`: the backbone plus classifier heads
         return load_headed_run(path, cfg)
     origin = f"run dir {path}"
     if isinstance(cfg.get("contract"), dict) and cfg["contract"].get("origin"):
         origin += f" (first from {cfg['contract']['origin']})"
-    contract = (InputContract.from_dict(cfg["contract"], origin=origin) if isinstance(cfg.get("contract"), dict)
-                else InputContract(cfg["mean"], cfg["std"], origin=origin))
+    contract = (
+        InputContract.from_dict(cfg["contract"], origin=origin)
+        if isinstance(cfg.get("contract"), dict)
+        else InputContract(cfg["mean"], cfg["std"], origin=origin)
+    )
     net_classes = int(cfg.get("net_classes", cfg["num_classes"]))
     if is_pretrained_spec(arch):
         p = load_pretrained(arch, load=False)
@@ -153,27 +196,53 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
     else:
         built = build_net(arch, net_classes, int(cfg["in_channels"]))
         net, net_channels = built.net, built.net_channels
-    model = Classifier(net, arch=arch, num_classes=net_classes, in_channels=cfg["in_channels"], mean=cfg["mean"],
-                       std=cfg["std"], net_channels=net_channels, contract=contract,
-                       class_index=cfg.get("class_index"))
+    model = Classifier(
+        net,
+        arch=arch,
+        num_classes=net_classes,
+        in_channels=cfg["in_channels"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        net_channels=net_channels,
+        contract=contract,
+        class_index=cfg.get("class_index"),
+    )
     classes = cfg.get("classes")  # the data's class names it was trained on, when the run recorded them
-    model.classes = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes \
-        else None
+    model.classes = (
+        [str(c) for c in classes] if isinstance(classes, list) and len(classes) == model.num_classes else None
+    )
     if cfg.get("net_channels", model.net_channels) != model.net_channels:
-        raise ModelError(f"{path}: saved net_channels={cfg['net_channels']}, "
-                         f"{cfg['arch']} now builds with {model.net_channels}")
+        raise ModelError(
+            f"{path}: saved net_channels={cfg['net_channels']}, {cfg['arch']} now builds with {model.net_channels}"
+        )
     load_run_weights(model, w_path, cfg, str(cfg["arch"]))
     return model
 
 
-def load_student(spec: str, source: Any, num_classes: int, *, seed: int = 0, weights: str | None = None,
-                 mean: str | Sequence[float] | None = None, std: str | Sequence[float] | None = None,
-                 trust_code: bool = False) -> Classifier:
+def load_student(
+    spec: str,
+    source: Any,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    weights: str | None = None,
+    mean: str | Sequence[float] | None = None,
+    std: str | Sequence[float] | None = None,
+    trust_code: bool = False,
+) -> Classifier:
     """The student `kdlib train` trains: `spec` built for `num_classes` and `source`'s channels, its
     initialisation drawn from `seed` alone (not from whatever was built before), its input contract
     the weights' own, else `mean`/`std`, else the data's statistics (a student trained from scratch)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return resolve_model(spec, classes=num_classes, in_channels=source.channels, weights=weights,
-                             mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-                             data_stats=source.mean_std, trust_code=trust_code, role="student")
+        return resolve_model(
+            spec,
+            classes=num_classes,
+            in_channels=source.channels,
+            weights=weights,
+            mean=parse_floats(mean, "--mean"),
+            std=parse_floats(std, "--std"),
+            data_stats=source.mean_std,
+            trust_code=trust_code,
+            role="student",
+        )

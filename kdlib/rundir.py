@@ -91,5 +91,4 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict | None = None)
     config["weights_digest"] = digest_state(state)
     # Weights first: config.json names a digest, so a config next to stale weights is caught on load.
     _atomic_write(out_dir / WEIGHTS_NAME, lambda p: safetensors.torch.save_file(state, str(p)))
-    _atomic_write(out_dir / CONFIG_NAME,
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    _atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))

@@ -32,7 +32,8 @@ def check_world(num_processes: int) -> None:
     if launched != num_processes:
         raise ConfigError(
             f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {num_processes}; "
-            "on CPU set ACCELERATE_USE_CPU=1 with `accelerate launch --multi_gpu --num_processes N`")
+            "on CPU set ACCELERATE_USE_CPU=1 with `accelerate launch --multi_gpu --num_processes N`"
+        )
 
 
 def main_print(*args: object, **kwargs: object) -> None:

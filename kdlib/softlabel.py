@@ -86,11 +86,15 @@ def encode(logits: torch.Tensor, k: int, check: bool = True) -> dict[str, torch.
 
 def check_finite(values16: torch.Tensor | np.ndarray, lse: torch.Tensor | np.ndarray) -> None:
     """ConfigError unless the fp16 top-k logits and the lse are all finite (one host sync on a device)."""
-    finite = (bool(torch.isfinite(values16).all() & torch.isfinite(lse).all())
-              if isinstance(values16, torch.Tensor) else bool(np.isfinite(values16).all() & np.isfinite(lse).all()))
+    finite = (
+        bool(torch.isfinite(values16).all() & torch.isfinite(lse).all())
+        if isinstance(values16, torch.Tensor)
+        else bool(np.isfinite(values16).all() & np.isfinite(lse).all())
+    )
     if not finite:
-        raise ConfigError("teacher logits are not finite or overflow float16 (|logit| > 65504); "
-                          "a soft label cannot store them")
+        raise ConfigError(
+            "teacher logits are not finite or overflow float16 (|logit| > 65504); a soft label cannot store them"
+        )
 
 
 CODECS = ("fp16", "q8")

@@ -369,7 +369,7 @@ def _read_sizes(paths: list[str]) -> np.ndarray:
             break
     else:
         return sizes
-    rest = paths[i + 1:]
+    rest = paths[i + 1 :]
     with ThreadPoolExecutor(16) as pool:
         for j, hw in enumerate(pool.map(_read_size, rest, chunksize=64), start=i + 1):
             sizes[j] = hw
@@ -461,8 +461,10 @@ class ImageFolderSource(Source):
         if classes is None:
             classes = own
         elif unknown := sorted(set(own) - set(classes)):
-            raise SourceError(f"{root}: class folder(s) {unknown[:5]} are not classes of the training split "
-                              f"({len(classes)} classes); rename or remove them")
+            raise SourceError(
+                f"{root}: class folder(s) {unknown[:5]} are not classes of the training split "
+                f"({len(classes)} classes); rename or remove them"
+            )
         if not own:
             raise SourceError(f"empty ImageFolder {root}: no class folders")
         files, labels, stamps = _listing(root, classes)
@@ -510,8 +512,9 @@ class ImageFolderSource(Source):
         try:
             os.makedirs(directory, exist_ok=True)
             mean, std = self.mean_std()
-            np.savez(tmp, listing=np.array(self.listing_digest), sizes=self.sizes(), mean=np.array(mean),
-                     std=np.array(std))
+            np.savez(
+                tmp, listing=np.array(self.listing_digest), sizes=self.sizes(), mean=np.array(mean), std=np.array(std)
+            )
             os.replace(tmp, path)
         except OSError:
             return None  # a read-only cache costs a rescan next time, nothing else
@@ -653,8 +656,7 @@ class LimitedSource(Source):
         return {**super().describe(), "limit": self.limit}
 
 
-def open_source(data: str, split: str = "train", limit: int | None = None,
-                index_dirs: tuple[str, ...] = ()) -> Source:
+def open_source(data: str, split: str = "train", limit: int | None = None, index_dirs: tuple[str, ...] = ()) -> Source:
     """Open ``data`` ("fashion-mnist", an ImageFolder directory or a ``.npz`` file) for ``split``.
 
     ``limit`` keeps the first ``limit`` ids (own fingerprint, ``describe()["limit"]``); a limit of

@@ -12,7 +12,8 @@ Each says where the views' params come from (`dataset`) and what the student mat
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,15 +87,29 @@ class StoreTargets(Targets):
         rendered as the store was (the decoder and renderer change pixels)."""
         r, rendered = self.recipe, self.store.meta.rendered
         batches = [Batch(e % self.stored_epochs, a, b) for e, a, b in batches]
-        return ViewBatches(self.source, batches, r.size, r.group_size, ChunkCache(self.store),
-                           draft=rendered["decoder"] == "pil-draft", renderer=rendered["renderer"])
+        return ViewBatches(
+            self.source,
+            batches,
+            r.size,
+            r.group_size,
+            ChunkCache(self.store),
+            draft=rendered["decoder"] == "pil-draft",
+            renderer=rendered["renderer"],
+        )
 
     def logits(self, item: dict[str, Any], device: torch.device) -> Tensor:
         main = reconstruct(item["ids"], item["logits"], item["lse"], self.num_classes)
         if not self.dih_heads:
             return main
-        members = [reconstruct(item[f"h{j}_ids"].to(device), item[f"h{j}_logits"].to(device),
-                               item[f"h{j}_lse"].to(device), self.num_classes) for j in range(1, self.dih_heads + 1)]
+        members = [
+            reconstruct(
+                item[f"h{j}_ids"].to(device),
+                item[f"h{j}_logits"].to(device),
+                item[f"h{j}_lse"].to(device),
+                self.num_classes,
+            )
+            for j in range(1, self.dih_heads + 1)
+        ]
         return torch.stack([main.float(), *[m.to(main.device) for m in members]], dim=1)
 
     def maps(self, item: dict[str, Any], device: torch.device) -> list[Tensor]:
@@ -104,11 +119,15 @@ class StoreTargets(Targets):
     def attention_layers(self, student_layers: list[str], grid: int | None, teacher_layers: str | None) -> int:
         spec = self.store.meta.attention
         if not spec:
-            raise ConfigError(f"--attention-student needs attention maps in the store {self.store.url}; precompute "
-                              "with --attention LAYER[,...] --attention-grid G")
+            raise ConfigError(
+                f"--attention-student needs attention maps in the store {self.store.url}; precompute "
+                "with --attention LAYER[,...] --attention-grid G"
+            )
         if grid not in (None, spec["grid"]):
-            raise ConfigError(f"--attention-grid {grid}: the store's maps are {spec['grid']}x{spec['grid']}; drop the "
-                              "flag or precompute again")
+            raise ConfigError(
+                f"--attention-grid {grid}: the store's maps are {spec['grid']}x{spec['grid']}; drop the "
+                "flag or precompute again"
+            )
         _pair(student_layers, len(spec["layers"]))
         return spec["grid"]
 
@@ -146,24 +165,33 @@ class LabelTargets(Targets):
 
 def _pair(student_layers: list[str], n_teacher: int) -> None:
     if n_teacher != len(student_layers):
-        raise ConfigError(f"--attention-student names {len(student_layers)} layer(s), the teacher has {n_teacher} "
-                          "attention layer(s); pair them one to one")
+        raise ConfigError(
+            f"--attention-student names {len(student_layers)} layer(s), the teacher has {n_teacher} "
+            "attention layer(s); pair them one to one"
+        )
 
 
 def _check_dih(heads: list[str], where: str) -> int:
     if not heads:
-        raise ConfigError(f"--loss dih needs a teacher with heads: {where} has none (fit them with `kdlib heads`, "
-                          "then precompute from that run dir)")
+        raise ConfigError(
+            f"--loss dih needs a teacher with heads: {where} has none (fit them with `kdlib heads`, "
+            "then precompute from that run dir)"
+        )
     return len(heads)
 
 
 def choose_targets(cfg: Any, device: torch.device) -> Targets:
     """The one source of targets a train config names (`shards`, `teacher`, or neither), checked."""
-    online_only = [f"--{k.replace('_', '-')}" for k in ("teacher_weights", "teacher_mean", "teacher_std", "class_map")
-                   if getattr(cfg, k) is not None]
+    online_only = [
+        f"--{k.replace('_', '-')}"
+        for k in ("teacher_weights", "teacher_mean", "teacher_std", "class_map")
+        if getattr(cfg, k) is not None
+    ]
     if online_only and not cfg.teacher:
-        raise ConfigError(f"{', '.join(online_only)} describe the online --teacher; without one there is nothing "
-                          "to apply them to (a store's teacher is fixed when it is written)")
+        raise ConfigError(
+            f"{', '.join(online_only)} describe the online --teacher; without one there is nothing "
+            "to apply them to (a store's teacher is fixed when it is written)"
+        )
     if cfg.shards:
         if cfg.teacher:
             raise ConfigError("give --shards (cached teacher) or --teacher (online), not both")
@@ -178,10 +206,18 @@ def choose_targets(cfg: Any, device: torch.device) -> Targets:
     recipe = load_recipe(cfg.recipe)
     source = open_source(cfg.data, "train", cfg.limit)
     if cfg.teacher:
-        teacher = load_teacher(cfg.teacher, source, device=device, precision=cfg.precision,
-                               weights=cfg.teacher_weights, mean=cfg.teacher_mean, std=cfg.teacher_std,
-                               class_map=cfg.class_map, trust_code=cfg.trust_code,
-                               flags=("--teacher-mean", "--teacher-std"))
+        teacher = load_teacher(
+            cfg.teacher,
+            source,
+            device=device,
+            precision=cfg.precision,
+            weights=cfg.teacher_weights,
+            mean=cfg.teacher_mean,
+            std=cfg.teacher_std,
+            class_map=cfg.class_map,
+            trust_code=cfg.trust_code,
+            flags=("--teacher-mean", "--teacher-std"),
+        )
         targets = OnlineTargets(teacher, source, recipe)
         if cfg.loss == "dih":
             targets.dih_heads = _check_dih(teacher.heads, f"teacher {cfg.teacher}")

@@ -50,10 +50,12 @@ class Teacher:
 
     @property
     def contract(self):
+        """The input contract the weights expect (mean, std, size, crop, interpolation)."""
         return self.model.contract
 
     @property
     def num_classes(self) -> int:
+        """Classes it answers over (the data's, after a class map)."""
         return self.model.num_classes
 
     @property
@@ -95,38 +97,65 @@ class Teacher:
 
     def identity(self) -> dict[str, Any]:
         """What a store records of the teacher that wrote it (its `meta.json` `teacher` entry)."""
-        return {"id": model_id(self.spec), "digest": self.digest, "arch": self.model.config["arch"],
-                "config": self.model.config, "contract": self.contract.to_dict(), "precision": self.precision}
+        return {
+            "id": model_id(self.spec),
+            "digest": self.digest,
+            "arch": self.model.config["arch"],
+            "config": self.model.config,
+            "contract": self.contract.to_dict(),
+            "precision": self.precision,
+        }
 
     def check_store(self, meta: Any, where: str) -> None:
         """Refuse a store this teacher did not write: another normalisation, other weights, other heads."""
         check_store_contract(meta.teacher, self.contract, where)
         if self.digest != meta.teacher["digest"]:
-            raise StoreMismatchError(f"teacher {self.spec} has weights digest {self.digest[:12]}, the store {where} "
-                                     f"was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})")
+            raise StoreMismatchError(
+                f"teacher {self.spec} has weights digest {self.digest[:12]}, the store {where} "
+                f"was written by {meta.teacher.get('id')} ({meta.teacher['digest'][:12]})"
+            )
         if meta.heads and self.heads != list(meta.heads):
             raise ConfigError(f"the store's heads are on {meta.heads}; this teacher's on {self.heads}")
 
 
-def load_teacher(spec: str, source: Source, *, cpu: bool = False, device: torch.device | None = None,
-                 precision: str | None = None, weights: str | None = None,
-                 mean: str | Sequence[float] | None = None, std: str | Sequence[float] | None = None,
-                 class_map: str | None = None, trust_code: bool = False, size: int | None = None,
-                 flags: tuple[str, str] = ("--mean", "--std")) -> Teacher:
+def load_teacher(
+    spec: str,
+    source: Source,
+    *,
+    cpu: bool = False,
+    device: torch.device | None = None,
+    precision: str | None = None,
+    weights: str | None = None,
+    mean: str | Sequence[float] | None = None,
+    std: str | Sequence[float] | None = None,
+    class_map: str | None = None,
+    trust_code: bool = False,
+    size: int | None = None,
+    flags: tuple[str, str] = ("--mean", "--std"),
+) -> Teacher:
     """The teacher `spec` names, fitted to `source`'s classes, on the process's device (or `device`).
 
     `mean`/`std` (text like "imagenet" or numbers) only for weights that do not define their own;
     `flags` names them in messages. `size`: the recipe's view size, noted when the weights were
     evaluated at another."""
     device = device or process_state(cpu).device
-    model = resolve_model(spec, classes=source.classes, in_channels=source.channels, weights=weights,
-                          mean=parse_floats(mean, flags[0]) if isinstance(mean, str) or mean is None else mean,
-                          std=parse_floats(std, flags[1]) if isinstance(std, str) or std is None else std,
-                          class_map=class_map, data_stats=source.mean_std, trust_code=trust_code).eval()
+    model = resolve_model(
+        spec,
+        classes=source.classes,
+        in_channels=source.channels,
+        weights=weights,
+        mean=parse_floats(mean, flags[0]) if isinstance(mean, str) or mean is None else mean,
+        std=parse_floats(std, flags[1]) if isinstance(std, str) or std is None else std,
+        class_map=class_map,
+        data_stats=source.mean_std,
+        trust_code=trust_code,
+    ).eval()
     cfg = model.config
     if cfg["num_classes"] != source.num_classes or cfg["in_channels"] != source.channels:
-        raise ConfigError(f"teacher {spec} expects {cfg['in_channels']} channel(s) and {cfg['num_classes']} "
-                          f"classes; source {source.name} has {source.channels} and {source.num_classes}")
+        raise ConfigError(
+            f"teacher {spec} expects {cfg['in_channels']} channel(s) and {cfg['num_classes']} "
+            f"classes; source {source.name} has {source.channels} and {source.num_classes}"
+        )
     if size is not None and (note := size_note(model.contract, size, f"teacher {spec}")):
         if process_state(cpu).is_main_process:
             print(note)

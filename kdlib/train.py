@@ -31,11 +31,19 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 
 from ._checks import TRAIN_NUMBERS, check_numbers
 from .batchnorm import convert_batchnorm, revert_batchnorm
-from .checkpoint import (check_out_dir, check_resume, clear_run, find_checkpoint, load_checkpoint, math_config,
-                         read_state, save_checkpoint)
+from .checkpoint import (
+    check_out_dir,
+    check_resume,
+    clear_run,
+    find_checkpoint,
+    load_checkpoint,
+    math_config,
+    read_state,
+    save_checkpoint,
+)
 from .errors import ConfigError
 from .evaluate import evaluate_model
-from .losses import LOSS_SETTINGS, loss_settings, target_error, target_loss, training_loss
+from .losses import loss_settings, target_error, target_loss, training_loss
 from .plots import save_curves
 from .replay import Replay
 from .resolve import load_student
@@ -49,8 +57,6 @@ from .store.codecs import decode_chunk
 from .targets import Targets, attention_term, choose_targets
 
 __all__ = ["TrainConfig", "resolve_config", "train"]
-
-
 
 
 @dataclass
@@ -138,23 +144,32 @@ def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator,
     if meta.k >= meta.num_classes:
         return
     if not meta.sample_views:
-        accelerator.print(f"note: store keeps top-{meta.k} of {meta.num_classes} classes and no full-logit sample; "
-                          "the error of the stored target at this temperature is unmeasured")
+        accelerator.print(
+            f"note: store keeps top-{meta.k} of {meta.num_classes} classes and no full-logit sample; "
+            "the error of the stored target at this temperature is unmeasured"
+        )
         return
     full, rec = [], []
     for chunk in range(min(chunks, meta.chunks_per_epoch)):
         cols = decode_chunk(store.read_chunk(0, chunk), meta)
         n = len(cols["full"])
         full.append(torch.from_numpy(cols["full"]).float())
-        rec.append(reconstruct(torch.from_numpy(cols["ids"][:n].astype(np.int64)), torch.from_numpy(cols["logits"][:n]),
-                               torch.from_numpy(cols["lse"][:n]), meta.num_classes))
+        rec.append(
+            reconstruct(
+                torch.from_numpy(cols["ids"][:n].astype(np.int64)),
+                torch.from_numpy(cols["logits"][:n]),
+                torch.from_numpy(cols["lse"][:n]),
+                meta.num_classes,
+            )
+        )
     loss, params = target_loss(cfg.loss, loss_settings(cfg.loss, cfg))
     err = target_error(torch.cat(full), torch.cat(rec), loss, **params)
     if err["kl_mean_scaled"] > TARGET_KL_WARN:
         accelerator.print(
             f"warning: at {cfg.loss} {params} the top-{meta.k} target differs from the full teacher by "
             f"KL {err['kl_mean_scaled']:.4f} (measured on {sum(len(f) for f in full)} stored full-logit views); "
-            f"the invented tail matters here: precompute with a larger --k (or --k {meta.num_classes}: full logits)")
+            f"the invented tail matters here: precompute with a larger --k (or --k {meta.num_classes}: full logits)"
+        )
 
 
 def _views_digest(image_ids: np.ndarray, start: int) -> str:
@@ -197,6 +212,8 @@ class _StepLog:
 
 # -- 2. loop, 3. save ----------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a student as `cfg` says: 1. prepare, 2. loop over this rank's share of every global batch,
+    3. save and evaluate; -> a summary (run dir, world size, steps, evaluation)."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     check_world(accelerator.num_processes)
     out = Path(cfg.out)
@@ -206,16 +223,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     source, recipe = targets.source, targets.recipe
     world = accelerator.num_processes
     # This rank's share of every global batch, from a step set below (the same batches a user's loop replays)
-    replay = Replay(targets, batch_size=cfg.batch_size, epochs=cfg.epochs, device=accelerator.device,
-                    rank=accelerator.process_index, world=world, workers=cfg.workers, render=cfg.render)
+    replay = Replay(
+        targets,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=world,
+        workers=cfg.workers,
+        render=cfg.render,
+    )
     steps_per_epoch, total_steps = replay.steps_per_epoch, replay.total_steps
     if targets.stored_epochs is not None and cfg.epochs > targets.stored_epochs:
-        accelerator.print(f"notice: training {cfg.epochs} epochs from {targets.stored_epochs} stored epoch(s) "
-                          f"(the store holds {targets.store.meta.epochs_done}); "
-                          f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})")
+        accelerator.print(
+            f"notice: training {cfg.epochs} epochs from {targets.stored_epochs} stored epoch(s) "
+            f"(the store holds {targets.store.meta.epochs_done}); "
+            f"stored epochs are cycled (epoch e replays stored epoch e mod {targets.stored_epochs})"
+        )
 
-    student = load_student(cfg.student, source, targets.num_classes, seed=cfg.seed, weights=cfg.weights,
-                           mean=cfg.mean, std=cfg.std, trust_code=cfg.trust_code)
+    student = load_student(
+        cfg.student,
+        source,
+        targets.num_classes,
+        seed=cfg.seed,
+        weights=cfg.weights,
+        mean=cfg.mean,
+        std=cfg.std,
+        trust_code=cfg.trust_code,
+    )
     if world > 1:  # BatchNorm over the global batch, so N processes compute what one would
         student = convert_batchnorm(student, accelerator.device)
     at_term = attention_term(cfg, targets, student)  # 0.0 without --attention-student
@@ -250,16 +285,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if replace_run:
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(
-            {**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1))
+        (out / "train_config.json").write_text(
+            json.dumps({**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1)
+        )
         _truncate_logs(out, start_step)  # forget steps logged after the checkpoint we resume from
 
     replay.start_step = start_step
     if targets.store is not None:  # roi_align-1 on another kind of device: within 1 LSB on a few pixels; say so, once
         here, there = replay.render_device, targets.store.meta.rendered["device"]
         if here != there and targets.store.meta.rendered["renderer"] == "roi_align-1":
-            accelerator.print(f"notice: the store's views were rendered on {there}, this run renders them on {here}: "
-                              "a few pixels may differ by 1 (roi_align); `kdlib verify --device` measures it")
+            accelerator.print(
+                f"notice: the store's views were rendered on {there}, this run renders them on {here}: "
+                "a few pixels may differ by 1 (roi_align); `kdlib verify --device` measures it"
+            )
     batches = iter(replay)  # one feed for every remaining step: its workers live from the first batch to the last
     log = _StepLog(out / "steps.jsonl", accelerator, cfg.log_every)
     channels_last = accelerator.device.type == "cuda"
@@ -297,39 +335,71 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
         dt = time.time() - t0
         _save_checkpoint(accelerator, ckpt, step)
-        rec = {"epoch": epoch, "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
-               "steps": n, "loss": sum(log.epoch_losses) / max(len(log.epoch_losses), 1),
-               "lr": scheduler.get_last_lr()[0], "seconds": round(dt, 3),
-               "views_per_s": round(n * cfg.batch_size / max(dt, 1e-9), 1), "world_size": world}
+        rec = {
+            "epoch": epoch,
+            "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
+            "steps": n,
+            "loss": sum(log.epoch_losses) / max(len(log.epoch_losses), 1),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(dt, 3),
+            "views_per_s": round(n * cfg.batch_size / max(dt, 1e-9), 1),
+            "world_size": world,
+        }
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             # every rank predicts its share of the test split on its device; the bare module, so that
             # a DDP wrapper does not wait for the other ranks in forward
-            rec["eval"] = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets), recipe.size,
-                                         recipe.center_fraction, cfg.shards, cfg.workers, accelerator=accelerator)
+            rec["eval"] = evaluate_model(
+                accelerator.unwrap_model(model),
+                _test_source(cfg, targets),
+                recipe.size,
+                recipe.center_fraction,
+                cfg.shards,
+                cfg.workers,
+                accelerator=accelerator,
+            )
         if accelerator.is_main_process:
             if n < steps_per_epoch:  # resumed mid-epoch: the epoch's loss is over all its steps, as logged
-                losses = [r["loss"] for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())
-                          if r["epoch"] == epoch]
+                losses = [
+                    r["loss"]
+                    for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())
+                    if r["epoch"] == epoch
+                ]
                 rec["loss"] = sum(losses) / max(len(losses), 1)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        accelerator.print(f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
-                          + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else ""))
+        accelerator.print(
+            f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
+            + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else "")
+        )
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"out": str(out), "world_size": world, "steps": step}
     if cfg.eval:  # every rank evaluates its share of the test split on its device
-        metrics = evaluate_model(accelerator.unwrap_model(model), _test_source(cfg, targets), recipe.size,
-                                 recipe.center_fraction, cfg.shards, cfg.workers, accelerator=accelerator)
+        metrics = evaluate_model(
+            accelerator.unwrap_model(model),
+            _test_source(cfg, targets),
+            recipe.size,
+            recipe.center_fraction,
+            cfg.shards,
+            cfg.workers,
+            accelerator=accelerator,
+        )
         result["eval"] = {"model": str(out), "data": _data_arg(cfg, targets), "split": "test", **metrics}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if world > 1:
             final = revert_batchnorm(final)
-        extra = {"recipe": recipe.to_dict(), "input_size": recipe.size, "classes": list(source.classes),
-                 "trained_from": {"shards": os.path.abspath(cfg.shards) if cfg.shards else None,
-                                  "teacher": cfg.teacher, "loss": cfg.loss, "data": cfg.data or
-                                  (targets.store.meta.source.get("data") if targets.store else None)}}
+        extra = {
+            "recipe": recipe.to_dict(),
+            "input_size": recipe.size,
+            "classes": list(source.classes),
+            "trained_from": {
+                "shards": os.path.abspath(cfg.shards) if cfg.shards else None,
+                "teacher": cfg.teacher,
+                "loss": cfg.loss,
+                "data": cfg.data or (targets.store.meta.source.get("data") if targets.store else None),
+            },
+        }
         save_model(final, out, extra=extra)
         if cfg.eval:
             with open(out / "metrics.jsonl", "a") as f:

@@ -26,7 +26,7 @@ from .errors import ConfigError, StoreMismatchError
 from .feed import Feed
 from .runtime import process_state
 from .store import ChunkCache, Store, open_store, open_store_source
-from .store.codecs import Tolerance, TeacherOutput, active_codecs
+from .store.codecs import TeacherOutput, Tolerance, active_codecs
 from .teacher import load_teacher
 from .views import Batch, FixedParams, ViewBatches, split_range
 
@@ -43,24 +43,52 @@ CROSS_DEVICE_PIXELS = 1e-3  # share of pixels allowed to differ (by at most 1) a
 def pixel_parity(stored: np.ndarray, fresh: np.ndarray) -> dict[str, Any]:
     """How far re-rendered views are from the stored pixel sample: max difference and share differing."""
     diff = np.abs(stored.astype(np.int16) - fresh.astype(np.int16))
-    return {"views": int(len(stored)), "max_pixel_diff": int(diff.max(initial=0)),
-            "pixels_differing": float((diff > 0).mean()) if diff.size else 0.0}
+    return {
+        "views": int(len(stored)),
+        "max_pixel_diff": int(diff.max(initial=0)),
+        "pixels_differing": float((diff > 0).mean()) if diff.size else 0.0,
+    }
 
 
-def _render(store: Store, source, device: torch.device, cols: dict[str, np.ndarray], batch_size: int,
-            draft: bool) -> list[dict[str, Any]]:
+def _render(
+    store: Store, source, device: torch.device, cols: dict[str, np.ndarray], batch_size: int, draft: bool
+) -> list[dict[str, Any]]:
     params = FixedParams(cols)
     meta = store.meta
     batches = [Batch(0, a, b) for a, b in split_range(0, len(cols["image"]), batch_size)]
-    return list(Feed(ViewBatches(source, batches, int(meta.recipe["size"]), meta.group_size, params, draft=draft,
-                                 renderer=meta.rendered["renderer"]),
-                     device, workers=0))
+    return list(
+        Feed(
+            ViewBatches(
+                source,
+                batches,
+                int(meta.recipe["size"]),
+                meta.group_size,
+                params,
+                draft=draft,
+                renderer=meta.rendered["renderer"],
+            ),
+            device,
+            workers=0,
+        )
+    )
 
 
-def verify(shards: str, teacher: str, views: int = 256, weights: str | None = None, data: str | None = None,
-           min_agreement: float | None = None, batch_size: int = 256, device: str | None = None,
-           mean: str | None = None, std: str | None = None, class_map: str | None = None,
-           trust_code: bool = False, cpu: bool = False, limit: int | None = None) -> dict[str, Any]:
+def verify(
+    shards: str,
+    teacher: str,
+    views: int = 256,
+    weights: str | None = None,
+    data: str | None = None,
+    min_agreement: float | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    class_map: str | None = None,
+    trust_code: bool = False,
+    cpu: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """Re-render `views` stored views (and the stored pixel sample), re-run `teacher` on them and
     compare with what the store says: a report whose `ok` says whether replay is exact (invariant 3).
 
@@ -78,8 +106,17 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
     dev = torch.device(device) if device else state.device
     # The teacher's contract comes from its weights (or flags), never from the store: a store made
     # with another normalisation must be refused, not silently adopted.
-    model = load_teacher(teacher, source, device=dev, precision=meta.precision, weights=weights, mean=mean, std=std,
-                         class_map=class_map, trust_code=trust_code)
+    model = load_teacher(
+        teacher,
+        source,
+        device=dev,
+        precision=meta.precision,
+        weights=weights,
+        mean=mean,
+        std=std,
+        class_map=class_map,
+        trust_code=trust_code,
+    )
     model.check_store(meta, shards)
     if meta.attention:  # the maps of every forward, to compare with the stored ones
         model.tap(meta.attention["layers"], meta.attention["grid"], meta.attention["codec"])
@@ -92,8 +129,13 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
 
     g = meta.group_size
     cache = ChunkCache(store)
-    result: dict[str, Any] = {"store": shards, "rendered_on": rendered["device"], "replayed_on": dev.type,
-                              "decoder": rendered["decoder"], "precision": precision}
+    result: dict[str, Any] = {
+        "store": shards,
+        "rendered_on": rendered["device"],
+        "replayed_on": dev.type,
+        "decoder": rendered["decoder"],
+        "precision": precision,
+    }
     pixels_ok = True
     sample = store.read_pixels()
     if sample is not None:
@@ -103,18 +145,24 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
         fresh = torch.cat([it["views"].cpu() for it in _render(store, source, dev, cols, batch_size, draft)])
         parity = pixel_parity(stored, fresh[: len(stored)].numpy())
         exact = same_kind or rendered["renderer"] == "pil-bilinear-1"  # integer resample: the same bytes anywhere
-        pixels_ok = parity["max_pixel_diff"] == 0 if exact else (
-            parity["max_pixel_diff"] <= 1 and parity["pixels_differing"] <= CROSS_DEVICE_PIXELS)
+        pixels_ok = (
+            parity["max_pixel_diff"] == 0
+            if exact
+            else (parity["max_pixel_diff"] <= 1 and parity["pixels_differing"] <= CROSS_DEVICE_PIXELS)
+        )
         result["pixels"] = {**parity, "ok": pixels_ok}
 
     groups_per_epoch = meta.views_per_epoch // g
     n_groups = min(-(-views // g), groups_per_epoch * meta.epochs_done)
     picks = np.linspace(0, groups_per_epoch * meta.epochs_done - 1, n_groups).round().astype(np.int64)
-    parts = [cache.views(int(p // groups_per_epoch), int(p % groups_per_epoch) * g, int(p % groups_per_epoch + 1) * g)
-             for p in picks]
+    parts = [
+        cache.views(int(p // groups_per_epoch), int(p % groups_per_epoch) * g, int(p % groups_per_epoch + 1) * g)
+        for p in picks
+    ]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    fresh = TeacherOutput.cat([model.forward(it["views"]).cpu()
-                               for it in _render(store, source, dev, cols, batch_size, draft)])
+    fresh = TeacherOutput.cat(
+        [model.forward(it["views"]).cpu() for it in _render(store, source, dev, cols, batch_size, draft)]
+    )
 
     abs_tol = ABS_TOL.get(precision, ABS_TOL["bf16"]) + (0.0 if same_kind else CROSS_DEVICE_ABS_TOL)
     tol = Tolerance(min_agreement, abs_tol, FP16_RTOL + REL_TOL.get(precision, REL_TOL["bf16"]))
@@ -125,6 +173,14 @@ def verify(shards: str, teacher: str, views: int = 256, weights: str | None = No
         if checked is not None:
             ok &= bool(checked.pop("ok"))
             report.update(checked)
-    result.update({"views": int(len(cols["image"])), "epochs": meta.epochs_done, **report,
-                   "logit_codec": meta.logit_codec, "min_agreement": min_agreement, "ok": bool(ok)})
+    result.update(
+        {
+            "views": int(len(cols["image"])),
+            "epochs": meta.epochs_done,
+            **report,
+            "logit_codec": meta.logit_codec,
+            "min_agreement": min_agreement,
+            "ok": bool(ok),
+        }
+    )
     return result

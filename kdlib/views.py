@@ -63,7 +63,9 @@ class PlanParams:
     def epoch(self, epoch: int) -> dict[str, np.ndarray]:
         if epoch != self._epoch:
             plan = make_plan(self.recipe, self.sizes, epoch)
-            self._plan = unpack_params(pack_params(plan, self.packing), self.packing) if self.packing != "none" else plan
+            self._plan = (
+                unpack_params(pack_params(plan, self.packing), self.packing) if self.packing != "none" else plan
+            )
             self._epoch = epoch
         return self._plan
 
@@ -88,6 +90,7 @@ class FixedParams:
 
 
 def split_range(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into consecutive ranges of at most `step`."""
     return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 
 
@@ -108,8 +111,18 @@ class ViewBatches(Dataset):
     views (`item["views"]`, uint8 on the CPU), or decoded images and what the main process needs to
     render them. `renderer` is the store's when replaying one (`meta.rendered["renderer"]`)."""
 
-    def __init__(self, source: Source, batches: list[Batch], size: int, group_size: int, params: ParamReader, *,
-                 stage: str | None = None, draft: bool = False, renderer: str = RENDERER) -> None:
+    def __init__(
+        self,
+        source: Source,
+        batches: list[Batch],
+        size: int,
+        group_size: int,
+        params: ParamReader,
+        *,
+        stage: str | None = None,
+        draft: bool = False,
+        renderer: str = RENDERER,
+    ) -> None:
         self.source, self.batches, self.size, self.group_size = source, list(batches), size, group_size
         self.params, self.draft, self.renderer = params, draft, check_renderer(renderer)
         # standalone (no feed): rendered here, the way a worker renders
@@ -118,10 +131,18 @@ class ViewBatches(Dataset):
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
         self._labels = source.labels()
 
-    def staged(self, stage: str) -> "ViewBatches":
+    def staged(self, stage: str) -> ViewBatches:
         """The same batches, with the worker taking the pixels as far as `stage` (a new dataset)."""
-        return ViewBatches(self.source, self.batches, self.size, self.group_size, self.params, stage=stage,
-                           draft=self.draft, renderer=self.renderer)
+        return ViewBatches(
+            self.source,
+            self.batches,
+            self.size,
+            self.group_size,
+            self.params,
+            stage=stage,
+            draft=self.draft,
+            renderer=self.renderer,
+        )
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -134,11 +155,15 @@ class ViewBatches(Dataset):
         group_start = np.arange(len(image)) // self.group_size * self.group_size
         partner_image = image[group_start + p["partner"].astype(np.int64)]
         out: dict[str, Any] = {
-            "index": i, "epoch": epoch, "start": start, "stop": stop,
+            "index": i,
+            "epoch": epoch,
+            "start": start,
+            "stop": stop,
             "label": torch.from_numpy(self._labels[image]),
             "partner_label": torch.from_numpy(self._labels[partner_image]),
             "lam": torch.from_numpy(p["lam"].copy()),
-            "image": torch.from_numpy(image)}
+            "image": torch.from_numpy(image),
+        }
         out.update(self.params.item_columns(cols))  # stored soft labels, heads, maps, ... (kdlib.store.codecs)
         if self.stage == "worker-pillow":  # Pillow's C resample, straight from the decoder
             out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)

@@ -35,15 +35,16 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     except ModelError:
         raise
     except Exception as e:  # UnpicklingError, corrupt zip / header, ...
-        raise ModelError(f"cannot load weights from {path} (only plain state dicts are accepted, "
-                         f"loaded with weights_only=True): {e}") from e
+        raise ModelError(
+            f"cannot load weights from {path} (only plain state dicts are accepted, loaded with weights_only=True): {e}"
+        ) from e
     for key in ("state_dict", "model"):  # common checkpoint layouts
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"weights file {path} does not hold a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,33 @@ LIMIT = 256  # images of the train split used everywhere
 STORE_EPOCHS = 2
 STORE_K = 3  # < 10 classes: truncation (tail reconstruction) is exercised
 CHUNK_VIEWS = 64
+# `accelerate launch` of 2 CPU processes (gloo), with ACCELERATE_USE_CPU=1 in the environment: `--cpu
+# --num_processes 2` would silently run ONE process, so the tests that use it check that two ranks ran
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 if not os.path.isfile(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) and not os.path.isfile(
-        os.path.join(FMNIST_DIR, "train-images-idx3-ubyte")):
-    pytest.exit(f"Fashion-MNIST not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist, "
-                "or set KDLIB_DATA to a folder with its IDX files)", returncode=4)
+    os.path.join(FMNIST_DIR, "train-images-idx3-ubyte")
+):
+    pytest.exit(
+        f"Fashion-MNIST not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist, "
+        "or set KDLIB_DATA to a folder with its IDX files)",
+        returncode=4,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,8 +80,20 @@ def kd_root(tmp_path_factory) -> Path:
 def _train_teacher(out: Path, seed: int) -> str:
     from kdlib.train import TrainConfig, train
 
-    train(TrainConfig(out=str(out), student="resnet8", data="fashion-mnist", loss="ce", epochs=1,
-                      limit=LIMIT, workers=0, eval=False, cpu=True, seed=seed))
+    train(
+        TrainConfig(
+            out=str(out),
+            student="resnet8",
+            data="fashion-mnist",
+            loss="ce",
+            epochs=1,
+            limit=LIMIT,
+            workers=0,
+            eval=False,
+            cpu=True,
+            seed=seed,
+        )
+    )
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     return str(out)
 
@@ -81,8 +116,19 @@ def store_dir(kd_root, teacher_dir) -> str:
     from kdlib.precompute import PrecomputeConfig, precompute
 
     out = kd_root / "store"
-    precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
-                                epochs=STORE_EPOCHS, k=STORE_K, limit=LIMIT, chunk_views=CHUNK_VIEWS, workers=0))
+    precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=str(out),
+            recipe=FMNIST_RECIPE,
+            epochs=STORE_EPOCHS,
+            k=STORE_K,
+            limit=LIMIT,
+            chunk_views=CHUNK_VIEWS,
+            workers=0,
+        )
+    )
     return str(out)
 
 
@@ -111,8 +157,11 @@ def store_copy(store_dir, tmp_path) -> str:
 def snapshot(root: str | Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `root` (what "nothing changed" compares)."""
     root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- tiny RGB sources of non-square images ------------------------------------------------
@@ -136,8 +185,7 @@ def rgb_npz(tmp_path_factory) -> str:
     """8 RGB images of 20x32 (h x w) in an .npz, 4 classes."""
     rng = np.random.default_rng(123)
     path = tmp_path_factory.mktemp("npz") / "rgb8.npz"
-    np.savez(path, images=rng.integers(0, 256, size=(8, 20, 32, 3), dtype=np.uint8),
-             labels=np.arange(8) % 4)
+    np.savez(path, images=rng.integers(0, 256, size=(8, 20, 32, 3), dtype=np.uint8), labels=np.arange(8) % 4)
     return str(path)
 
 
@@ -160,6 +208,17 @@ def headed_teacher_dir(kd_root, teacher_dir) -> str:
     from kdlib.heads import HeadsConfig, fit_heads
 
     out = kd_root / "teacher_heads"
-    fit_heads(HeadsConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE, epochs=1,
-                          limit=LIMIT, workers=0, cpu=True, batch_size=64))
+    fit_heads(
+        HeadsConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=str(out),
+            recipe=FMNIST_RECIPE,
+            epochs=1,
+            limit=LIMIT,
+            workers=0,
+            cpu=True,
+            batch_size=64,
+        )
+    )
     return str(out)

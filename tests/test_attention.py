@@ -31,12 +31,13 @@ def ref_map(x: torch.Tensor, grid: int | None) -> np.ndarray:
                     cells[r, s] = a[r0:r1, s0:s1].mean()
             a = cells
         v = a.reshape(-1)
-        out.append(v / np.sqrt((v ** 2).sum()))
+        out.append(v / np.sqrt((v**2).sum()))
     return np.stack(out)
 
 
-@pytest.mark.parametrize("shape, grid", [((3, 5, 8, 8), None), ((3, 5, 8, 8), 4), ((2, 7, 7, 7), 8),
-                                         ((2, 3, 14, 14), 7), ((2, 4, 6, 9), 3)])
+@pytest.mark.parametrize(
+    "shape, grid", [((3, 5, 8, 8), None), ((3, 5, 8, 8), 4), ((2, 7, 7, 7), 8), ((2, 3, 14, 14), 7), ((2, 4, 6, 9), 3)]
+)
 def test_attention_map_matches_float64_reference(shape, grid):
     x = _act(1, shape)
     got = attention_map(x, grid)

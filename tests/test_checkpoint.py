@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LAUNCH
 
-ENV = {**{k: v for k, v in os.environ.items() if k != "KDLIB_DATA"}, "CUDA_VISIBLE_DEVICES": "",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "KDLIB_DATA"},
+    "CUDA_VISIBLE_DEVICES": "",
+    "PYTHONUNBUFFERED": "1",
+}
 TRAIN = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval"]
 
 
@@ -35,23 +39,29 @@ class _Planted:
 def _plant(ckpt: Path, marker: Path) -> list[Path]:
     """The files accelerate 1.15's load_state unpickles, each one a payload."""
     payload = pickle.dumps(_Planted(marker))
-    files = [ckpt / "custom_checkpoint_0.pkl", ckpt / "random_states_0.pkl", ckpt / "optimizer.bin",
-             ckpt / "scheduler.bin"]
+    files = [
+        ckpt / "custom_checkpoint_0.pkl",
+        ckpt / "random_states_0.pkl",
+        ckpt / "optimizer.bin",
+        ckpt / "scheduler.bin",
+    ]
     for f in files:
         f.write_bytes(payload)
     return files
 
 
 def _kdlib(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdlib", *map(str, args)], env=ENV, capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "kdlib", *map(str, args)], env=ENV, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def run_dir(store_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    p = _kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--cpu", "--checkpoint-every", "3",
-               "--out", out)
+    p = _kdlib(
+        "train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--cpu", "--checkpoint-every", "3", "--out", out
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -126,8 +136,13 @@ def test_save_load_restores_model_optimizer_scheduler_and_rng(tmp_path):
         step(net, opt, sched, x)
     save_checkpoint(acc, tmp_path / "checkpoint", 3, net, opt, sched, {"k": 1})
     step(net, opt, sched, x)
-    want = ({k: v.clone() for k, v in net.state_dict().items()}, sched.get_last_lr(),
-            torch.rand(3), np.random.rand(3), random.random())
+    want = (
+        {k: v.clone() for k, v in net.state_dict().items()},
+        sched.get_last_lr(),
+        torch.rand(3),
+        np.random.rand(3),
+        random.random(),
+    )
 
     acc2, net2, opt2, sched2 = build()  # fresh objects, other RNG state
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
@@ -140,8 +155,6 @@ def test_save_load_restores_model_optimizer_scheduler_and_rng(tmp_path):
     assert torch.equal(want[2], got[2]) and np.array_equal(want[3], got[3]) and want[4] == got[4]
 
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 CPU2 = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -149,13 +162,31 @@ def test_two_process_run_killed_and_resumed_is_bit_identical(store_dir, tmp_path
     from kdlib.resolve import load_model
     from kdlib.weights import weights_digest
 
-    args = [*LAUNCH, "-m", "kdlib", "train", "--shards", store_dir, "--epochs", "2", *TRAIN,
-            "--checkpoint-every", "3", "--seed", "3"]
+    args = [
+        *LAUNCH,
+        "-m",
+        "kdlib",
+        "train",
+        "--shards",
+        store_dir,
+        "--epochs",
+        "2",
+        *TRAIN,
+        "--checkpoint-every",
+        "3",
+        "--seed",
+        "3",
+    ]
     p = subprocess.run([*args, "--out", str(tmp_path / "full")], env=CPU2, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out), "--resume"], env=CPU2, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*args, "--out", str(out), "--resume"],
+        env=CPU2,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     steps = out / "steps.jsonl"
     t0, killed = time.time(), False
     while proc.poll() is None and time.time() - t0 < 600:
@@ -167,8 +198,12 @@ def test_two_process_run_killed_and_resumed_is_bit_identical(store_dir, tmp_path
     proc.wait()
     assert killed, "the run finished before the kill"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["world_size"] == 2
-    assert {p.name for p in (out / "checkpoint").glob("rng-*")} == {"rng-0.json", "rng-0.safetensors",
-                                                                     "rng-1.json", "rng-1.safetensors"}
+    assert {p.name for p in (out / "checkpoint").glob("rng-*")} == {
+        "rng-0.json",
+        "rng-0.safetensors",
+        "rng-1.json",
+        "rng-1.safetensors",
+    }
     p = subprocess.run([*args, "--out", str(out), "--resume"], env=CPU2, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT
+
 from kdlib.errors import CorruptStoreError, StoreVersionError
 from kdlib.store.codecs import Codec, TeacherOutput, Tolerance, register_codec, unregister_codec
 
@@ -46,9 +46,20 @@ def margin_store(teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("codec") / "s"
     register_codec(Margin())
     try:
-        precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
-                                    epochs=1, k=3, limit=LIMIT, workers=0, chunk_views=CHUNK_VIEWS,
-                                    columns=("margin",)))
+        precompute(
+            PrecomputeConfig(
+                teacher=teacher_dir,
+                data="fashion-mnist",
+                out=str(out),
+                recipe=FMNIST_RECIPE,
+                epochs=1,
+                k=3,
+                limit=LIMIT,
+                workers=0,
+                chunk_views=CHUNK_VIEWS,
+                columns=("margin",),
+            )
+        )
         yield str(out)
     finally:
         unregister_codec("margin")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FMNIST_DIR, FMNIST_RECIPE, REPO
 
 
@@ -26,14 +25,19 @@ def _gpu_env() -> dict[str, str]:
 
 
 def _has_cuda() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           env=_gpu_env(), capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        env=_gpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return probe.stdout.strip() == "True"
 
 
 pytestmark = pytest.mark.skipif(not _has_cuda(), reason="no CUDA device visible")
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 import numpy as np, torch
 from kdlib.plan import make_plan
@@ -53,14 +57,15 @@ for renderer in ("pil-bilinear-1", "roi_align-1"):
     d = (cpu.int() - cuda.int()).abs()
     gap[renderer] = {"max": int(d.max()), "share": float((d > 0).float().mean())}
 print(json.dumps(gap))
-'''
+"""
 
 
 def test_cuda_render_matches_the_cpu():
     import json
 
-    p = subprocess.run([sys.executable, "-c", SCRIPT], env=_gpu_env(), capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=_gpu_env(), capture_output=True, text=True, timeout=600, cwd=REPO
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     gap = json.loads(p.stdout.strip().splitlines()[-1])
     assert gap["pil-bilinear-1"]["max"] == 0, gap  # integer resample + the same float32 mix: bit for bit
@@ -71,28 +76,68 @@ def test_gpu_store_records_bf16_and_verifies(tmp_path):
     import json
 
     def kdlib(*args: str) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "kdlib", *args], env=_gpu_env(), capture_output=True, text=True,
-                           timeout=600, cwd=REPO)
+        p = subprocess.run(
+            [sys.executable, "-m", "kdlib", *args],
+            env=_gpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return p
 
     teacher, store = str(tmp_path / "teacher"), str(tmp_path / "store")
     kdlib("train", "--data", "fashion-mnist", "--loss", "ce", "--limit", "512", "--out", teacher, "--no-eval")
-    kdlib("precompute", "--teacher", teacher, "--recipe", FMNIST_RECIPE, "--limit", "512", "--k", "3",
-          "--out", store, "--no-test")
+    kdlib(
+        "precompute",
+        "--teacher",
+        teacher,
+        "--recipe",
+        FMNIST_RECIPE,
+        "--limit",
+        "512",
+        "--k",
+        "3",
+        "--out",
+        store,
+        "--no-test",
+    )
     meta = json.loads((tmp_path / "store" / "meta.json").read_text())
     assert meta["render"]["device"] == "cuda" and meta["teacher"]["precision"] == "bf16"
     same = json.loads(kdlib("verify", "--shards", store, "--teacher", teacher, "--views", "256").stdout)
     assert same["ok"] and same["pixels"]["max_pixel_diff"] == 0, same
-    other = subprocess.run([sys.executable, "-m", "kdlib", "verify", "--shards", store, "--teacher", teacher,
-                            "--device", "cpu"], env=_gpu_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    other = subprocess.run(
+        [sys.executable, "-m", "kdlib", "verify", "--shards", store, "--teacher", teacher, "--device", "cpu"],
+        env=_gpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     report = json.loads(other.stdout)
     assert report["rendered_on"] == "cuda" and report["replayed_on"] == "cpu" and report["pixels"]["ok"], report
     kdlib("train", "--shards", store, "--student", "resnet8", "--out", str(tmp_path / "student"), "--no-eval")
     # rendered in the CPU workers on a GPU machine: the store says cpu, and verify on the GPU allows the gap
     cpu_store = str(tmp_path / "cpu-store")
-    kdlib("precompute", "--teacher", teacher, "--recipe", FMNIST_RECIPE, "--limit", "512", "--k", "3",
-          "--out", cpu_store, "--no-test", "--render", "workers", "--workers", "2")
+    kdlib(
+        "precompute",
+        "--teacher",
+        teacher,
+        "--recipe",
+        FMNIST_RECIPE,
+        "--limit",
+        "512",
+        "--k",
+        "3",
+        "--out",
+        cpu_store,
+        "--no-test",
+        "--render",
+        "workers",
+        "--workers",
+        "2",
+    )
     assert json.loads((tmp_path / "cpu-store" / "meta.json").read_text())["render"]["device"] == "cpu"
     cross = json.loads(kdlib("verify", "--shards", cpu_store, "--teacher", teacher).stdout)
     assert cross["rendered_on"] == "cpu" and cross["replayed_on"] == "cuda" and cross["ok"], cross

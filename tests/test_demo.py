@@ -13,19 +13,30 @@ import pytest
 
 def test_demo_quick_writes_table_numbers_and_picture(tmp_path):
     out, shards = tmp_path / "runs", tmp_path / "shards"
-    proc = subprocess.run([sys.executable, "-m", "kdlib", "demo", "--quick", "--out", str(out), "--shards", str(shards)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlib", "demo", "--quick", "--out", str(out), "--shards", str(shards)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     table = (out / "demo.md").read_text()
     assert table in proc.stdout  # the printed table is the one written next to the runs
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")
-            and not line.startswith("| ---")]
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| run") and not line.startswith("| ---")
+    ]
     assert len(rows) == 5  # teacher, two students from the store, online KD, CE
     assert rows[0].startswith("| teacher ")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| resnet8, KL from the store", "| resnet8, DIST from the store",
-                                                     "| resnet8, KL online (teacher in memory)",
-                                                     "| resnet8, CE on labels"]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| resnet8, KL from the store",
+        "| resnet8, DIST from the store",
+        "| resnet8, KL online (teacher in memory)",
+        "| resnet8, CE on labels",
+    ]
     for row in rows[1:]:
         _, top1, agreement, seconds, ratio = [c.strip() for c in row.strip("|").split("|")]
         assert 0.0 <= float(top1) <= 1.0 and 0.0 <= float(agreement) <= 1.0

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import LAUNCH, STORE_EPOCHS
 
-from conftest import STORE_EPOCHS
-
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 # CUDA hidden: on a one-GPU machine rank 1 would otherwise look for a second device and exit
 CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -36,8 +33,24 @@ def steps(out: Path) -> list[dict]:
 
 
 def test_two_processes_train_like_one(store_dir, tmp_path):
-    args = ["-m", "kdlib", "train", "--shards", store_dir, "--student", "resnet8", "--epochs", "2",
-            "--batch-size", "32", "--workers", "0", "--no-eval", "--seed", "3"]
+    args = [
+        "-m",
+        "kdlib",
+        "train",
+        "--shards",
+        store_dir,
+        "--student",
+        "resnet8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--seed",
+        "3",
+    ]
     run([*LAUNCH, *args, "--out", str(tmp_path / "two")], CPU_ENV)
     run([sys.executable, *args, "--out", str(tmp_path / "one")], {**CPU_ENV, "OMP_NUM_THREADS": "2"})
     two, one = steps(tmp_path / "two"), steps(tmp_path / "one")
@@ -57,8 +70,11 @@ def test_two_processes_train_like_one(store_dir, tmp_path):
     w1 = load_model(str(tmp_path / "one")).state_dict()
     w2 = load_model(str(tmp_path / "two")).state_dict()
     assert w1.keys() == w2.keys()  # saved as plain BatchNorm, loadable in one process
-    rel = {k: float((w1[k].float() - w2[k].float()).norm() / (w1[k].float().norm() + 1e-12))
-           for k in w1 if w1[k].is_floating_point()}
+    rel = {
+        k: float((w1[k].float() - w2[k].float()).norm() / (w1[k].float().norm() + 1e-12))
+        for k in w1
+        if w1[k].is_floating_point()
+    }
     worst = max(rel, key=rel.get)
     # Same trajectory up to Adam-amplified rounding (small-gradient biases move by +-lr per step
     # either way); the exact math of one step is pinned above and in test_batchnorm.py.
@@ -70,10 +86,33 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
 
     meta = json.loads((Path(store_dir) / "meta.json").read_text())
     out = tmp_path / "two"
-    run([*LAUNCH, "-m", "kdlib", "precompute", "--teacher", meta["teacher"]["id"].removeprefix("run:"),
-         "--data", "fashion-mnist", "--recipe", FMNIST_RECIPE, "--epochs", str(STORE_EPOCHS),
-         "--k", str(STORE_K), "--limit", str(LIMIT), "--chunk-views", str(CHUNK_VIEWS), "--workers", "0",
-         "--out", str(out)], CPU_ENV)
+    run(
+        [
+            *LAUNCH,
+            "-m",
+            "kdlib",
+            "precompute",
+            "--teacher",
+            meta["teacher"]["id"].removeprefix("run:"),
+            "--data",
+            "fashion-mnist",
+            "--recipe",
+            FMNIST_RECIPE,
+            "--epochs",
+            str(STORE_EPOCHS),
+            "--k",
+            str(STORE_K),
+            "--limit",
+            str(LIMIT),
+            "--chunk-views",
+            str(CHUNK_VIEWS),
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ],
+        CPU_ENV,
+    )
     from kdlib.store import open_store
 
     two = open_store(str(out))
@@ -82,8 +121,9 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
     mine, ref = two.read_test(), store.read_test()
     assert ref is not None and mine.keys() == ref.keys()
     assert all(np.array_equal(mine[k], ref[k]) for k in ref), {k: np.abs(mine[k] - ref[k]).max() for k in ref}
-    by_rank = {r: [json.loads(x) for x in (out / f"logs/precompute-rank{r}.jsonl").read_text().splitlines()]
-               for r in (0, 1)}
+    by_rank = {
+        r: [json.loads(x) for x in (out / f"logs/precompute-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    }
     chunks = {r: {(x["epoch"], x["chunk"]) for x in lines} for r, lines in by_rank.items()}
     assert chunks[0] and chunks[1] and not chunks[0] & chunks[1]  # two ranks, disjoint chunks
     assert len(chunks[0]) + len(chunks[1]) == STORE_EPOCHS * store.meta.chunks_per_epoch
@@ -92,8 +132,25 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
 def test_unsynchronised_launch_is_refused(store_dir, tmp_path):
     """--multi_gpu on a CPU machine without ACCELERATE_USE_CPU forms no group: refuse, don't run twice."""
     env = {k: v for k, v in CPU_ENV.items() if k != "ACCELERATE_USE_CPU"}
-    proc = run([*LAUNCH, "-m", "kdlib", "train", "--shards", store_dir, "--epochs", "1", "--workers", "0",
-                "--no-eval", "--out", str(tmp_path / "x")], env, ok=False)
+    proc = run(
+        [
+            *LAUNCH,
+            "-m",
+            "kdlib",
+            "train",
+            "--shards",
+            store_dir,
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--no-eval",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        env,
+        ok=False,
+    )
     if torch.cuda.is_available():  # a real GPU machine forms a NCCL group; nothing to refuse
         return
     assert proc.returncode != 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import FMNIST_RECIPE, LIMIT
+
 from kdlib.errors import ConfigError, StoreError, StoreMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +29,23 @@ def dih_store(headed_teacher_dir, tmp_path_factory) -> str:
     from kdlib.precompute import PrecomputeConfig, precompute
 
     out = tmp_path_factory.mktemp("dih") / "s"
-    precompute(PrecomputeConfig(teacher=headed_teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
-                                epochs=1, k=3, limit=LIMIT, workers=0, chunk_views=64, logit_codec="q8",
-                                attention=STAGES, attention_grid=7, attention_codec="q8"))
+    precompute(
+        PrecomputeConfig(
+            teacher=headed_teacher_dir,
+            data="fashion-mnist",
+            out=str(out),
+            recipe=FMNIST_RECIPE,
+            epochs=1,
+            k=3,
+            limit=LIMIT,
+            workers=0,
+            chunk_views=64,
+            logit_codec="q8",
+            attention=STAGES,
+            attention_grid=7,
+            attention_codec="q8",
+        )
+    )
     return str(out)
 
 
@@ -60,8 +74,8 @@ def test_precompute_stores_one_label_set_per_head_and_verify_checks_each(dih_sto
 
     # the check can fail: one head's stored logits off by a nat, one map shifted by a cell
     cols = ChunkCache(store).views(0, 0, 64)
-    from kdlib.render import render_views
     from kdlib.plan import PARAM_FIELDS
+    from kdlib.render import render_views
     from kdlib.source import open_source
 
     src = open_source("fashion-mnist", "train", LIMIT)
@@ -89,8 +103,15 @@ def test_inspect_reports_bytes_per_head_and_per_map(dih_store):
         assert m["grid"] == 7 and m["codec"] == "q8" and 10 < m["bytes_per_view"] < 60
     total = r["bytes_per_view"]["total"]
     parts = r["bytes_per_view"]["params"] + main_label_bytes + r["bytes_per_view"]["sample"]
-    assert abs(total - parts - sum(h["bytes_per_view"] for h in r["heads"])
-               - sum(m["bytes_per_view"] for m in r["attention"])) < 1e-6
+    assert (
+        abs(
+            total
+            - parts
+            - sum(h["bytes_per_view"] for h in r["heads"])
+            - sum(m["bytes_per_view"] for m in r["attention"])
+        )
+        < 1e-6
+    )
     text = format_report(r)
     assert "DIH heads (3" in text and "head 2 blocks.1" in text and "map 3 blocks.2" in text and "7x7 q8" in text
 
@@ -99,9 +120,9 @@ def test_maps_of_flipped_and_mixed_views_are_the_maps_of_those_rendered_views(di
     """A stored map belongs to the rendered view: recomputing it on the replayed pixels gives it back."""
     from kdlib._layers import LayerTaps
     from kdlib.attention import attention_map
-    from kdlib.resolve import load_model
     from kdlib.plan import PARAM_FIELDS
     from kdlib.render import render_views
+    from kdlib.resolve import load_model
     from kdlib.source import open_source
     from kdlib.store import ChunkCache, open_store
 
@@ -111,8 +132,12 @@ def test_maps_of_flipped_and_mixed_views_are_the_maps_of_those_rendered_views(di
     assert flip.any() and mixed.any() and (flip & ~mixed).any()
     model = load_model(headed_teacher_dir)
     taps = LayerTaps(model, STAGES.split(","))
-    views = render_views({k: cols[k] for k in PARAM_FIELDS}, open_source("fashion-mnist", "train", LIMIT).decode,
-                         28, store.meta.group_size)
+    views = render_views(
+        {k: cols[k] for k in PARAM_FIELDS},
+        open_source("fashion-mnist", "train", LIMIT).decode,
+        28,
+        store.meta.group_size,
+    )
     with torch.inference_mode():
         model(views)
         fresh = [attention_map(a, 7) for a in taps.outputs]
@@ -131,12 +156,33 @@ def _parity(tmp_path: Path, teacher: str, store_kw: dict, train_kw: dict) -> Non
     from kdlib.train import TrainConfig, train
 
     # k = 10 = classes and fp16 maps: the only difference between the two paths is fp16 storage
-    precompute(PrecomputeConfig(teacher=teacher, data="fashion-mnist", out=str(tmp_path / "s"), recipe=FMNIST_RECIPE,
-                                epochs=1, k=10, limit=LIMIT, workers=0, chunk_views=64, **store_kw))
+    precompute(
+        PrecomputeConfig(
+            teacher=teacher,
+            data="fashion-mnist",
+            out=str(tmp_path / "s"),
+            recipe=FMNIST_RECIPE,
+            epochs=1,
+            k=10,
+            limit=LIMIT,
+            workers=0,
+            chunk_views=64,
+            **store_kw,
+        )
+    )
     common = dict(student="resnet8", epochs=1, batch_size=32, workers=0, eval=False, seed=5, **train_kw)
     train(TrainConfig(out=str(tmp_path / "cached"), shards=str(tmp_path / "s"), **common))
-    train(TrainConfig(out=str(tmp_path / "online"), teacher=teacher, data="fashion-mnist", recipe=FMNIST_RECIPE,
-                      limit=LIMIT, attention_grid=store_kw.get("attention_grid"), **common))
+    train(
+        TrainConfig(
+            out=str(tmp_path / "online"),
+            teacher=teacher,
+            data="fashion-mnist",
+            recipe=FMNIST_RECIPE,
+            limit=LIMIT,
+            attention_grid=store_kw.get("attention_grid"),
+            **common,
+        )
+    )
     cached, online = _steps(tmp_path / "cached"), _steps(tmp_path / "online")
     assert [s["views"] for s in cached] == [s["views"] for s in online]
     for a, b in list(zip(cached, online))[:3]:
@@ -149,13 +195,25 @@ def test_dih_online_and_cached_losses_agree_within_fp16(headed_teacher_dir, tmp_
 
 
 def test_attention_online_and_cached_losses_agree_within_fp16(teacher_dir, tmp_path):
-    _parity(tmp_path, teacher_dir, {"attention": STAGES, "attention_grid": 7},
-            {"loss": "kl", "attention_student": STAGES})
+    _parity(
+        tmp_path, teacher_dir, {"attention": STAGES, "attention_grid": 7}, {"loss": "kl", "attention_student": STAGES}
+    )
     # the AT term is really there: the same run without it has a smaller loss
     from kdlib.train import TrainConfig, train
 
-    train(TrainConfig(out=str(tmp_path / "plain"), shards=str(tmp_path / "s"), student="resnet8", epochs=1,
-                      batch_size=32, workers=0, eval=False, seed=5, loss="kl"))
+    train(
+        TrainConfig(
+            out=str(tmp_path / "plain"),
+            shards=str(tmp_path / "s"),
+            student="resnet8",
+            epochs=1,
+            batch_size=32,
+            workers=0,
+            eval=False,
+            seed=5,
+            loss="kl",
+        )
+    )
     assert _steps(tmp_path / "plain")[0]["loss"] < _steps(tmp_path / "cached")[0]["loss"]
 
 
@@ -166,15 +224,17 @@ def test_a_v1_store_still_trains(tmp_path):
     copy = tmp_path / "golden"
     shutil.copytree(GOLDEN / "zarr", copy)
     assert open_store(str(copy)).meta.format_version == 1 and open_store(str(copy)).meta.heads == []
-    result = train(TrainConfig(out=str(tmp_path / "r"), shards=str(copy), student="resnet8", epochs=1,
-                               batch_size=64, workers=0, eval=False))
+    result = train(
+        TrainConfig(
+            out=str(tmp_path / "r"), shards=str(copy), student="resnet8", epochs=1, batch_size=64, workers=0, eval=False
+        )
+    )
     assert result["steps"] == 4 and all(np.isfinite(s["loss"]) for s in _steps(tmp_path / "r"))
     # and it says clearly what a v1 store cannot do
     with pytest.raises(ConfigError, match=r"--loss dih needs a teacher with heads.*kdlib heads"):
         train(TrainConfig(out=str(tmp_path / "d"), shards=str(copy), loss="dih", workers=0, eval=False))
     with pytest.raises(ConfigError, match=r"needs attention maps in the store.*--attention"):
-        train(TrainConfig(out=str(tmp_path / "a"), shards=str(copy), attention_student="stage1", workers=0,
-                          eval=False))
+        train(TrainConfig(out=str(tmp_path / "a"), shards=str(copy), attention_student="stage1", workers=0, eval=False))
 
 
 def test_store_meta_v2_checks():
@@ -184,8 +244,14 @@ def test_store_meta_v2_checks():
     d = json.loads((GOLDEN / "zarr" / "meta.json").read_text())
     v1 = StoreMeta.from_dict(d)
     assert v1.fields.keys() == StoreMeta.from_dict({**d, "format_version": 2}).fields.keys()  # nothing new
-    v2 = StoreMeta.from_dict({**d, "format_version": 2, "heads": ["blocks.0", "blocks.1"],
-                              "attention": {"layers": ["blocks.2"], "grid": 4, "codec": "fp16"}})
+    v2 = StoreMeta.from_dict(
+        {
+            **d,
+            "format_version": 2,
+            "heads": ["blocks.0", "blocks.1"],
+            "attention": {"layers": ["blocks.2"], "grid": 4, "codec": "fp16"},
+        }
+    )
     new = sorted(set(v2.fields) - set(v1.fields))
     assert new == ["at1", "h1_ids", "h1_logits", "h1_lse", "h2_ids", "h2_logits", "h2_lse"]
     assert v2.fields["at1"] == ("float16", (16,)) and v2.fields["h2_ids"] == ("uint8", (3,))
@@ -214,11 +280,32 @@ def test_recipes_open_with_their_command_and_run_tiny(name, teacher_dir, headed_
     else:
         assert "kdlib heads" in command and "--teacher runs/teacher-heads" in command
     teacher = headed_teacher_dir if name == "dih" else teacher_dir
-    precompute(PrecomputeConfig(teacher=teacher, data="fashion-mnist", out=str(tmp_path / "s"), recipe=str(recipe_file),
-                                epochs=1, limit=64, workers=0, chunk_views=64, **extra))
+    precompute(
+        PrecomputeConfig(
+            teacher=teacher,
+            data="fashion-mnist",
+            out=str(tmp_path / "s"),
+            recipe=str(recipe_file),
+            epochs=1,
+            limit=64,
+            workers=0,
+            chunk_views=64,
+            **extra,
+        )
+    )
     given = {"out", "shards", "epochs", "batch_size", "workers", "eval"}
-    cfg = resolve_config({"out": str(tmp_path / "r"), "shards": str(tmp_path / "s"), "epochs": 1, "batch_size": 64,
-                          "workers": 0, "eval": False}, given, str(train_file))
+    cfg = resolve_config(
+        {
+            "out": str(tmp_path / "r"),
+            "shards": str(tmp_path / "s"),
+            "epochs": 1,
+            "batch_size": 64,
+            "workers": 0,
+            "eval": False,
+        },
+        given,
+        str(train_file),
+    )
     values = yaml.safe_load(train_file.read_text())
     assert cfg.loss == values["loss"] and cfg.epochs == 1
     if name == "dih":
@@ -232,19 +319,46 @@ def test_online_attention_refuses_unpaired_layers(teacher_dir, tmp_path):
     from kdlib.train import TrainConfig, train
 
     with pytest.raises(ConfigError, match=r"names 2 layer\(s\), the teacher has 3.*one to one"):
-        train(TrainConfig(out=str(tmp_path / "o"), teacher=teacher_dir, data="fashion-mnist", recipe=FMNIST_RECIPE,
-                          limit=64, batch_size=32, attention_student="stage1,stage2", attention_teacher=STAGES, workers=0,
-                          eval=False))
+        train(
+            TrainConfig(
+                out=str(tmp_path / "o"),
+                teacher=teacher_dir,
+                data="fashion-mnist",
+                recipe=FMNIST_RECIPE,
+                limit=64,
+                batch_size=32,
+                attention_student="stage1,stage2",
+                attention_teacher=STAGES,
+                workers=0,
+                eval=False,
+            )
+        )
 
 
 def test_both_backends_hold_the_same_heads_and_maps(headed_teacher_dir, tmp_path):
     from kdlib.precompute import PrecomputeConfig, precompute
     from kdlib.store import ChunkCache
 
-    stores = {b: precompute(PrecomputeConfig(teacher=headed_teacher_dir, data="fashion-mnist", out=str(tmp_path / b),
-                                             recipe=FMNIST_RECIPE, epochs=1, k=3, limit=64, workers=0, chunk_views=64,
-                                             backend=b, attention="stage3", attention_grid=4, test=False))
-              for b in ("zarr", "wds")}
+    stores = {
+        b: precompute(
+            PrecomputeConfig(
+                teacher=headed_teacher_dir,
+                data="fashion-mnist",
+                out=str(tmp_path / b),
+                recipe=FMNIST_RECIPE,
+                epochs=1,
+                k=3,
+                limit=64,
+                workers=0,
+                chunk_views=64,
+                backend=b,
+                attention="stage3",
+                attention_grid=4,
+                test=False,
+            )
+        )
+        for b in ("zarr", "wds")
+    }
     assert stores["zarr"].content_digest() == stores["wds"].content_digest()
     cols = ChunkCache(stores["wds"]).views(0, 0, 64)
     assert cols["h3_ids"].shape == (64, 3) and cols["at1"].shape == (64, 16) and cols["at1"].dtype == np.float32
@@ -260,18 +374,72 @@ def test_command_line_precompute_attention_inspect_train(teacher_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    kdlib("precompute", "--teacher", teacher_dir, "--data", "fashion-mnist", "--recipe", FMNIST_RECIPE, "--epochs", "1",
-          "--limit", "64", "--workers", "0", "--attention", "stage2,stage3", "--attention-grid", "4",
-          "--attention-codec", "q8", "--out", str(tmp_path / "s"))
+    kdlib(
+        "precompute",
+        "--teacher",
+        teacher_dir,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        FMNIST_RECIPE,
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--workers",
+        "0",
+        "--attention",
+        "stage2,stage3",
+        "--attention-grid",
+        "4",
+        "--attention-codec",
+        "q8",
+        "--out",
+        str(tmp_path / "s"),
+    )
     report = json.loads(kdlib("inspect", str(tmp_path / "s"), "--json"))
-    assert [(m["layer"], m["grid"], m["codec"]) for m in report["attention"]] == [("blocks.1", 4, "q8"),
-                                                                                   ("blocks.2", 4, "q8")]
-    kdlib("train", "--shards", str(tmp_path / "s"), "--attention-student", "stage2,stage3", "--attention-weight", "9",
-          "--loss", "ce", "--epochs", "1", "--batch-size", "32", "--workers", "0", "--no-eval", "--out",
-          str(tmp_path / "r"))
+    assert [(m["layer"], m["grid"], m["codec"]) for m in report["attention"]] == [
+        ("blocks.1", 4, "q8"),
+        ("blocks.2", 4, "q8"),
+    ]
+    kdlib(
+        "train",
+        "--shards",
+        str(tmp_path / "s"),
+        "--attention-student",
+        "stage2,stage3",
+        "--attention-weight",
+        "9",
+        "--loss",
+        "ce",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "r"),
+    )
     cfg = json.loads((tmp_path / "r" / "train_config.json").read_text())
     assert cfg["attention_student"] == "stage2,stage3" and cfg["attention_weight"] == 9.0 and cfg["loss"] == "ce"
-    bad = subprocess.run([sys.executable, "-m", "kdlib", "train", "--shards", str(tmp_path / "s"), "--loss", "dih",
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdlib",
+            "train",
+            "--shards",
+            str(tmp_path / "s"),
+            "--loss",
+            "dih",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: --loss dih needs a teacher with heads")
     assert "Traceback" not in bad.stderr

@@ -15,17 +15,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, snapshot
 
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("KDLIB_DATA", "KDLIB_DEBUG")},
-       "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("KDLIB_DATA", "KDLIB_DEBUG")},
+    "CUDA_VISIBLE_DEVICES": "",
+    "PYTHONUNBUFFERED": "1",
+}
 TRAIN = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval", "--cpu"]
 
 
 def kdlib(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdlib", *map(str, args)], env=env or ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdlib", *map(str, args)],
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -43,9 +50,30 @@ def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
 
 def precompute_args(teacher: str, out: Path | str, *extra: str) -> list[str]:
     """The fixture store's command (conftest.store_dir), into `out`."""
-    return ["precompute", "--teacher", teacher, "--data", "fashion-mnist", "--recipe", FMNIST_RECIPE,
-            "--epochs", str(STORE_EPOCHS), "--k", str(STORE_K), "--limit", str(LIMIT),
-            "--chunk-views", str(CHUNK_VIEWS), "--workers", "0", "--batch-size", "64", "--out", str(out), *extra]
+    return [
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        FMNIST_RECIPE,
+        "--epochs",
+        str(STORE_EPOCHS),
+        "--k",
+        str(STORE_K),
+        "--limit",
+        str(LIMIT),
+        "--chunk-views",
+        str(CHUNK_VIEWS),
+        "--workers",
+        "0",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @contextmanager
@@ -67,19 +95,35 @@ def remount(path: Path, size: str) -> None:
 
 
 # -- rows 1-3: recipes with wrong types are refused before anything is written --------------
-@pytest.mark.parametrize("text, words", [
-    ('flip: "false"', ["flip='false'", "boolean"]),
-    ('mix_prob: "0.3"', ["mix_prob='0.3'", "number"]),
-    ('alpha: "1.0"', ["alpha='1.0'", "number"]),
-    ("ratio: [0.5, .inf]", ["ratio=[0.5, inf]", "finite"]),
-    ("scale: [0.5, .nan]", ["scale=", "finite"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('flip: "false"', ["flip='false'", "boolean"]),
+        ('mix_prob: "0.3"', ["mix_prob='0.3'", "number"]),
+        ('alpha: "1.0"', ["alpha='1.0'", "number"]),
+        ("ratio: [0.5, .inf]", ["ratio=[0.5, inf]", "finite"]),
+        ("scale: [0.5, .nan]", ["scale=", "finite"]),
+    ],
+)
 def test_recipe_with_a_wrong_type_is_refused(text, words, teacher_dir, tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"size: 28\nmix: mixup\nimages_per_group: 2\n{text}\n")
     out = tmp_path / "store"
-    p = kdlib("precompute", "--teacher", teacher_dir, "--data", "fashion-mnist", "--recipe", recipe,
-              "--limit", "64", "--workers", "0", "--out", out)
+    p = kdlib(
+        "precompute",
+        "--teacher",
+        teacher_dir,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        recipe,
+        "--limit",
+        "64",
+        "--workers",
+        "0",
+        "--out",
+        out,
+    )
     one_line(p, 2, str(recipe), *words)
     assert not out.exists()  # no half-created store
 
@@ -112,13 +156,16 @@ def train_args(**flags: str) -> list[str]:
     return [x for k, v in base.items() for x in (f"--{k.replace('_', '-')}", v)] + ["--no-eval", "--cpu"]
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"lr": "0.01"}, ["lr 0.002 -> 0.01"]),
-    ({"loss": "dist"}, ["loss 'kl' -> 'dist'"]),
-    ({"epochs": "3"}, ["epochs 1 -> 3"]),
-    ({"student": "resnet14"}, ["student 'resnet8' -> 'resnet14'"]),  # row 8: was a state_dict traceback
-    ({"shards": "OTHER"}, ["store.k 3 -> 5"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"lr": "0.01"}, ["lr 0.002 -> 0.01"]),
+        ({"loss": "dist"}, ["loss 'kl' -> 'dist'"]),
+        ({"epochs": "3"}, ["epochs 1 -> 3"]),
+        ({"student": "resnet14"}, ["student 'resnet8' -> 'resnet14'"]),  # row 8: was a state_dict traceback
+        ({"shards": "OTHER"}, ["store.k 3 -> 5"]),
+    ],
+)
 def test_resume_with_another_config_is_refused(change, words, checkpointed_run, store_dir, other_store):
     before = snapshot(checkpointed_run)
     flags = {"shards": store_dir, **change}
@@ -134,8 +181,9 @@ def test_resume_with_only_harmless_changes_is_accepted(checkpointed_run, store_d
 
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
-    p = kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--checkpoint-every", "5", "--out", run,
-              "--resume")
+    p = kdlib(
+        "train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--checkpoint-every", "5", "--out", run, "--resume"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "at step 8 of 8" in p.stdout
 
@@ -197,12 +245,21 @@ def test_meta_inconsistent_with_commit_records_is_detected(field, factor, store_
 
 
 # -- row 12: non-finite or negative float flags are refused by the CLI ----------------------
-@pytest.mark.parametrize("flag, value, why", [
-    ("--lr", "nan", "not a finite number"), ("--lr", "inf", "not a finite number"), ("--lr", "-0.1", "must be > 0"),
-    ("--lr", "0", "must be > 0"), ("--weight-decay", "-1", "must be >= 0"), ("--temperature", "nan", "finite"),
-    ("--gamma", "0", "must be > 0"), ("--clip", "-inf", "finite"), ("--ce-weight", "-1", "must be >= 0"),
-    ("--warmup", "nan", "finite"),
-])
+@pytest.mark.parametrize(
+    "flag, value, why",
+    [
+        ("--lr", "nan", "not a finite number"),
+        ("--lr", "inf", "not a finite number"),
+        ("--lr", "-0.1", "must be > 0"),
+        ("--lr", "0", "must be > 0"),
+        ("--weight-decay", "-1", "must be >= 0"),
+        ("--temperature", "nan", "finite"),
+        ("--gamma", "0", "must be > 0"),
+        ("--clip", "-inf", "finite"),
+        ("--ce-weight", "-1", "must be >= 0"),
+        ("--warmup", "nan", "finite"),
+    ],
+)
 def test_bad_float_flag_is_refused(flag, value, why, tmp_path):
     out = tmp_path / "run"
     p = kdlib("train", "--data", "fashion-mnist", "--loss", "ce", flag, value, "--out", out)
@@ -258,10 +315,13 @@ def test_precompute_on_a_full_disk_says_so_and_resumes(backend, teacher_dir, sto
 # One checkpoint of resnet8 is ~0.95 MB (weights + Adam moments), the model 0.32 MB. 1500k: room for
 # one checkpoint, not for the swap to the next; 1100k with --checkpoint-every 0: room for the epoch-end
 # checkpoint, not for model.safetensors after it.
-@pytest.mark.parametrize("size, every, kept, words", [
-    ("1500k", "3", 3, ["checkpoint.tmp", "no space left on device", "previous checkpoint", "--resume"]),
-    ("1100k", "0", 8, ["no space left on device", "--resume", "last checkpoint is kept"]),
-])
+@pytest.mark.parametrize(
+    "size, every, kept, words",
+    [
+        ("1500k", "3", 3, ["checkpoint.tmp", "no space left on device", "previous checkpoint", "--resume"]),
+        ("1100k", "0", 8, ["no space left on device", "--resume", "last checkpoint is kept"]),
+    ],
+)
 def test_train_on_a_full_disk_keeps_the_last_checkpoint(size, every, kept, words, store_dir, tmp_path):
     with tmpfs(tmp_path / "small", size) as disk:
         out = disk / "run"

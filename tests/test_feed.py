@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FMNIST_RECIPE, LIMIT, smooth_jpegs
+
 from kdlib.feed import Feed, render_device, render_place
 from kdlib.plan import make_plan
 from kdlib.recipe import Recipe
@@ -47,8 +47,9 @@ def test_device_render_equals_worker_render(train_source, mix, m, c):
 def test_device_render_equals_worker_render_on_mixed_size_rgb(rgb_folder):
     src = open_source(rgb_folder)
     r = Recipe(mix="both", images_per_group=4, crops_per_image=2, size=12, mix_prob=1.0)
-    ds = ViewBatches(src, [Batch(0, 0, 8), Batch(0, 8, 16), Batch(3, 0, 16)], r.size, r.group_size,
-                     PlanParams(r, src.sizes()))
+    ds = ViewBatches(
+        src, [Batch(0, 0, 8), Batch(0, 8, 16), Batch(3, 0, 16)], r.size, r.group_size, PlanParams(r, src.sizes())
+    )
     for (_, x), (_, y) in zip(_views(ds, 0, "device"), _views(ds, 2, "workers")):
         assert x.shape[1] == 3 and torch.equal(x, y)
 
@@ -69,8 +70,17 @@ def test_one_feed_over_many_epochs_gives_each_epochs_views(train_source):
     batches = [Batch(e, a, b) for e in range(3) for a, b in split_range(0, 64, 16)]
     run = _views(ViewBatches(train_source, batches, r.size, r.group_size, plan), 2, "workers")
     for e in range(3):
-        fresh = _views(ViewBatches(train_source, [b for b in batches if b.epoch == e], r.size, r.group_size,
-                                   FixedParams(make_plan(r, train_source.sizes(), e))), 0, "device")
+        fresh = _views(
+            ViewBatches(
+                train_source,
+                [b for b in batches if b.epoch == e],
+                r.size,
+                r.group_size,
+                FixedParams(make_plan(r, train_source.sizes(), e)),
+            ),
+            0,
+            "device",
+        )
         mine = [v for b, v in run if b.epoch == e]
         assert len(mine) == len(fresh) == 4
         assert all(torch.equal(x, y) for x, (_, y) in zip(mine, fresh))
@@ -83,8 +93,19 @@ def test_steps_log_is_the_same_with_fewer_host_reads(store_dir, tmp_path):
     logs = {}
     for every in (1, 5):
         out = tmp_path / f"every{every}"
-        train(TrainConfig(out=str(out), shards=store_dir, epochs=2, batch_size=64, workers=2, eval=False, cpu=True,
-                          log_every=every, checkpoint_every=3))
+        train(
+            TrainConfig(
+                out=str(out),
+                shards=store_dir,
+                epochs=2,
+                batch_size=64,
+                workers=2,
+                eval=False,
+                cpu=True,
+                log_every=every,
+                checkpoint_every=3,
+            )
+        )
         logs[every] = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert len(logs[1]) == 2 * 256 // 64
     assert logs[1] == logs[5]  # every step, same loss, lr and view digest
@@ -100,8 +121,9 @@ def test_store_records_its_renderer_and_keeps_a_pixel_sample(store):
     info, pixels = store.read_pixels()
     assert info["epoch"] == 0 and info["start"] == 0 and pixels.shape == (8, 1, 28, 28)
     r = Recipe.from_dict(meta.recipe)
-    ds = ViewBatches(open_source("fashion-mnist", "train", LIMIT), [Batch(0, 0, 8)], r.size, r.group_size,
-                     ChunkCache(store))
+    ds = ViewBatches(
+        open_source("fashion-mnist", "train", LIMIT), [Batch(0, 0, 8)], r.size, r.group_size, ChunkCache(store)
+    )
     assert np.array_equal(_views(ds, 0, "device")[0][1].numpy(), pixels)
 
 
@@ -164,9 +186,14 @@ def test_roi_align_store_may_differ_by_one_lsb_on_another_device_kind(store_copy
     info, _ = store.read_pixels()
     meta = store.meta
     r = Recipe.from_dict(meta.recipe)
-    ds = ViewBatches(open_source("fashion-mnist", "train", meta.source["limit"]),
-                     [Batch(info["epoch"], info["start"], info["start"] + 8)], r.size, r.group_size, ChunkCache(store),
-                     renderer="roi_align-1")
+    ds = ViewBatches(
+        open_source("fashion-mnist", "train", meta.source["limit"]),
+        [Batch(info["epoch"], info["start"], info["start"] + 8)],
+        r.size,
+        r.group_size,
+        ChunkCache(store),
+        renderer="roi_align-1",
+    )
     _set_pixels(store_copy, lambda p: _one_lsb(_views(ds, 0, "device")[0][1].numpy()))
     found = verify(store_copy, teacher_dir, views=64)["pixels"]  # the logits were made from other pixels
     assert found["max_pixel_diff"] == 1 and found["ok"], found
@@ -187,8 +214,20 @@ def test_bf16_store_records_its_precision_and_verifies_in_it(teacher_dir, tmp_pa
     from kdlib.verify import verify
 
     out = str(tmp_path / "bf16")
-    store = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=out, recipe=FMNIST_RECIPE,
-                                        k=3, limit=64, chunk_views=32, workers=0, precision="bf16", test=False))
+    store = precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=out,
+            recipe=FMNIST_RECIPE,
+            k=3,
+            limit=64,
+            chunk_views=32,
+            workers=0,
+            precision="bf16",
+            test=False,
+        )
+    )
     assert store.meta.precision == "bf16"
     r = verify(out, teacher_dir, views=64)
     assert r["precision"] == "bf16" and r["ok"], r
@@ -196,8 +235,21 @@ def test_bf16_store_records_its_precision_and_verifies_in_it(teacher_dir, tmp_pa
     from kdlib.errors import StoreMismatchError
 
     with pytest.raises(StoreMismatchError, match="precision"):
-        precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=out, recipe=FMNIST_RECIPE, k=3,
-                                    limit=64, chunk_views=32, workers=0, precision="fp32", epochs=2, test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher=teacher_dir,
+                data="fashion-mnist",
+                out=out,
+                recipe=FMNIST_RECIPE,
+                k=3,
+                limit=64,
+                chunk_views=32,
+                workers=0,
+                precision="fp32",
+                epochs=2,
+                test=False,
+            )
+        )
 
 
 # sha256 of every view of the golden format-1 store (2 epochs x 256 views, fkd recipe, 28 px), rendered by
@@ -231,8 +283,10 @@ def jpeg_folder(tmp_path_factory) -> str:
 
 
 def test_draft_scales_need_every_box_shrunk():
-    p = {"image": np.array([0, 0, 1, 2], np.uint32),
-         "box": np.array([[0, 0, 64, 70], [0, 0, 33, 40], [0, 0, 130, 140], [0, 0, 20, 20]], np.int32)}
+    p = {
+        "image": np.array([0, 0, 1, 2], np.uint32),
+        "box": np.array([[0, 0, 64, 70], [0, 0, 33, 40], [0, 0, 130, 140], [0, 0, 20, 20]], np.int32),
+    }
     assert draft_scales(p, 16) == {0: 2, 1: 8}
 
 
@@ -258,36 +312,87 @@ def test_pil_draft_store_is_replayed_with_its_decoder(jpeg_folder, tmp_path):
     from kdlib.verify import verify
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("size: 16\ncrop: inception\nscale: [0.5, 1.0]\nmix: mixup\nimages_per_group: 2\n"
-                      "crops_per_image: 2\n")
+    recipe.write_text(
+        "size: 16\ncrop: inception\nscale: [0.5, 1.0]\nmix: mixup\nimages_per_group: 2\ncrops_per_image: 2\n"
+    )
     teacher = str(tmp_path / "teacher")
-    train(TrainConfig(out=teacher, student="resnet8", data=jpeg_folder, recipe=str(recipe), loss="ce", epochs=1,
-                      batch_size=8, workers=0, eval=False, cpu=True))
+    train(
+        TrainConfig(
+            out=teacher,
+            student="resnet8",
+            data=jpeg_folder,
+            recipe=str(recipe),
+            loss="ce",
+            epochs=1,
+            batch_size=8,
+            workers=0,
+            eval=False,
+            cpu=True,
+        )
+    )
     out = str(tmp_path / "draft")
-    store = precompute(PrecomputeConfig(teacher=teacher, data=jpeg_folder, out=out, recipe=str(recipe), k=2,
-                                        chunk_views=8, batch_size=8, workers=2, decode="pil-draft", test=False))
+    store = precompute(
+        PrecomputeConfig(
+            teacher=teacher,
+            data=jpeg_folder,
+            out=out,
+            recipe=str(recipe),
+            k=2,
+            chunk_views=8,
+            batch_size=8,
+            workers=2,
+            decode="pil-draft",
+            test=False,
+        )
+    )
     assert store.meta.rendered["decoder"] == "pil-draft"
     r = verify(out, teacher, views=32)
     assert r["decoder"] == "pil-draft" and r["pixels"]["max_pixel_diff"] == 0 and r["ok"], r
-    res = train(TrainConfig(out=str(tmp_path / "student"), shards=out, epochs=1, batch_size=8, workers=2,
-                            eval=False, cpu=True))
+    res = train(
+        TrainConfig(out=str(tmp_path / "student"), shards=out, epochs=1, batch_size=8, workers=2, eval=False, cpu=True)
+    )
     assert res["steps"] == store.meta.views_per_epoch // 8
     with pytest.raises(StoreMismatchError, match="render"):
-        precompute(PrecomputeConfig(teacher=teacher, data=jpeg_folder, out=out, recipe=str(recipe), k=2, epochs=2,
-                                    chunk_views=8, batch_size=8, workers=0, decode="pil", test=False))
+        precompute(
+            PrecomputeConfig(
+                teacher=teacher,
+                data=jpeg_folder,
+                out=out,
+                recipe=str(recipe),
+                k=2,
+                epochs=2,
+                chunk_views=8,
+                batch_size=8,
+                workers=0,
+                decode="pil",
+                test=False,
+            )
+        )
     shutil.rmtree(out)
 
 
 def test_a_resumed_store_keeps_the_renderer_it_was_written_with(store_copy, teacher_dir):
     """A store written before pil-bilinear-1 (roi_align-1) is extended with roi_align-1, not refused or mixed."""
     from conftest import CHUNK_VIEWS, LIMIT, STORE_K
+
     from kdlib.precompute import PrecomputeConfig, precompute
 
     _mark(store_copy, renderer="roi_align-1")
     before = open_store(store_copy)
-    grown = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=store_copy, recipe=FMNIST_RECIPE,
-                                        epochs=before.meta.epochs_done + 1, k=STORE_K, limit=LIMIT,
-                                        chunk_views=CHUNK_VIEWS, workers=0, test=False))
+    grown = precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=store_copy,
+            recipe=FMNIST_RECIPE,
+            epochs=before.meta.epochs_done + 1,
+            k=STORE_K,
+            limit=LIMIT,
+            chunk_views=CHUNK_VIEWS,
+            workers=0,
+            test=False,
+        )
+    )
     assert grown.meta.epochs_done == before.meta.epochs_done + 1
     assert grown.meta.rendered["renderer"] == "roi_align-1"
     # the new epoch's views were rendered with roi_align-1: replaying it gives the teacher's stored answers
@@ -295,8 +400,11 @@ def test_a_resumed_store_keeps_the_renderer_it_was_written_with(store_copy, teac
     epoch = before.meta.epochs_done
     src = open_source("fashion-mnist", "train", LIMIT)
     cols = grown.read_chunk(epoch, 0)
-    views = _views(ViewBatches(src, [Batch(epoch, 0, 64)], r.size, r.group_size, ChunkCache(grown),
-                               renderer="roi_align-1"), 0, "device")[0][1]
+    views = _views(
+        ViewBatches(src, [Batch(epoch, 0, 64)], r.size, r.group_size, ChunkCache(grown), renderer="roi_align-1"),
+        0,
+        "device",
+    )[0][1]
     from kdlib.resolve import load_model
 
     with torch.no_grad():
@@ -308,8 +416,9 @@ def test_accelerator_path_keeps_host_params_on_the_host(train_source):
     """On a non-CPU device the feed renders with the batched taps and never moves the host-side numpy params
     (a 'meta' device stands in for CUDA here: every op runs, no data)."""
     r = Recipe(mix="both", images_per_group=2, crops_per_image=2, size=20, mix_prob=0.7)
-    ds = ViewBatches(train_source, [Batch(0, 0, 16), Batch(1, 16, 32)], r.size, r.group_size,
-                     PlanParams(r, train_source.sizes()))
+    ds = ViewBatches(
+        train_source, [Batch(0, 0, 16), Batch(1, 16, 32)], r.size, r.group_size, PlanParams(r, train_source.sizes())
+    )
     items = list(Feed(ds, torch.device("meta"), 0, "device"))
     assert [it["views"].shape for it in items] == [(16, 1, 20, 20)] * 2
     assert all(it["views"].device.type == "meta" and it["views"].dtype == torch.uint8 for it in items)

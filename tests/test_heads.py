@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-
 from conftest import FMNIST_RECIPE
+
 from kdlib.errors import ModelError
 from kdlib.headed import HeadedClassifier, attach_heads, backbone_digest
 from kdlib.models import build_model
@@ -83,15 +83,40 @@ def test_bad_head_layers_and_sizes_are_refused():
 def test_heads_command_line(teacher_dir, tmp_path):
     """`kdlib heads` through the real CLI, with explicit layers; a bad layer is one clear line."""
     out = tmp_path / "th"
-    cmd = [sys.executable, "-m", "kdlib", "heads", "--teacher", teacher_dir, "--data", "fashion-mnist",
-           "--recipe", FMNIST_RECIPE, "--epochs", "1", "--limit", "64", "--workers", "0", "--cpu", "--no-eval",
-           "--head-layers", "stage2,stage3", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdlib",
+        "heads",
+        "--teacher",
+        teacher_dir,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        FMNIST_RECIPE,
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--workers",
+        "0",
+        "--cpu",
+        "--no-eval",
+        "--head-layers",
+        "stage2,stage3",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 heads" in proc.stdout and "unchanged" in proc.stdout
     assert load_model(str(out)).head_layers == ["blocks.1", "blocks.2"]
-    bad = subprocess.run(cmd[:-4] + ["--head-layers", "conv9", "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        cmd[:-4] + ["--head-layers", "conv9", "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = bad.stderr.strip().splitlines()  # the teacher's input contract is printed first, then the one error
     assert bad.returncode == 2 and lines[-1].startswith("error: head layer 'conv9'") and "Traceback" not in bad.stderr
     assert sum(line.startswith("error:") for line in lines) == 1
@@ -107,8 +132,16 @@ def test_heads_refuse_a_teacher_mapped_onto_other_classes():
     from kdlib.models import Classifier, build_model
 
     base = build_model("resnet8", 4, 1, [0.5], [0.25])
-    mapped = Classifier(base.net, arch="resnet8", num_classes=4, in_channels=1, mean=[0.5], std=[0.25],
-                        net_channels=base.net_channels, class_index=[2, 0])
+    mapped = Classifier(
+        base.net,
+        arch="resnet8",
+        num_classes=4,
+        in_channels=1,
+        mean=[0.5],
+        std=[0.25],
+        net_channels=base.net_channels,
+        class_index=[2, 0],
+    )
     assert mapped.num_classes == 2
     with _pytest.raises(ModelError, match="class-map"):
         attach_heads(mapped, None, 28)

@@ -16,14 +16,13 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K
-from kdlib.store import FORMAT_VERSION
+
 from kdlib.cli import cli
 from kdlib.errors import ConfigError
 from kdlib.inspect import NO_SAMPLE, format_report, inspect_store
 from kdlib.plan import PARAM_FIELDS
-from kdlib.store import create_store, open_store
+from kdlib.store import FORMAT_VERSION, create_store, open_store
 
 KEYS = ("format", "version", "epochs", "views", "bytes_per_view", "digest")
 
@@ -31,16 +30,30 @@ KEYS = ("format", "version", "epochs", "views", "bytes_per_view", "digest")
 def _precompute(out, teacher_dir, **kw):
     from kdlib.precompute import PrecomputeConfig, precompute
 
-    cfg = dict(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE, limit=LIMIT,
-               chunk_views=CHUNK_VIEWS, workers=0, test=False)
+    cfg = dict(
+        teacher=teacher_dir,
+        data="fashion-mnist",
+        out=str(out),
+        recipe=FMNIST_RECIPE,
+        limit=LIMIT,
+        chunk_views=CHUNK_VIEWS,
+        workers=0,
+        test=False,
+    )
     return precompute(PrecomputeConfig(**{**cfg, **kw}))
 
 
 @pytest.fixture(scope="module")
 def wds_store(tmp_path_factory, teacher_dir):
     """Same teacher, recipe, seed, k and epochs as the session store; wds; a quarter of views keep full logits."""
-    return _precompute(tmp_path_factory.mktemp("insp") / "wds", teacher_dir, epochs=STORE_EPOCHS, k=STORE_K,
-                       backend="wds", full_sample=0.25)
+    return _precompute(
+        tmp_path_factory.mktemp("insp") / "wds",
+        teacher_dir,
+        epochs=STORE_EPOCHS,
+        k=STORE_K,
+        backend="wds",
+        full_sample=0.25,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +103,23 @@ def test_report_describes_the_store(report, store):
     assert report["views"]["per_epoch"] == m.views_per_epoch
     assert report["views"]["total"] == STORE_EPOCHS * m.views_per_epoch
     assert report["k"] == STORE_K and report["num_classes"] == 10 and report["id_dtype"] == "uint8"
-    assert report["teacher"] == {"id": m.teacher["id"], "arch": "resnet8", "digest": m.teacher["digest"],
-                                 "precision": "fp32"}
+    assert report["teacher"] == {
+        "id": m.teacher["id"],
+        "arch": "resnet8",
+        "digest": m.teacher["digest"],
+        "precision": "fp32",
+    }
     assert report["rendered"] == {"device": "cpu", "decoder": "pil", "renderer": "pil-bilinear-1"}
     assert report["source"]["fingerprint"] == m.source["fingerprint"] and report["source"]["images"] == LIMIT
     assert report["source"]["limit"] == LIMIT and report["source"]["data"] == "fashion-mnist"
     assert report["recipe"]["group"] == [4, 1] and report["recipe"]["mix"] == "mixup"
     assert report["recipe"]["scale"] == list(m.recipe["scale"]) and report["recipe"]["seed"] == m.recipe["seed"]
-    assert report["chunks"] == {"chunk_views": CHUNK_VIEWS, "chunks_per_epoch": m.chunks_per_epoch,
-                                "sample_views_per_chunk": 1, "partial_epoch": None}
+    assert report["chunks"] == {
+        "chunk_views": CHUNK_VIEWS,
+        "chunks_per_epoch": m.chunks_per_epoch,
+        "sample_views_per_chunk": 1,
+        "partial_epoch": None,
+    }
     assert report["digest"] == store.content_digest()
 
 
@@ -106,8 +127,9 @@ def test_label_statistics_match_the_columns(report, store):
     lab = report["labels"]
     n = STORE_EPOCHS * store.meta.views_per_epoch
     top1 = np.concatenate([cols["ids"][:, 0] for cols in _chunks(store)]).astype(int)
-    tails = np.concatenate([1 - np.exp(cols["logits"].astype(np.float64) - cols["lse"][:, None]).sum(1)
-                            for cols in _chunks(store)])
+    tails = np.concatenate(
+        [1 - np.exp(cols["logits"].astype(np.float64) - cols["lse"][:, None]).sum(1) for cols in _chunks(store)]
+    )
     assert lab["views"] == n and lab["complete"]
     assert sum(lab["top1_histogram"]["counts"]) == n
     assert lab["top1_histogram"]["counts"] == np.bincount(top1, minlength=10).tolist()
@@ -149,8 +171,11 @@ def test_bytes_per_view_from_bytes_on_disk(report, store, wds_report, wds_store,
             files += sum(os.path.getsize(os.path.join(d, f)) for f in names)
     assert report["bytes_per_view"]["total"] * report["views"]["total"] == pytest.approx(files)
     # wds: every epoch tar counts
-    tars = sum(os.path.getsize(os.path.join(wds_store.root, "wds", f))
-               for f in os.listdir(os.path.join(wds_store.root, "wds")) if f.startswith("e") and f.endswith(".tar"))
+    tars = sum(
+        os.path.getsize(os.path.join(wds_store.root, "wds", f))
+        for f in os.listdir(os.path.join(wds_store.root, "wds"))
+        if f.startswith("e") and f.endswith(".tar")
+    )
     assert sum(wds_store.bytes_on_disk().values()) == tars
 
 
@@ -241,8 +266,12 @@ def test_bad_settings_are_refused_before_reading(store_dir):
 
 
 def test_cli_json_and_text(store_dir, report, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kdlib", "inspect", store_dir, "--json", "-T", "2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlib", "inspect", store_dir, "--json", "-T", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for key in KEYS:
@@ -251,7 +280,9 @@ def test_cli_json_and_text(store_dir, report, tmp_path):
 
     res = CliRunner().invoke(cli, ["inspect", store_dir, "--max-chunks", "2"])
     assert res.exit_code == 0, res.output
-    assert "backend  zarr" in res.output and f"version  {FORMAT_VERSION}" in res.output and report["digest"] in res.output
+    assert (
+        "backend  zarr" in res.output and f"version  {FORMAT_VERSION}" in res.output and report["digest"] in res.output
+    )
     assert "first 2 chunks per epoch" in res.output and "teacher top-1 histogram" in res.output
     assert all(f"{i} {name} " in res.output for i, name in enumerate(report["labels"]["top1_histogram"]["classes"]))
 

@@ -15,8 +15,9 @@ from conftest import CHUNK_VIEWS, LIMIT, REPO, STORE_K, snapshot
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdlib", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _precompute_args(store: str, teacher: str, limit: int) -> list[str]:
@@ -24,9 +25,27 @@ def _precompute_args(store: str, teacher: str, limit: int) -> list[str]:
     meta = json.loads((Path(store) / "meta.json").read_text())
     recipe = Path(store).parent / "recipe.json"
     recipe.write_text(json.dumps(meta["recipe"]))
-    return ["precompute", "--teacher", teacher, "--data", "fashion-mnist", "--recipe", str(recipe),
-            "--epochs", "2", "--k", str(STORE_K), "--chunk-views", str(CHUNK_VIEWS), "--limit", str(limit),
-            "--out", store, "--workers", "0"]
+    return [
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        str(recipe),
+        "--epochs",
+        "2",
+        "--k",
+        str(STORE_K),
+        "--chunk-views",
+        str(CHUNK_VIEWS),
+        "--limit",
+        str(limit),
+        "--out",
+        store,
+        "--workers",
+        "0",
+    ]
 
 
 def _assert_clear_refusal(p: subprocess.CompletedProcess, *words: str) -> None:
@@ -55,8 +74,23 @@ def test_precompute_with_another_teacher_is_refused(store_copy, other_teacher_di
 def test_train_with_another_limit_is_refused(store_copy, tmp_path):
     before = snapshot(store_copy)
     out = tmp_path / "student"
-    p = _cli("train", "--shards", store_copy, "--student", "resnet8", "--epochs", "1", "--limit", str(LIMIT // 2),
-             "--out", str(out), "--workers", "0", "--no-eval", "--cpu")
+    p = _cli(
+        "train",
+        "--shards",
+        store_copy,
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--limit",
+        str(LIMIT // 2),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-eval",
+        "--cpu",
+    )
     _assert_clear_refusal(p, "fingerprint", "limit")
     assert str(LIMIT // 2) in p.stderr and str(LIMIT) in p.stderr  # both limits are named
     assert not (out / "model.safetensors").exists()

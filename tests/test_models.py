@@ -21,8 +21,7 @@ RGB = dict(in_channels=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
 
 
 def tiny_factory(num_classes: int, in_channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, num_classes))
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
 
 
 # Whatever name pytest imported this module under is importable, so the spec always resolves.
@@ -30,12 +29,12 @@ TINY = f"{__name__}:tiny_factory"
 
 
 def images(b: int, c: int, size: int) -> torch.Tensor:
-    return torch.randint(0, 256, (b, c, size, size), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, 256, (b, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ["resnet8", "resnet20x2", "resnet8x4", "resnet18", TINY,
-                                  "torchvision.models:resnet18"])
+@pytest.mark.parametrize(
+    "arch", ["resnet8", "resnet20x2", "resnet8x4", "resnet18", TINY, "torchvision.models:resnet18"]
+)
 @pytest.mark.parametrize("chans,size", [(GRAY, 28), (RGB, 32)])
 def test_each_kind_gives_logits(arch, chans, size):
     model = build_model(arch, 7, **chans).eval()
@@ -57,10 +56,16 @@ def test_cifar_resnet_shape():
     assert count_params(build_model("resnet20", 10, **RGB)) == pytest.approx(0.27e6, rel=0.03)
 
 
-@pytest.mark.parametrize("arch,words", [("resnet9", ["6n+2"]), ("resnet2", ["6n+2"]),
-                                        ("nosuchnet", ["nosuchnet", "torchvision", "factory"]),
-                                        ("no_such_mod_xyz:f", ["no_such_mod_xyz:f"]),
-                                        ("torchvision.models:nope", ["torchvision.models:nope"])])
+@pytest.mark.parametrize(
+    "arch,words",
+    [
+        ("resnet9", ["6n+2"]),
+        ("resnet2", ["6n+2"]),
+        ("nosuchnet", ["nosuchnet", "torchvision", "factory"]),
+        ("no_such_mod_xyz:f", ["no_such_mod_xyz:f"]),
+        ("torchvision.models:nope", ["torchvision.models:nope"]),
+    ],
+)
 def test_bad_arch(arch, words):
     with pytest.raises(ModelError) as e:
         build_model(arch, 10, **RGB)
@@ -86,8 +91,7 @@ def test_normalisation_inside():
             seen["x"] = x
             return x.mean((2, 3))[:, :2]
 
-    model = Classifier(Spy(), arch="spy", num_classes=2, in_channels=1, mean=[0.5], std=[0.25],
-                       net_channels=3)
+    model = Classifier(Spy(), arch="spy", num_classes=2, in_channels=1, mean=[0.5], std=[0.25], net_channels=3)
     x = images(2, 1, 8)
     model(x)
     want = (x.float() / 255 - 0.5) / 0.25
@@ -160,8 +164,9 @@ def test_pickle_refused(tmp_path):
     assert _ran == []
 
 
-@pytest.mark.parametrize("suffix,nest", [(".safetensors", None), (".pt", "state_dict"),
-                                         (".pth", "model"), (".pt", None)])
+@pytest.mark.parametrize(
+    "suffix,nest", [(".safetensors", None), (".pt", "state_dict"), (".pth", "model"), (".pt", None)]
+)
 def test_torchvision_weights(tmp_path, suffix, nest):
     torch.manual_seed(1)
     donor = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
@@ -183,7 +188,8 @@ def test_torchvision_weights(tmp_path, suffix, nest):
 def test_torchvision_wrong_head(tmp_path):
     path = tmp_path / "imagenet.safetensors"
     safetensors.torch.save_file(
-        torchvision.models.get_model("resnet18", weights=None, num_classes=1000).state_dict(), str(path))
+        torchvision.models.get_model("resnet18", weights=None, num_classes=1000).state_dict(), str(path)
+    )
     with pytest.raises(ModelError) as e:
         build_model("resnet18", 10, **RGB, weights=str(path))
     msg = str(e.value)

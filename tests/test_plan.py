@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from kdlib.errors import RecipeError
-from kdlib.plan import (MIX_CUTMIX, MIX_MIXUP, MIX_NONE, PARAM_FIELDS, center_params, make_plan,
-                        views_per_epoch)
+from kdlib.plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE, PARAM_FIELDS, center_params, make_plan, views_per_epoch
 from kdlib.recipe import Recipe, load_recipe
 
 SQUARE = np.full((200, 2), 28, np.int64)
 # non-square sizes, incl. extreme aspect ratios that force the center-crop fallback
-ODD_SIZES = np.array([(20, 32), (32, 20), (7, 300), (300, 7), (1, 1), (1, 40), (64, 48), (33, 17),
-                      (500, 375), (2, 3)] * 30, np.int64)
+ODD_SIZES = np.array(
+    [(20, 32), (32, 20), (7, 300), (300, 7), (1, 1), (1, 40), (64, 48), (33, 17), (500, 375), (2, 3)] * 30, np.int64
+)
 
 RECIPES = {
     "mixup_m2c1": Recipe(mix="mixup", images_per_group=2, crops_per_image=1),

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kdlib.recipe import load_recipe
-from kdlib.train import TrainConfig, resolve_config
+from kdlib.train import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["funmatch", "fkd", "plain"]
@@ -24,14 +24,33 @@ def test_recipe_runs_tiny(name, teacher_dir, tmp_path):
     train_file = REPO / "train" / f"{name}.yaml"
     for f in (recipe_file, train_file):
         first = f.read_text().splitlines()[:3]
-        assert any(f"kdlib " in line and f"{name}.yaml" in line for line in first), f"{f} must open with its command"
+        assert any("kdlib " in line and f"{name}.yaml" in line for line in first), f"{f} must open with its command"
     recipe = load_recipe(recipe_file)
-    store = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(tmp_path / "s"),
-                                        recipe=str(recipe_file), epochs=1, limit=64, workers=0, chunk_views=64))
+    store = precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=str(tmp_path / "s"),
+            recipe=str(recipe_file),
+            epochs=1,
+            limit=64,
+            workers=0,
+            chunk_views=64,
+        )
+    )
     assert store.meta.recipe == recipe.digest_dict() and store.meta.group_size == recipe.group_size
-    cfg = resolve_config({"out": str(tmp_path / "r"), "shards": str(tmp_path / "s"), "epochs": 1,
-                          "batch_size": 64 // recipe.group_size * recipe.group_size, "workers": 0, "eval": False},
-                         {"out", "shards", "epochs", "batch_size", "workers", "eval"}, str(train_file))
+    cfg = resolve_config(
+        {
+            "out": str(tmp_path / "r"),
+            "shards": str(tmp_path / "s"),
+            "epochs": 1,
+            "batch_size": 64 // recipe.group_size * recipe.group_size,
+            "workers": 0,
+            "eval": False,
+        },
+        {"out", "shards", "epochs", "batch_size", "workers", "eval"},
+        str(train_file),
+    )
     file_values = yaml.safe_load(train_file.read_text())
     assert cfg.loss == file_values["loss"] and cfg.temperature == file_values["temperature"]
     assert cfg.epochs == 1  # the flag overrides the file

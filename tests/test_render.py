@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from kdlib.feed import Feed
 from kdlib.plan import MIX_CUTMIX, MIX_MIXUP, PARAM_FIELDS, center_params, make_plan
 from kdlib.recipe import Recipe
 from kdlib.render import render_views
 from kdlib.source import Source, open_source
-from kdlib.store import open_store_source
-from kdlib.feed import Feed
-from kdlib.store import ChunkCache
+from kdlib.store import ChunkCache, open_store_source
 from kdlib.views import Batch, FixedParams, PlanParams, ViewBatches, split_range
 
 CPU = torch.device("cpu")
@@ -23,8 +22,10 @@ def _batches(ranges, epoch: int = 0) -> list[Batch]:
 
 
 def _collect(ds: ViewBatches, workers: int, render: str = "auto") -> list[dict]:
-    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
-            for item in Feed(ds, CPU, workers, render)]
+    return [
+        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+        for item in Feed(ds, CPU, workers, render)
+    ]
 
 
 # -- parity: precompute path == train path ---------------------------------------------------
@@ -42,7 +43,9 @@ def test_store_replay_renders_the_precompute_pixels(store, train_source, workers
     epochs = [0, 1] if workers == 0 else [1]
     for epoch in epochs:
         params = make_plan(recipe, source.sizes(), epoch)
-        pre = _collect(ViewBatches(source, _batches(ranges, epoch), recipe.size, g, PlanParams(recipe, source.sizes())), 0)
+        pre = _collect(
+            ViewBatches(source, _batches(ranges, epoch), recipe.size, g, PlanParams(recipe, source.sizes())), 0
+        )
         replay = _collect(ViewBatches(source, _batches(ranges, epoch), recipe.size, g, ChunkCache(store)), workers)
         assert len(pre) == len(replay) == len(ranges)
         for a, b in zip(pre, replay):
@@ -74,8 +77,10 @@ def test_render_does_not_depend_on_batch_composition(train_source):
     v = 12 * r.group_size
     p = {k: a[:v] for k, a in p.items()}
     whole = render_views(p, train_source.decode, r.size, r.group_size)
-    parts = [render_views({k: a[s:s + r.group_size] for k, a in p.items()}, train_source.decode, r.size,
-                          r.group_size) for s in range(0, v, r.group_size)]
+    parts = [
+        render_views({k: a[s : s + r.group_size] for k, a in p.items()}, train_source.decode, r.size, r.group_size)
+        for s in range(0, v, r.group_size)
+    ]
     assert torch.equal(whole, torch.cat(parts))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -140,9 +145,15 @@ def test_render_views_decodes_each_distinct_image_of_a_batch_once(train_source):
 # -- pixels against straightforward references ----------------------------------------------------
 def _identity_params(ids, size, **over):
     v = len(ids)
-    p = {"image": np.asarray(ids, np.uint32), "box": np.tile(np.array([0, 0, size, size], np.int32), (v, 1)),
-         "flip": np.zeros(v, np.uint8), "partner": np.zeros(v, np.uint16), "mix": np.zeros(v, np.uint8),
-         "lam": np.ones(v, np.float32), "cutbox": np.zeros((v, 4), np.int16)}
+    p = {
+        "image": np.asarray(ids, np.uint32),
+        "box": np.tile(np.array([0, 0, size, size], np.int32), (v, 1)),
+        "flip": np.zeros(v, np.uint8),
+        "partner": np.zeros(v, np.uint16),
+        "mix": np.zeros(v, np.uint8),
+        "lam": np.ones(v, np.float32),
+        "cutbox": np.zeros((v, 4), np.int16),
+    }
     for k, a in over.items():
         p[k] = np.asarray(a, dtype=p[k].dtype).reshape(p[k].shape)
     return p
@@ -188,7 +199,7 @@ def test_cutmix_region_is_copied_from_the_partner(train_source):
     for j, (t, l, h, w) in enumerate(cutbox):
         partner = imgs[(j + 1) % 3]
         inside = np.zeros((28, 28), bool)
-        inside[t:t + h, l:l + w] = True
+        inside[t : t + h, l : l + w] = True
         assert np.array_equal(views[j][:, inside], partner[:, inside]), j
         assert np.array_equal(views[j][:, ~inside], imgs[j][:, ~inside]), j
 
@@ -213,8 +224,19 @@ def test_rgb_npz_non_square_renders_v3ss(rgb_npz):
     assert src.channels == 3 and tuple(src.sizes()[0]) == (20, 32)
     r = Recipe(mix="both", images_per_group=2, crops_per_image=2, size=16, mix_prob=1.0)
     params = make_plan(r, src.sizes(), 0)
-    items = list(Feed(ViewBatches(src, _batches(split_range(0, len(params["image"]), r.group_size)), r.size,
-                                  r.group_size, FixedParams(params)), CPU, 0))
+    items = list(
+        Feed(
+            ViewBatches(
+                src,
+                _batches(split_range(0, len(params["image"]), r.group_size)),
+                r.size,
+                r.group_size,
+                FixedParams(params),
+            ),
+            CPU,
+            0,
+        )
+    )
     views = torch.cat([it["views"] for it in items])
     assert views.shape == (16, 3, 16, 16) and views.dtype == torch.uint8
     # the three channels are really rendered (the random images differ per channel)
@@ -236,12 +258,13 @@ def test_rgb_imagefolder_mixed_sizes(rgb_folder):
     params = make_plan(r, src.sizes(), 3)
     whole = render_views(params, src.decode, r.size, r.group_size)
     assert whole.shape == (16, 3, 12, 12) and whole.dtype == torch.uint8
-    one_by_one = torch.cat([render_views({k: a[s:s + 8] for k, a in params.items()}, src.decode, r.size, 8)
-                            for s in (0, 8)])
+    one_by_one = torch.cat(
+        [render_views({k: a[s : s + 8] for k, a in params.items()}, src.decode, r.size, 8) for s in (0, 8)]
+    )
     assert torch.equal(whole, one_by_one)
     # each view's crop comes from its own image: with mixing off, a view equals that image rendered alone
     plain = {**params, "mix": np.zeros_like(params["mix"])}
     unmixed = render_views(plain, src.decode, r.size, r.group_size)
     for j in range(16):
-        alone = render_views({k: a[j:j + 1] for k, a in plain.items()}, src.decode, r.size, 1)
+        alone = render_views({k: a[j : j + 1] for k, a in plain.items()}, src.decode, r.size, 1)
         assert torch.equal(unmixed[j], alone[0]), j

@@ -6,13 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_jpegs
 from PIL import Image
 
-from conftest import smooth_jpegs
 from kdlib.plan import MIX_CUTMIX, MIX_MIXUP, MIX_NONE, make_plan
 from kdlib.recipe import Recipe
-from kdlib.render import (RENDERER, Decoded, decode_batch, param_tensors, pillow_agrees, render_decoded, render_pil,
-                          render_views)
+from kdlib.render import (
+    RENDERER,
+    Decoded,
+    decode_batch,
+    param_tensors,
+    pillow_agrees,
+    render_decoded,
+    render_pil,
+    render_views,
+)
 from kdlib.source import open_source
 
 
@@ -40,10 +48,15 @@ def test_taps_equal_pillow_for_random_boxes(channels):
         h, w = h_img * rng.uniform(0.01, 1, n), w_img * rng.uniform(0.01, 1, n)
         box = np.stack([rng.uniform(0, h_img - h), rng.uniform(0, w_img - w), h, w], 1).astype(np.float32)
         box[::2] = np.maximum(np.floor(box[::2]), 1)
-        params = {"image": np.zeros(n, np.int64), "box": box, "flip": np.array([0, 1, 0, 1], bool),
-                  "partner": np.array([1, 0, 1, 0]), "mix": np.array([MIX_NONE, MIX_MIXUP, MIX_CUTMIX, MIX_NONE]),
-                  "lam": rng.uniform(0, 1, n).astype(np.float32),
-                  "cutbox": np.tile([size // 4, size // 3, size // 2, size // 2], (n, 1))}
+        params = {
+            "image": np.zeros(n, np.int64),
+            "box": box,
+            "flip": np.array([0, 1, 0, 1], bool),
+            "partner": np.array([1, 0, 1, 0]),
+            "mix": np.array([MIX_NONE, MIX_MIXUP, MIX_CUTMIX, MIX_NONE]),
+            "lam": rng.uniform(0, 1, n).astype(np.float32),
+            "cutbox": np.tile([size // 4, size // 3, size // 2, size // 2], (n, 1)),
+        }
         pil = render_pil(params, lambda i, s: (_pil_image(img), 1), size, 2)
         taps = _taps_render(params, [img], size, 2)
         assert pil.shape == (n, channels, size, size)
@@ -56,8 +69,15 @@ def test_single_pillow_call_is_not_the_definition():
     rng = np.random.default_rng(3)
     img = (np.cumsum(rng.integers(0, 256, (3, 300, 60), dtype=np.int64), axis=2) // 8 % 256).astype(np.uint8)
     box = np.array([[7.25, 3.5, 250.0, 41.75]], np.float32)
-    params = {"image": np.zeros(1, np.int64), "box": box, "flip": np.zeros(1, bool), "partner": np.zeros(1, np.int64),
-              "mix": np.zeros(1, np.int64), "lam": np.ones(1, np.float32), "cutbox": np.zeros((1, 4), np.int64)}
+    params = {
+        "image": np.zeros(1, np.int64),
+        "box": box,
+        "flip": np.zeros(1, bool),
+        "partner": np.zeros(1, np.int64),
+        "mix": np.zeros(1, np.int64),
+        "lam": np.ones(1, np.float32),
+        "cutbox": np.zeros((1, 4), np.int64),
+    }
     ours = render_pil(params, lambda i, s: (_pil_image(img), 1), 50, 1)
     assert torch.equal(ours, _taps_render(params, [img], 50, 1))
     one_call = _pil_image(img).resize((50, 50), Image.Resampling.BILINEAR, box=(3.5, 7.25, 45.25, 257.25))
@@ -73,8 +93,7 @@ def test_pinned_pillow_is_the_fast_path():
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> str:
     """Smooth JPEGs of photo-like sizes (landscape and portrait), 2 classes."""
-    return smooth_jpegs(tmp_path_factory.mktemp("photos"), [(200, 150), (150, 200), (173, 97)], 12, seed=9,
-                        grid=(7, 6))
+    return smooth_jpegs(tmp_path_factory.mktemp("photos"), [(200, 150), (150, 200), (173, 97)], 12, seed=9, grid=(7, 6))
 
 
 @pytest.mark.parametrize("draft", [False, True])
@@ -106,9 +125,15 @@ def test_both_renderers_stay_available():
 def test_decoded_class_is_what_taps_read():
     img = np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)
     dec = Decoded([torch.from_numpy(img)[None]], [torch.tensor([0])], torch.tensor([0]), torch.tensor([1.0]))
-    params = {"image": np.zeros(1, np.int64), "box": np.array([[0, 0, 5, 7]], np.float32),
-              "flip": np.zeros(1, bool), "partner": np.zeros(1, np.int64), "mix": np.zeros(1, np.int64),
-              "lam": np.ones(1, np.float32), "cutbox": np.zeros((1, 4), np.int64)}
+    params = {
+        "image": np.zeros(1, np.int64),
+        "box": np.array([[0, 0, 5, 7]], np.float32),
+        "flip": np.zeros(1, bool),
+        "partner": np.zeros(1, np.int64),
+        "mix": np.zeros(1, np.int64),
+        "lam": np.ones(1, np.float32),
+        "cutbox": np.zeros((1, 4), np.int64),
+    }
     # the whole image onto its own size is the identity, as in Pillow
     out = render_decoded(param_tensors(params, dec, 5, 1), dec, 5)
     assert out.shape == (1, 3, 5, 5)

@@ -11,24 +11,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LAUNCH, STORE_EPOCHS
 
-from conftest import STORE_EPOCHS
 from kdlib.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = str(REPO / "examples" / "own_loop.py")
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 # one thread per process in both runs: the same kernels, so the same floats
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-       "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "PYTHONPATH": str(REPO),
+}
 
 
 def _replay(store_dir: str, **kw):
     from kdlib.replay import Replay
 
-    return Replay.from_store(store_dir, **{"batch_size": 64, "workers": 0, "device": "cpu", "rank": 0, "world": 1,
-                                           **kw})
+    return Replay.from_store(
+        store_dir, **{"batch_size": 64, "workers": 0, "device": "cpu", "rank": 0, "world": 1, **kw}
+    )
 
 
 def test_ranks_read_their_share_of_every_global_batch(store_dir):
@@ -49,8 +53,12 @@ def test_replay_batches_are_the_stored_views_and_labels(store_dir, store):
     cols = store.read_chunk(0, 0)
     assert torch.equal(batch.item["image"], torch.from_numpy(cols["image"].astype(np.int64)))
     assert batch.views.dtype == torch.uint8 and batch.views.shape == (64, 1, 28, 28)
-    dense = reconstruct(torch.from_numpy(cols["ids"].astype(np.int64)), torch.from_numpy(cols["logits"]),
-                        torch.from_numpy(cols["lse"]), store.meta.num_classes)
+    dense = reconstruct(
+        torch.from_numpy(cols["ids"].astype(np.int64)),
+        torch.from_numpy(cols["logits"]),
+        torch.from_numpy(cols["lse"]),
+        store.meta.num_classes,
+    )
     assert torch.equal(batch.teacher_logits, dense)
     mean, std = replay.source.mean_std()
     assert torch.allclose(batch.inputs, (batch.views.float() / 255 - mean[0]) / std[0])
@@ -62,12 +70,12 @@ def test_resume_from_a_step_and_cycle_stored_epochs(store_dir):
     full = [(b.step, b.epoch, b.item["image"]) for b in _replay(store_dir, epochs=STORE_EPOCHS + 1)]
     per_epoch = len(full) // (STORE_EPOCHS + 1)
     # epoch 2 replays stored epoch 0 (cycled)
-    for a, b in zip(full[:per_epoch], full[STORE_EPOCHS * per_epoch:]):
+    for a, b in zip(full[:per_epoch], full[STORE_EPOCHS * per_epoch :]):
         assert torch.equal(a[2], b[2]) and b[1] == STORE_EPOCHS
     resumed = _replay(store_dir, epochs=STORE_EPOCHS + 1, start_step=per_epoch + 3)
     rest = [(b.step, b.epoch, b.item["image"]) for b in resumed]
     assert len(resumed) == len(rest) == len(full) - per_epoch - 3
-    assert all(x[0] == y[0] and x[1] == y[1] and torch.equal(x[2], y[2]) for x, y in zip(full[per_epoch + 3:], rest))
+    assert all(x[0] == y[0] and x[1] == y[1] and torch.equal(x[2], y[2]) for x, y in zip(full[per_epoch + 3 :], rest))
 
 
 def test_bad_replay_arguments_get_one_line(store_dir):
@@ -85,15 +93,65 @@ def _losses(path: Path, key: str = "loss") -> list[float]:
 
 def test_own_loop_matches_kdlib_train_step_for_step(store_dir, tmp_path):
     """The example, run as a user runs it, with kdlib train's optimizer, schedule and clip: the same losses, bitwise."""
-    settings = ["--lr", "0.002", "--weight-decay", "0.0005", "--warmup", "0.05", "--clip", "1.0", "--epochs", "1",
-                "--batch-size", "64", "--workers", "0", "--seed", "3"]
-    train = subprocess.run([sys.executable, "-m", "kdlib", "train", "--shards", store_dir, "--student", "resnet8",
-                            "--out", str(tmp_path / "run"), "--no-eval", "--cpu", *settings],
-                           env=ENV, capture_output=True, text=True, timeout=600)
+    settings = [
+        "--lr",
+        "0.002",
+        "--weight-decay",
+        "0.0005",
+        "--warmup",
+        "0.05",
+        "--clip",
+        "1.0",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--workers",
+        "0",
+        "--seed",
+        "3",
+    ]
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdlib",
+            "train",
+            "--shards",
+            store_dir,
+            "--student",
+            "resnet8",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-eval",
+            "--cpu",
+            *settings,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
-    loop = subprocess.run([sys.executable, EXAMPLE, "--shards", store_dir, "--student", "resnet8", "--optimizer",
-                           "adamw", "--log", str(tmp_path / "loop.jsonl"), *settings],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    loop = subprocess.run(
+        [
+            sys.executable,
+            EXAMPLE,
+            "--shards",
+            store_dir,
+            "--student",
+            "resnet8",
+            "--optimizer",
+            "adamw",
+            "--log",
+            str(tmp_path / "loop.jsonl"),
+            *settings,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert loop.returncode == 0, loop.stderr[-3000:]
     ours, theirs = _losses(tmp_path / "run" / "steps.jsonl"), _losses(tmp_path / "loop.jsonl")
     assert len(ours) == len(theirs) > 1
@@ -101,9 +159,28 @@ def test_own_loop_matches_kdlib_train_step_for_step(store_dir, tmp_path):
 
 
 def test_own_loop_with_any_torchvision_student_and_sgd(store_dir, tmp_path):
-    loop = subprocess.run([sys.executable, EXAMPLE, "--shards", store_dir, "--student", "mobilenet_v3_small",
-                           "--steps", "2", "--batch-size", "32", "--workers", "1", "--log", str(tmp_path / "l.jsonl")],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    loop = subprocess.run(
+        [
+            sys.executable,
+            EXAMPLE,
+            "--shards",
+            store_dir,
+            "--student",
+            "mobilenet_v3_small",
+            "--steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--workers",
+            "1",
+            "--log",
+            str(tmp_path / "l.jsonl"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert loop.returncode == 0, loop.stderr[-3000:]
     losses = _losses(tmp_path / "l.jsonl")
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -111,9 +188,28 @@ def test_own_loop_with_any_torchvision_student_and_sgd(store_dir, tmp_path):
 
 def test_own_loop_under_accelerate_launch_each_rank_reads_its_share(store_dir, tmp_path):
     log = tmp_path / "l.jsonl"
-    proc = subprocess.run([*LAUNCH, EXAMPLE, "--shards", store_dir, "--student", "resnet8", "--steps", "3",
-                           "--batch-size", "64", "--workers", "0", "--log", str(log)],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            *LAUNCH,
+            EXAMPLE,
+            "--shards",
+            store_dir,
+            "--student",
+            "resnet8",
+            "--steps",
+            "3",
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+            "--log",
+            str(log),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):  # two ranks really ran, each on half of each global batch
         rows = [json.loads(x) for x in Path(f"{log}.rank{rank}").read_text().splitlines()]

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, snapshot
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -46,9 +45,32 @@ def _committed(store: Path) -> set[tuple[int, int]]:
 
 def test_precompute_killed_at_random_points_resumes_to_the_same_store(teacher_dir, store, tmp_path):
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "kdlib", "precompute", "--teacher", teacher_dir, "--data", "fashion-mnist",
-           "--recipe", FMNIST_RECIPE, "--epochs", str(STORE_EPOCHS), "--k", str(STORE_K), "--limit", str(LIMIT),
-           "--chunk-views", str(CHUNK_VIEWS), "--batch-size", "32", "--workers", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdlib",
+        "precompute",
+        "--teacher",
+        teacher_dir,
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        FMNIST_RECIPE,
+        "--epochs",
+        str(STORE_EPOCHS),
+        "--k",
+        str(STORE_K),
+        "--limit",
+        str(LIMIT),
+        "--chunk-views",
+        str(CHUNK_VIEWS),
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     log = out / "logs/precompute-rank0.jsonl"
     total = STORE_EPOCHS * store.meta.chunks_per_epoch
     kill_after = sorted(np.random.default_rng(2024).choice(np.arange(1, total - 1), size=3, replace=False))
@@ -77,8 +99,17 @@ def test_precompute_killed_at_random_points_resumes_to_the_same_store(teacher_di
 def test_precompute_extends_a_store_without_touching_done_epochs(teacher_dir, store, tmp_path):
     from kdlib.precompute import PrecomputeConfig, precompute
 
-    cfg = dict(teacher=teacher_dir, data="fashion-mnist", out=str(tmp_path / "s"), recipe=FMNIST_RECIPE,
-               k=STORE_K, limit=LIMIT, chunk_views=CHUNK_VIEWS, workers=0, test=False)
+    cfg = dict(
+        teacher=teacher_dir,
+        data="fashion-mnist",
+        out=str(tmp_path / "s"),
+        recipe=FMNIST_RECIPE,
+        k=STORE_K,
+        limit=LIMIT,
+        chunk_views=CHUNK_VIEWS,
+        workers=0,
+        test=False,
+    )
     precompute(PrecomputeConfig(epochs=1, **cfg))
     before = {k: v for k, v in snapshot(tmp_path / "s").items() if k != "meta.json" and not k.startswith("logs/")}
     extended = precompute(PrecomputeConfig(epochs=STORE_EPOCHS, **cfg))
@@ -89,8 +120,25 @@ def test_precompute_extends_a_store_without_touching_done_epochs(teacher_dir, st
 
 
 def test_train_killed_mid_epoch_resumes_to_the_same_weights(store_dir, tmp_path):
-    base = [sys.executable, "-m", "kdlib", "train", "--shards", store_dir, "--student", "resnet8", "--epochs", "2",
-            "--batch-size", "32", "--workers", "0", "--no-eval", "--checkpoint-every", "3"]
+    base = [
+        sys.executable,
+        "-m",
+        "kdlib",
+        "train",
+        "--shards",
+        store_dir,
+        "--student",
+        "resnet8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--checkpoint-every",
+        "3",
+    ]
     subprocess.run([*base, "--out", str(tmp_path / "full")], env=ENV, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
     steps_total = 2 * (256 // 32)

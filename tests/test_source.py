@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FMNIST_DIR as FMNIST  # noqa: E402  (the Debian path, or KDLIB_DATA on a GPU machine)
 from PIL import Image
 
 from kdlib import source as source_mod
@@ -24,7 +25,6 @@ from kdlib.source import (
     open_source,
 )
 
-from conftest import FMNIST_DIR as FMNIST  # noqa: E402  (the Debian path, or KDLIB_DATA on a GPU machine)
 needs_fmnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")),
     reason="apt-get install dataset-fashion-mnist",

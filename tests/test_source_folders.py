@@ -27,8 +27,12 @@ def _img(path, h=12, w=20, seed=0, **save):
 
 def test_header_reader_agrees_with_pil(tmp_path):
     rng = np.random.default_rng(1)
-    cases = {"plain.jpg": {}, "progressive.jpg": {"progressive": True}, "exif.jpg": {"exif": b"Exif\0\0" + b"x" * 3000},
-             "p.png": {}}
+    cases = {
+        "plain.jpg": {},
+        "progressive.jpg": {"progressive": True},
+        "exif.jpg": {"exif": b"Exif\0\0" + b"x" * 3000},
+        "p.png": {},
+    }
     for name, kw in cases.items():
         _img(tmp_path / name, 13, 37, **kw)
     Image.fromarray(rng.integers(0, 256, (9, 31, 4), dtype=np.uint8), "CMYK").save(tmp_path / "cmyk.jpg")
@@ -106,10 +110,21 @@ def test_store_keeps_the_index_train_reads_it(tmp_path, monkeypatch):
     data = tmp_path / "data"
     for i in range(8):
         _img(data / f"c{i % 2}" / f"{i}.png", 30, 34, seed=i)
-    (tmp_path / "r.yaml").write_text("name: t\nsize: 16\ncrop: inception\nscale: [0.5, 1.0]\nflip: false\nmix: none\n"
-                                     "images_per_group: 1\ncrops_per_image: 1\nseed: 0\n")
-    store = precompute(PrecomputeConfig(teacher="resnet8", data=str(data), out=str(tmp_path / "s"),
-                                        recipe=str(tmp_path / "r.yaml"), k=2, workers=0, test=False))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\nsize: 16\ncrop: inception\nscale: [0.5, 1.0]\nflip: false\nmix: none\n"
+        "images_per_group: 1\ncrops_per_image: 1\nseed: 0\n"
+    )
+    store = precompute(
+        PrecomputeConfig(
+            teacher="resnet8",
+            data=str(data),
+            out=str(tmp_path / "s"),
+            recipe=str(tmp_path / "r.yaml"),
+            k=2,
+            workers=0,
+            test=False,
+        )
+    )
     kept = list((tmp_path / "s" / "index").glob("*.npz"))
     assert len(kept) == 1
     monkeypatch.setenv("KDLIB_INDEX_CACHE", "off")

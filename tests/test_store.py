@@ -10,17 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CHUNK_VIEWS, LIMIT, STORE_K, snapshot
 
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_K, snapshot
 from kdlib.errors import CorruptStoreError, StoreError, StoreMismatchError, StoreNotFoundError, StoreVersionError
 from kdlib.store import FORMAT_VERSION, ChunkCache, StoreMeta, create_store, open_store
 from kdlib.store.format import READABLE_VERSIONS
 
 
 def _meta(**over) -> StoreMeta:
-    d = dict(format_version=FORMAT_VERSION, backend="zarr", recipe={"name": "t", "size": 28},
-             source={"fingerprint": "a" * 64, "data": "x"}, teacher={"digest": "b" * 64, "id": "t"},
-             num_classes=10, k=3, id_dtype="uint8", views_per_epoch=40, group_size=4, chunk_views=16)
+    d = dict(
+        format_version=FORMAT_VERSION,
+        backend="zarr",
+        recipe={"name": "t", "size": 28},
+        source={"fingerprint": "a" * 64, "data": "x"},
+        teacher={"digest": "b" * 64, "id": "t"},
+        num_classes=10,
+        k=3,
+        id_dtype="uint8",
+        views_per_epoch=40,
+        group_size=4,
+        chunk_views=16,
+    )
     d.update(over)
     return StoreMeta(**d)
 
@@ -33,8 +43,9 @@ def _random_chunk(meta: StoreMeta, n: int, seed: int) -> dict[str, np.ndarray]:
         if np.dtype(dtype).kind == "f":
             out[name] = rng.standard_normal(shape).astype(dtype)
         else:
-            out[name] = rng.integers(0, np.iinfo(dtype).max if np.dtype(dtype).itemsize < 4 else 2**20,
-                                     size=shape).astype(dtype)
+            out[name] = rng.integers(
+                0, np.iinfo(dtype).max if np.dtype(dtype).itemsize < 4 else 2**20, size=shape
+            ).astype(dtype)
     return out
 
 
@@ -108,9 +119,12 @@ def test_arrays_without_commit_record_do_not_count(kind, tmp_path):
     store.write_chunk(0, 0, _random_chunk(meta, 16, 0))
     # a killed writer: chunk 1's arrays are on disk, its commit record never came
     store.prepare_epoch(0)
-    store._write_arrays(0, 1, {k: np.ascontiguousarray(v, dtype=meta.fields[k][0])
-                               for k, v in _random_chunk(meta, 16, 1).items()},
-                        {k: (16, 32) for k in meta.fields})
+    store._write_arrays(
+        0,
+        1,
+        {k: np.ascontiguousarray(v, dtype=meta.fields[k][0]) for k, v in _random_chunk(meta, 16, 1).items()},
+        {k: (16, 32) for k in meta.fields},
+    )
     # ... and chunk 2's commit record was being put (temp name) when the process died
     store.fs.pipe_file(store._path("commits/e00000/c000002.json.tmp-deadbeef"), b'{"epoch": 0')
     reopened = open_store(store.url)
@@ -151,8 +165,19 @@ def test_resume_rewrites_only_the_missing_chunk(store_dir, store_copy, teacher_d
     before = snapshot(store_copy)
     recipe = Path(store_copy).parent / "recipe.json"
     recipe.write_text(json.dumps(s.meta.recipe))
-    done = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=store_copy, recipe=str(recipe),
-                                       epochs=2, k=STORE_K, limit=LIMIT, chunk_views=CHUNK_VIEWS, workers=0))
+    done = precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=store_copy,
+            recipe=str(recipe),
+            epochs=2,
+            k=STORE_K,
+            limit=LIMIT,
+            chunk_views=CHUNK_VIEWS,
+            workers=0,
+        )
+    )
     assert done.meta.epochs_done == 2 and done.epoch_complete(1)
     after = snapshot(store_copy)
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
@@ -167,8 +192,9 @@ def test_resume_rewrites_only_the_missing_chunk(store_dir, store_copy, teacher_d
     got = done.read_chunk(1, 3)
     for k in ("image", "box", "flip", "partner", "mix", "lam", "cutbox", "ids"):
         assert got[k].tobytes() == original[k].tobytes(), k
-    np.testing.assert_allclose(got["logits"].astype(np.float32), original["logits"].astype(np.float32),
-                               rtol=2**-10, atol=2e-3)
+    np.testing.assert_allclose(
+        got["logits"].astype(np.float32), original["logits"].astype(np.float32), rtol=2**-10, atol=2e-3
+    )
 
 
 # -- corruption ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-
 from conftest import FMNIST_RECIPE, LIMIT, snapshot
+
 from kdlib.errors import CorruptStoreError, StoreError
 from kdlib.plan import make_plan
 from kdlib.recipe import Recipe
@@ -31,10 +31,19 @@ def backend(request) -> str:
 
 
 def _meta(backend: str, **over) -> StoreMeta:
-    d = dict(format_version=FORMAT_VERSION, backend=backend, recipe=RECIPE.digest_dict(),
-             source={"fingerprint": "f" * 64, "data": "synthetic"}, teacher={"digest": "d" * 64, "id": "t"},
-             num_classes=10, k=K, id_dtype="uint8", views_per_epoch=VIEWS, group_size=RECIPE.group_size,
-             chunk_views=CHUNK)
+    d = dict(
+        format_version=FORMAT_VERSION,
+        backend=backend,
+        recipe=RECIPE.digest_dict(),
+        source={"fingerprint": "f" * 64, "data": "synthetic"},
+        teacher={"digest": "d" * 64, "id": "t"},
+        num_classes=10,
+        k=K,
+        id_dtype="uint8",
+        views_per_epoch=VIEWS,
+        group_size=RECIPE.group_size,
+        chunk_views=CHUNK,
+    )
     d.update(over)
     return StoreMeta(**d)
 
@@ -45,8 +54,11 @@ def _epoch(epoch: int) -> dict[str, np.ndarray]:
     cols = make_plan(RECIPE, sizes, epoch)
     rng = np.random.default_rng(100 + epoch)
     logits = np.sort(rng.standard_normal((VIEWS, K)), axis=1)[:, ::-1]
-    cols.update(ids=rng.integers(0, 10, (VIEWS, K)).astype(np.uint8), logits=logits.astype(np.float16),
-                lse=(logits[:, 0] + rng.random(VIEWS)).astype(np.float32))
+    cols.update(
+        ids=rng.integers(0, 10, (VIEWS, K)).astype(np.uint8),
+        logits=logits.astype(np.float16),
+        lse=(logits[:, 0] + rng.random(VIEWS)).astype(np.float32),
+    )
     assert len(cols["image"]) == VIEWS
     return cols
 
@@ -64,9 +76,11 @@ def _write_epoch(store: Store, epoch: int, chunks=None) -> dict[str, np.ndarray]
 
 
 def _url(kind: str, tmp_path: Path) -> str:
-    return {"local": lambda: str(tmp_path / "s"),
-            "file": lambda: (tmp_path / "s").as_uri(),
-            "memory": lambda: f"memory://kdlib-test-{uuid.uuid4().hex}/s"}[kind]()
+    return {
+        "local": lambda: str(tmp_path / "s"),
+        "file": lambda: (tmp_path / "s").as_uri(),
+        "memory": lambda: f"memory://kdlib-test-{uuid.uuid4().hex}/s",
+    }[kind]()
 
 
 def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -190,9 +204,11 @@ def test_test_predictions_round_trip(backend, kind, tmp_path):
     store = create_store(_url(kind, tmp_path), _meta(backend))
     assert store.read_test() is None
     rng = np.random.default_rng(5)
-    preds = {"ids": rng.integers(0, 10, (37, K)).astype(np.uint8),
-             "logits": rng.standard_normal((37, K)).astype(np.float16),
-             "lse": rng.standard_normal(37).astype(np.float32)}
+    preds = {
+        "ids": rng.integers(0, 10, (37, K)).astype(np.uint8),
+        "logits": rng.standard_normal((37, K)).astype(np.float16),
+        "lse": rng.standard_normal(37).astype(np.float32),
+    }
     store.write_test(preds, {"fingerprint": "t" * 64})
     reopened = open_store(store.url)
     assert reopened.meta.test == {"source": {"fingerprint": "t" * 64}, "views": 37}
@@ -237,13 +253,16 @@ def test_plain_webdataset_reads_shards(tmp_path):
     urls = shard_urls(open_store(store.url), 0)
     assert urls == sorted(urls) and len(urls) == 4
     assert [Path(u).name for u in urls] == [f"e00000-c{c:06d}.tar" for c in range(4)]
-    for pipeline in (wds.WebDataset(urls, shardshuffle=False).decode(),
-                     wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                                    workersplitter=wds.split_by_worker).decode()):  # 1 node, 1 worker: all
+    for pipeline in (
+        wds.WebDataset(urls, shardshuffle=False).decode(),
+        wds.WebDataset(
+            urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker
+        ).decode(),
+    ):  # 1 node, 1 worker: all
         samples = list(pipeline)
         assert [s["__key__"] for s in samples] == [f"e00000-c{c:06d}" for c in range(4)]
         for c, s in enumerate(samples):
-            got = {k[:-len(".npy")]: v for k, v in s.items() if k.endswith(".npy")}
+            got = {k[: -len(".npy")]: v for k, v in s.items() if k.endswith(".npy")}
             _same(got, _rows(cols, *store.meta.chunk_range(c)))
     # the file:// form of the same URLs works too, and epoch 1 has its own shards
     assert len(list(wds.WebDataset([Path(u).as_uri() for u in urls], shardshuffle=False))) == 4
@@ -257,8 +276,10 @@ def test_tar_members_are_deterministic_and_sorted(tmp_path):
         members = tar.getmembers()
     names = [m.name for m in members]
     assert names == sorted(names) == [f"e00000-c000003.{c}.npy" for c in sorted(store.meta.fields)]
-    assert all((m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o444, tarfile.REGTYPE)
-               for m in members)
+    assert all(
+        (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o444, tarfile.REGTYPE)
+        for m in members
+    )
     assert not [p for p in (tmp_path / "s" / "wds").iterdir() if ".tmp-" in p.name]  # temp names moved away
 
 
@@ -282,8 +303,21 @@ def test_precompute_and_train_with_wds(teacher_dir, tmp_path):
     from kdlib.train import TrainConfig, train
 
     out = tmp_path / "store"
-    store = precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
-                                        epochs=1, k=3, limit=LIMIT, chunk_views=128, workers=0, backend="wds", test=False))
+    store = precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=str(out),
+            recipe=FMNIST_RECIPE,
+            epochs=1,
+            k=3,
+            limit=LIMIT,
+            chunk_views=128,
+            workers=0,
+            backend="wds",
+            test=False,
+        )
+    )
     assert isinstance(store, WdsStore) and store.meta.epochs_done == 1 and store.epoch_complete(0)
     assert len(shard_urls(store, 0)) == store.meta.chunks_per_epoch
     assert not list(out.glob("e0*"))  # no zarr arrays

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT
+
 from kdlib.errors import StoreMismatchError
 from kdlib.plan import LAM_STEPS, make_plan, pack_params, unpack_params
 from kdlib.recipe import load_recipe
@@ -17,9 +17,22 @@ def small_store(teacher_dir, tmp_path_factory):
     from kdlib.precompute import PrecomputeConfig, precompute
 
     out = tmp_path_factory.mktemp("opts") / "s"
-    precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(out), recipe=FMNIST_RECIPE,
-                                epochs=1, k=10, limit=LIMIT, chunk_views=CHUNK_VIEWS, workers=0,
-                                logit_codec="q8", param_packing="packed", full_sample=0.25))
+    precompute(
+        PrecomputeConfig(
+            teacher=teacher_dir,
+            data="fashion-mnist",
+            out=str(out),
+            recipe=FMNIST_RECIPE,
+            epochs=1,
+            k=10,
+            limit=LIMIT,
+            chunk_views=CHUNK_VIEWS,
+            workers=0,
+            logit_codec="q8",
+            param_packing="packed",
+            full_sample=0.25,
+        )
+    )
     return out
 
 
@@ -33,9 +46,8 @@ def test_pack_round_trip_is_exact_on_the_grid():
 
 
 def test_q8_packed_store_verifies_and_replays_what_the_teacher_saw(small_store, teacher_dir):
-    from kdlib.store import open_store
+    from kdlib.store import ChunkCache, open_store
     from kdlib.verify import verify
-    from kdlib.store import ChunkCache
     from kdlib.views import Batch, FixedParams, ViewBatches
 
     store = open_store(str(small_store))
@@ -68,9 +80,22 @@ def test_codec_mismatch_is_refused(small_store, teacher_dir):
     from kdlib.precompute import PrecomputeConfig, precompute
 
     with pytest.raises(StoreMismatchError, match="logit codec"):
-        precompute(PrecomputeConfig(teacher=teacher_dir, data="fashion-mnist", out=str(small_store),
-                                    recipe=FMNIST_RECIPE, epochs=1, k=10, limit=LIMIT, chunk_views=CHUNK_VIEWS,
-                                    workers=0, logit_codec="fp16", param_packing="packed", full_sample=0.25))
+        precompute(
+            PrecomputeConfig(
+                teacher=teacher_dir,
+                data="fashion-mnist",
+                out=str(small_store),
+                recipe=FMNIST_RECIPE,
+                epochs=1,
+                k=10,
+                limit=LIMIT,
+                chunk_views=CHUNK_VIEWS,
+                workers=0,
+                logit_codec="fp16",
+                param_packing="packed",
+                full_sample=0.25,
+            )
+        )
 
 
 @pytest.mark.parametrize("full_sample, sample_views", [(None, 3), (0.01, 41), (0.0, 0)])
@@ -81,11 +106,25 @@ def test_full_logit_sample_shrinks_with_many_classes(tmp_path, full_sample, samp
 
     rng = np.random.default_rng(0)
     data = tmp_path / "c1000.npz"
-    np.savez(data, images=rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8), labels=np.arange(16) * 61,
-             classes=np.array([f"c{i}" for i in range(1000)]))
-    store = precompute(PrecomputeConfig(teacher="resnet8", data=str(data), out=str(tmp_path / "s"),
-                                        recipe=FMNIST_RECIPE, k=5, chunk_views=4096, workers=0, test=False,
-                                        full_sample=full_sample))
+    np.savez(
+        data,
+        images=rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8),
+        labels=np.arange(16) * 61,
+        classes=np.array([f"c{i}" for i in range(1000)]),
+    )
+    store = precompute(
+        PrecomputeConfig(
+            teacher="resnet8",
+            data=str(data),
+            out=str(tmp_path / "s"),
+            recipe=FMNIST_RECIPE,
+            k=5,
+            chunk_views=4096,
+            workers=0,
+            test=False,
+            full_sample=full_sample,
+        )
+    )
     assert store.meta.num_classes == 1000 and store.meta.sample_views == sample_views
     full = store.read_chunk(0, 0).get("full")
     assert (full is None) if sample_views == 0 else full.shape == (min(sample_views, 16), 1000)

@@ -18,10 +18,10 @@ import torchvision
 from PIL import Image
 
 from kdlib.errors import ModelError, StoreMismatchError
-from kdlib.resolve import resolve_model
-from kdlib.rundir import save_model
 from kdlib.plan import center_params
 from kdlib.render import render_views
+from kdlib.resolve import resolve_model
+from kdlib.rundir import save_model
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,12 @@ def test_torchvision_name_matches_plain_torch_with_its_own_preprocessing(tmp_pat
     model = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=1000, in_channels=3, weights=path).eval()
     c = model.contract
     assert (c.mean, c.std, c.size, c.crop_fraction, c.interpolation) == (
-        IMAGENET["mean"], IMAGENET["std"], 224, 0.875, "bilinear")
+        IMAGENET["mean"],
+        IMAGENET["std"],
+        224,
+        0.875,
+        "bilinear",
+    )
     assert "IMAGENET1K_V1" in c.origin and model.config["contract"]["origin"] == c.origin
     # plain torch: the weights' own transforms (resize 256 = no-op here, center crop 224, normalise)
     img = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -65,8 +70,13 @@ def test_torchvision_weights_from_the_hub_cache_and_nothing_downloads(tmp_path, 
     model = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=1000, in_channels=3).eval()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.equal(model(x), net((x / 255.0 - torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1))
-                                         / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1)))
+        assert torch.equal(
+            model(x),
+            net(
+                (x / 255.0 - torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1))
+                / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1)
+            ),
+        )
     with pytest.raises(ModelError, match="no tag 'NOPE'.*IMAGENET1K_V1"):
         resolve_model("torchvision:resnet18:NOPE", classes=1000, in_channels=3)
 
@@ -86,8 +96,9 @@ def test_timm_name_with_local_weights(tmp_path):
         want = net((x / 255.0 - torch.tensor(c.mean).view(1, 3, 1, 1)) / torch.tensor(c.std).view(1, 3, 1, 1))
         assert torch.equal(model(x), want)
     # timm knows ImageNet's synsets: a folder named by synset ids maps without a class-map file
-    mapped = resolve_model("timm:resnet18.a1_in1k", classes=["n01443537", "n01440764"], in_channels=3,
-                           weights=str(path))
+    mapped = resolve_model(
+        "timm:resnet18.a1_in1k", classes=["n01443537", "n01440764"], in_channels=3, weights=str(path)
+    )
     assert mapped.config["class_index"] == [1, 0]
     with pytest.raises(ModelError, match="no local weights"):
         resolve_model("timm:resnet18.a1_in1k", classes=1000, in_channels=3)
@@ -96,16 +107,18 @@ def test_timm_name_with_local_weights(tmp_path):
 
 
 def test_timm_missing_gives_a_clear_line():
-    code = ("import sys; sys.modules['timm'] = None\n"
-            "from kdlib.resolve import resolve_model\n"
-            "try:\n    resolve_model('timm:resnet18.a1_in1k', classes=10, in_channels=3)\n"
-            "except Exception as e:\n    print(e)\n")
+    code = (
+        "import sys; sys.modules['timm'] = None\n"
+        "from kdlib.resolve import resolve_model\n"
+        "try:\n    resolve_model('timm:resnet18.a1_in1k', classes=10, in_channels=3)\n"
+        "except Exception as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
     assert "needs timm" in out and "kdlib[timm]" in out
 
 
 # -- factories as people write them ----------------------------------------------------------------
-FACTORIES = textwrap.dedent('''
+FACTORIES = textwrap.dedent("""
     import pathlib, torch
     from torch import nn
 
@@ -135,7 +148,7 @@ FACTORIES = textwrap.dedent('''
 
     def needs_depth(depth):
         return _net(3)
-''')
+""")
 
 
 @pytest.fixture
@@ -172,8 +185,7 @@ def test_factory_forms(factories):
 def test_class_counts_are_checked_with_both_numbers(factories):
     ten = [str(i) for i in range(10)]
     with pytest.raises(ModelError, match=r"teacher .*:thousand has 1000 classes, the data has 10.*--class-map"):
-        resolve_model(f"{factories}:thousand", classes=ten, in_channels=3, mean=IMAGENET["mean"],
-                      std=IMAGENET["std"])
+        resolve_model(f"{factories}:thousand", classes=ten, in_channels=3, mean=IMAGENET["mean"], std=IMAGENET["std"])
     # issue 12 row 9: a student factory with 5 outputs on 10-class data, refused when it is built
     with pytest.raises(ModelError, match=r"asked for num_classes=10 but its model gives 5 outputs"):
         resolve_model(f"{factories}:five", classes=10, in_channels=3, data_stats=_stats, role="student")
@@ -187,8 +199,9 @@ def test_pretrained_weights_without_a_contract_are_not_guessed(tmp_path, factori
         resolve_model("resnet18", classes=["a", "b", "c"], in_channels=3, weights=path, data_stats=_stats)
     with pytest.raises(ModelError, match="preprocessing its weights expect is unknown"):
         resolve_model(f"{factories}:thousand", classes=1000, in_channels=3, data_stats=_stats)
-    m = resolve_model("resnet18", classes=["a", "b", "c"], in_channels=3, weights=path, mean=IMAGENET["mean"],
-                      std=IMAGENET["std"])
+    m = resolve_model(
+        "resnet18", classes=["a", "b", "c"], in_channels=3, weights=path, mean=IMAGENET["mean"], std=IMAGENET["std"]
+    )
     assert m.contract.origin == "--mean/--std"
     # flags that contradict the weights' own contract are refused, not silently applied
     with pytest.raises(ModelError, match="contradicts the weights' own mean"):
@@ -199,8 +212,13 @@ def test_kdlib_weights_accepted_for_the_same_arch(tmp_path):
     torch.manual_seed(3)
     first = resolve_model("resnet8", classes=10, in_channels=1, data_stats=lambda: ([0.3], [0.35])).eval()
     save_model(first, tmp_path / "run", extra={"input_size": 28})
-    again = resolve_model("resnet8", classes=10, in_channels=1, weights=str(tmp_path / "run" / "model.safetensors"),
-                          data_stats=lambda: ([0.9], [0.1])).eval()
+    again = resolve_model(
+        "resnet8",
+        classes=10,
+        in_channels=1,
+        weights=str(tmp_path / "run" / "model.safetensors"),
+        data_stats=lambda: ([0.9], [0.1]),
+    ).eval()
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(first(x), again(x))
@@ -213,8 +231,7 @@ def test_kdlib_weights_accepted_for_the_same_arch(tmp_path):
 def test_class_map_by_names_file_and_refusal(tmp_path):
     _, path = _tv_weights(tmp_path)
     # folder classes named as the teacher's categories, in another order: mapped by name
-    m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3,
-                      weights=path)
+    m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3, weights=path)
     assert m.num_classes == 2 and m.config["class_index"] == [1, 0] and m.config["net_classes"] == 1000
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     m.eval()
@@ -224,20 +241,36 @@ def test_class_map_by_names_file_and_refusal(tmp_path):
     # a file maps folder names (e.g. synset ids) to teacher outputs or class names
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"n01440764": 0, "n01443537": "goldfish"}))
-    m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["n01440764", "n01443537"], in_channels=3,
-                      weights=path, class_map=str(cmap))
+    m = resolve_model(
+        "torchvision:resnet18:IMAGENET1K_V1",
+        classes=["n01440764", "n01443537"],
+        in_channels=3,
+        weights=path,
+        class_map=str(cmap),
+    )
     assert m.config["class_index"] == [0, 1]
     with pytest.raises(ModelError, match=r"1000 classes, the data has 2.*'n01440764'.*--class-map"):
-        resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["n01440764", "n01443537"], in_channels=3,
-                      weights=path)
+        resolve_model(
+            "torchvision:resnet18:IMAGENET1K_V1", classes=["n01440764", "n01443537"], in_channels=3, weights=path
+        )
     cmap.write_text(json.dumps({"n01440764": 0}))
     with pytest.raises(ModelError, match="lacks data class"):
-        resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["n01440764", "n01443537"], in_channels=3,
-                      weights=path, class_map=str(cmap))
+        resolve_model(
+            "torchvision:resnet18:IMAGENET1K_V1",
+            classes=["n01440764", "n01443537"],
+            in_channels=3,
+            weights=path,
+            class_map=str(cmap),
+        )
     cmap.write_text(json.dumps({"n01440764": 0, "n01443537": 0}))
     with pytest.raises(ModelError, match="share one teacher output"):
-        resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["n01440764", "n01443537"], in_channels=3,
-                      weights=path, class_map=str(cmap))
+        resolve_model(
+            "torchvision:resnet18:IMAGENET1K_V1",
+            classes=["n01440764", "n01443537"],
+            in_channels=3,
+            weights=path,
+            class_map=str(cmap),
+        )
 
 
 # -- through the CLI: precompute records it, verify refuses another, eval of a factory ---------------
@@ -252,16 +285,23 @@ def _folder(root: Path, classes: list[str], per_class: int = 4, size: int = 40) 
     return str(root)
 
 
-RECIPE = "name: t\nsize: 32\ncrop: inception\nscale: [0.5, 1.0]\nflip: true\nmix: none\nimages_per_group: 1\n" \
-         "crops_per_image: 1\nseed: 0\ncenter_fraction: 0.875\n"
+RECIPE = (
+    "name: t\nsize: 32\ncrop: inception\nscale: [0.5, 1.0]\nflip: true\nmix: none\nimages_per_group: 1\n"
+    "crops_per_image: 1\nseed: 0\ncenter_fraction: 0.875\n"
+)
 
 
 def _cli(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")
-                                            + os.pathsep + str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlib", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + str(REPO)},
+    )
     assert (proc.returncode == 0) == ok, f"kdlib {' '.join(args)}: {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -270,8 +310,22 @@ def test_precompute_records_the_contract_verify_refuses_another(tmp_path, factor
     data = _folder(tmp_path / "data", ["a", "b", "c"])
     (tmp_path / "r.yaml").write_text(RECIPE)
     teacher = f"{factories}:pretrained"
-    out = _cli("precompute", "--teacher", teacher, "--data", data, "--recipe", "r.yaml", "--out", "s",
-               "--k", "3", "--workers", "0", cwd=tmp_path)
+    out = _cli(
+        "precompute",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--recipe",
+        "r.yaml",
+        "--out",
+        "s",
+        "--k",
+        "3",
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
     assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in out.stderr and "attributes" in out.stderr
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert meta["teacher"]["contract"]["mean"] == list(IMAGENET["mean"])
@@ -281,7 +335,8 @@ def test_precompute_records_the_contract_verify_refuses_another(tmp_path, factor
     # the same network fed other constants: refused, naming both normalisations
     (tmp_path / "mods" / "kd_other_t11.py").write_text(
         "from kd_factories_t11 import pretrained as _p\n"
-        "def pretrained():\n    return _p()\npretrained.mean = (0.5, 0.5, 0.5)\npretrained.std = (0.5, 0.5, 0.5)\n")
+        "def pretrained():\n    return _p()\npretrained.mean = (0.5, 0.5, 0.5)\npretrained.std = (0.5, 0.5, 0.5)\n"
+    )
     proc = _cli("verify", "--shards", "s", "--teacher", "kd_other_t11:pretrained", cwd=tmp_path, ok=False)
     assert proc.returncode == 2 and "error: store s was written with the teacher fed mean [0.485" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -290,16 +345,17 @@ def test_precompute_records_the_contract_verify_refuses_another(tmp_path, factor
     with pytest.raises(StoreMismatchError, match="mean"):
         verify(str(tmp_path / "s"), "kd_other_t11:pretrained", views=8)
     # eval of a factory teacher, fed at its contract's size
-    res = json.loads(_cli("eval", "--model", teacher, "--data", data, "--split", "test", "--workers", "0",
-                          cwd=tmp_path).stdout)
+    res = json.loads(
+        _cli("eval", "--model", teacher, "--data", data, "--split", "test", "--workers", "0", cwd=tmp_path).stdout
+    )
     assert res["images"] == 12 and 0 <= res["top1"] <= 1
 
 
 def test_run_dir_config_never_imports_a_module(tmp_path, factories):
     marker = tmp_path / "imported"
     (tmp_path / "evil_t11.py").write_text(
-        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from kd_factories_t11 import sized as fn\n")
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nfrom kd_factories_t11 import sized as fn\n"
+    )
     model = resolve_model(f"{factories}:sized", classes=3, in_channels=3, data_stats=_stats)
     save_model(model, tmp_path / "run", extra={"input_size": 32})
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -310,8 +366,18 @@ def test_run_dir_config_never_imports_a_module(tmp_path, factories):
     assert proc.returncode == 2 and "never imports code named in a file" in proc.stderr
     assert "--model/--teacher evil_t11:fn --weights run/model.safetensors" in proc.stderr and not marker.exists()
     # typed on the command line, the factory runs, and the run dir's weights fit it
-    res = _cli("eval", "--model", f"{factories}:sized", "--weights", "run/model.safetensors", "--data", data,
-               "--workers", "0", cwd=tmp_path)
+    res = _cli(
+        "eval",
+        "--model",
+        f"{factories}:sized",
+        "--weights",
+        "run/model.safetensors",
+        "--data",
+        data,
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
     assert json.loads(res.stdout)["images"] == 12
 
 
@@ -319,8 +385,9 @@ def test_run_dir_of_a_named_and_mapped_teacher_reloads_offline(tmp_path, monkeyp
     from kdlib.resolve import load_model
 
     _, path = _tv_weights(tmp_path)
-    m = resolve_model("torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3,
-                      weights=path).eval()
+    m = resolve_model(
+        "torchvision:resnet18:IMAGENET1K_V1", classes=["goldfish", "tench"], in_channels=3, weights=path
+    ).eval()
     save_model(m, tmp_path / "run")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # the run dir needs no cached weights
     again = load_model(str(tmp_path / "run"))
@@ -337,8 +404,9 @@ def test_cli_imagenet_teacher_over_a_folder_of_its_classes(tmp_path):
     data = _folder(tmp_path / "data", ["goldfish", "tench"], per_class=3)
     (tmp_path / "r.yaml").write_text(RECIPE)
     teacher = ["--teacher", "torchvision:resnet18:IMAGENET1K_V1", "--weights", weights]
-    out = _cli("precompute", *teacher, "--data", data, "--recipe", "r.yaml", "--out", "s", "--workers", "0",
-               cwd=tmp_path)
+    out = _cli(
+        "precompute", *teacher, "--data", data, "--recipe", "r.yaml", "--out", "s", "--workers", "0", cwd=tmp_path
+    )
     assert "2 data classes mapped to its 1000 outputs by the teacher's class names" in out.stderr
     assert "note: teacher torchvision:resnet18:IMAGENET1K_V1 was evaluated at 224 px" in out.stdout
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
@@ -348,8 +416,20 @@ def test_cli_imagenet_teacher_over_a_folder_of_its_classes(tmp_path):
     proc = _cli("verify", "--shards", "s", *teacher, "--mean", "0.5", "--std", "0.5", cwd=tmp_path, ok=False)
     assert proc.returncode == 2 and "contradicts the weights' own mean" in proc.stderr
     # eval feeds it at its own size and crop, over the data's two classes
-    res = json.loads(_cli("eval", "--model", "torchvision:resnet18:IMAGENET1K_V1", "--weights", weights,
-                          "--data", data, "--workers", "0", cwd=tmp_path).stdout)
+    res = json.loads(
+        _cli(
+            "eval",
+            "--model",
+            "torchvision:resnet18:IMAGENET1K_V1",
+            "--weights",
+            weights,
+            "--data",
+            data,
+            "--workers",
+            "0",
+            cwd=tmp_path,
+        ).stdout
+    )
     assert res["images"] == 6
 
 
@@ -377,11 +457,12 @@ def test_timm_weights_from_the_hugging_face_cache(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     safetensors.torch.save_file(net.state_dict(), str(snap / "model.safetensors"))
-    code = ("from kdlib.resolve import resolve_model\nfrom kdlib.weights import weights_digest\n"
-            "m = resolve_model('timm:resnet18.a1_in1k', classes=1000, in_channels=3)\n"
-            "print(weights_digest(m.net))\n")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"),
-           "PYTHONPATH": str(REPO)}
+    code = (
+        "from kdlib.resolve import resolve_model\nfrom kdlib.weights import weights_digest\n"
+        "m = resolve_model('timm:resnet18.a1_in1k', classes=1000, in_channels=3)\n"
+        "print(weights_digest(m.net))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     from kdlib.weights import weights_digest
 

@@ -15,9 +15,20 @@ from kdlib.train import TrainConfig, _warn_target_error
 
 def _store(tmp_path, k: int):
     c, v = 100, 256
-    meta = StoreMeta(format_version=1, backend="zarr", recipe=Recipe().digest_dict(), source={"fingerprint": "f"},
-                     teacher={"digest": "d"}, num_classes=c, k=k, id_dtype="uint8", views_per_epoch=v,
-                     group_size=2, chunk_views=128, sample_views=32)
+    meta = StoreMeta(
+        format_version=1,
+        backend="zarr",
+        recipe=Recipe().digest_dict(),
+        source={"fingerprint": "f"},
+        teacher={"digest": "d"},
+        num_classes=c,
+        k=k,
+        id_dtype="uint8",
+        views_per_epoch=v,
+        group_size=2,
+        chunk_views=128,
+        sample_views=32,
+    )
     store = create_store(str(tmp_path / f"s{k}"), meta)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(v, c, generator=g) * 3  # a confident teacher with a real tail
@@ -26,7 +37,7 @@ def _store(tmp_path, k: int):
         a, b = meta.chunk_range(chunk)
         cols = {key: arr[a:b] for key, arr in params.items()}
         cols.update({key: t.numpy() for key, t in encode(logits[a:b], k).items()})
-        cols["full"] = logits[a:a + meta.sample_views].half().numpy()
+        cols["full"] = logits[a : a + meta.sample_views].half().numpy()
         store.write_chunk(0, chunk, cols)
     return store
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from kdlib.errors import StoreMismatchError
 from kdlib.store import open_store
 from kdlib.verify import verify
@@ -19,8 +19,9 @@ from kdlib.verify import verify
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdlib", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_fresh_store_verifies(store_dir, teacher_dir):

@@ -15,8 +15,20 @@ from .format import BACKENDS, FORMAT_VERSION, StoreMeta, check_compatible
 from .wds_backend import WdsStore
 from .zarr_backend import ZarrStore
 
-__all__ = ["Store", "StoreMeta", "Chunk", "ChunkCache", "Codec", "TeacherOutput", "register_codec", "decode_chunk",
-           "FORMAT_VERSION", "open_store", "create_store", "open_store_source"]
+__all__ = [
+    "Store",
+    "StoreMeta",
+    "Chunk",
+    "ChunkCache",
+    "Codec",
+    "TeacherOutput",
+    "register_codec",
+    "decode_chunk",
+    "FORMAT_VERSION",
+    "open_store",
+    "create_store",
+    "open_store_source",
+]
 
 
 def _backend(name: str) -> type[Store]:
@@ -77,5 +89,6 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
         raise StoreMismatchError(
             f"store {store.url} was written for source {meta.source.get('data')!r} (limit {meta.source.get('limit')}, "
             f"fingerprint {meta.source['fingerprint'][:12]}); this command has {data!r}{whose} (limit {limit}, "
-            f"fingerprint {source.fingerprint()[:12]})")
+            f"fingerprint {source.fingerprint()[:12]})"
+        )
     return source

@@ -40,6 +40,7 @@ def _owner() -> str:
 
 
 def crc32(a: np.ndarray) -> int:
+    """crc32 of an array's bytes (C order): what a commit record checks a column by."""
     return zlib.crc32(np.ascontiguousarray(a).tobytes())
 
 
@@ -76,8 +77,10 @@ class Store:
             os.close(fd)
             if owner == _owner():
                 return  # this very process holds it (an earlier store object not yet collected)
-            raise StoreBusyError(f"store {self.url} is being written by {owner} ({path}); wait for it to finish, "
-                                 f"or stop it: a rerun then resumes where it stopped") from None
+            raise StoreBusyError(
+                f"store {self.url} is being written by {owner} ({path}); wait for it to finish, "
+                f"or stop it: a rerun then resumes where it stopped"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_owner() + "\n").encode(), 0)
         self._lock = fd
@@ -118,7 +121,9 @@ class Store:
 
     def remove_temp_files(self) -> list[str]:
         """Delete the `*.tmp-*` files a killed or failed writer left (rank 0, before anyone writes)."""
-        found = [p for p in self.fs.find(self.root) if TMP in posixpath.basename(p)] if self.fs.exists(self.root) else []
+        found = (
+            [p for p in self.fs.find(self.root) if TMP in posixpath.basename(p)] if self.fs.exists(self.root) else []
+        )
         for p in found:
             self._discard(p)
         return found
@@ -168,8 +173,12 @@ class Store:
                 raise StoreError(f"write_chunk: column {name!r} has shape {a.shape}, expected {(hi - lo, *trail)}")
             cols[name] = a
         self._write_arrays(epoch, chunk, cols, ranges)
-        record = {"epoch": epoch, "chunk": chunk, "views": [start, stop],
-                  "crc32": {k: crc32(a) for k, a in cols.items()}}
+        record = {
+            "epoch": epoch,
+            "chunk": chunk,
+            "views": [start, stop],
+            "crc32": {k: crc32(a) for k, a in cols.items()},
+        }
         self._put_atomic(self._commit_rel(epoch, chunk), json.dumps(record).encode())
 
     def read_chunk(self, epoch: int, chunk: int) -> Chunk:
@@ -179,11 +188,18 @@ class Store:
         try:
             record = json.loads(self.fs.cat_file(self._path(rel)))
         except FileNotFoundError:
-            raise StoreError(f"{where}: not committed (no {rel}); was precompute interrupted? rerun it to resume") from None
+            raise StoreError(
+                f"{where}: not committed (no {rel}); was precompute interrupted? rerun it to resume"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(f"{where}: commit record {rel} is corrupt: {exc}") from exc
-        self._check_record(record, rel, where, {"epoch": epoch, "chunk": chunk,
-                                                "views": list(self.meta.chunk_range(chunk))}, self.meta.columns)
+        self._check_record(
+            record,
+            rel,
+            where,
+            {"epoch": epoch, "chunk": chunk, "views": list(self.meta.chunk_range(chunk))},
+            self.meta.columns,
+        )
         ranges = {name: self.meta.rows(name, chunk) for name in self.meta.columns}
         try:
             cols = self._read_arrays(epoch, chunk, ranges)
@@ -193,8 +209,10 @@ class Store:
             raise CorruptStoreError(f"{where}: data is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
         for name, a in cols.items():
             if crc32(a) != record["crc32"].get(name):
-                raise CorruptStoreError(f"{where}: checksum mismatch in column {name!r} "
-                                        f"({self._describe_file(epoch, chunk, name)}); the store is corrupt")
+                raise CorruptStoreError(
+                    f"{where}: checksum mismatch in column {name!r} "
+                    f"({self._describe_file(epoch, chunk, name)}); the store is corrupt"
+                )
         return cols
 
     def _check_record(self, record: Any, rel: str, where: str, expect: dict[str, Any], columns: dict) -> None:
@@ -216,8 +234,10 @@ class Store:
                     if lacking:
                         problem = f"has no crc32 for column(s) {lacking}"
         if problem:
-            raise CorruptStoreError(f"{where}: commit record {self._path(rel)} {problem}; the store is corrupt "
-                                    f"(rerun `kdlib precompute` into a new --out)")
+            raise CorruptStoreError(
+                f"{where}: commit record {self._path(rel)} {problem}; the store is corrupt "
+                f"(rerun `kdlib precompute` into a new --out)"
+            )
 
     def check_consistent(self) -> None:
         """meta.json against the commit records: every epoch it calls done has exactly its chunks committed,
@@ -228,13 +248,19 @@ class Store:
             want = set(range(m.chunks_per_epoch))
             if done != want:
                 extra, missing = sorted(done - want), sorted(want - done)
-                what = (f"epoch {epoch} chunk {missing[0]} is not committed"
-                        + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")) if missing else \
-                       (f"epoch {epoch} has commit records past its end (chunks {extra[:5]})")
+                what = (
+                    (
+                        f"epoch {epoch} chunk {missing[0]} is not committed"
+                        + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    )
+                    if missing
+                    else (f"epoch {epoch} has commit records past its end (chunks {extra[:5]})")
+                )
                 raise CorruptStoreError(
                     f"{self.url}/{META} counts epoch {epoch} as done ({m.views_per_epoch} views per epoch, chunks of "
                     f"{m.chunk_views}) but {what}: meta.json and the commit records disagree; the store is corrupt "
-                    f"(rerun `kdlib precompute` into a new --out)")
+                    f"(rerun `kdlib precompute` into a new --out)"
+                )
             last = m.chunks_per_epoch - 1
             rel = self._commit_rel(epoch, last)
             try:
@@ -246,7 +272,8 @@ class Store:
                 raise CorruptStoreError(
                     f"{self.url}/{META} is inconsistent with its commit records: epoch {epoch} chunk {last} should "
                     f"hold views {list(m.chunk_range(last))} ({m.views_per_epoch} views per epoch) but {rel} says "
-                    f"{views!r}; the store is corrupt")
+                    f"{views!r}; the store is corrupt"
+                )
 
     def check_plan(self, epoch: int, params: dict[str, np.ndarray], committed: set[int]) -> None:
         """Refuse to finish a half-written epoch with a plan other than the one its committed chunks hold.
@@ -266,7 +293,8 @@ class Store:
                     f"{self.url} epoch {epoch}: the plan drawn now differs from the views stored in its committed "
                     f"chunk {chunk} (column {name!r}): the random stream changed since the epoch was started "
                     f"(meta.json: kdlib {self.meta.kdlib_version or '?'}; now numpy {np.__version__}); finish the "
-                    f"store with the kdlib and numpy that began it, or precompute into a new --out")
+                    f"store with the kdlib and numpy that began it, or precompute into a new --out"
+                )
 
     def content_digest(self) -> str:
         """sha256 of every complete epoch's params and soft labels in a canonical order (epoch, chunk,

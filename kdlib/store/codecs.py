@@ -36,10 +36,31 @@ from ..plan import pack_params, param_fields, unpack_params
 from ..softlabel import CODECS as LOGIT_CODECS
 from ..softlabel import Q8_STEPS_PER_NAT, check_finite, decode_logits, encode, reconstruct, to_codec
 
-__all__ = ["Fields", "TeacherOutput", "Tolerance", "Codec", "ParamsCodec", "LabelsCodec", "HeadsCodec",
-           "AttentionCodec", "SampleCodec", "register_codec", "unregister_codec", "registered_codecs",
-           "active_codecs", "view_fields", "sample_fields", "label_fields", "test_fields", "pixel_fields",
-           "decode_chunk", "item_columns", "tolerance", "LOGIT_CODECS", "MAP_CODECS"]
+__all__ = [
+    "Fields",
+    "TeacherOutput",
+    "Tolerance",
+    "Codec",
+    "ParamsCodec",
+    "LabelsCodec",
+    "HeadsCodec",
+    "AttentionCodec",
+    "SampleCodec",
+    "register_codec",
+    "unregister_codec",
+    "registered_codecs",
+    "active_codecs",
+    "view_fields",
+    "sample_fields",
+    "label_fields",
+    "test_fields",
+    "pixel_fields",
+    "decode_chunk",
+    "item_columns",
+    "tolerance",
+    "LOGIT_CODECS",
+    "MAP_CODECS",
+]
 
 Fields = dict[str, tuple[str, tuple[int, ...]]]
 Chunk = dict[str, np.ndarray]
@@ -53,17 +74,19 @@ class TeacherOutput:
     head_logits: list[Tensor] = field(default_factory=list)  # DIH heads, shallow to deep, [B, C] each
     maps: list[Tensor] = field(default_factory=list)  # attention maps, float32 [B, G*G] per tapped layer
 
-    def cpu(self) -> "TeacherOutput":
-        return TeacherOutput(self.logits.float().cpu(), [z.float().cpu() for z in self.head_logits],
-                             [m.float().cpu() for m in self.maps])
+    def cpu(self) -> TeacherOutput:
+        return TeacherOutput(
+            self.logits.float().cpu(), [z.float().cpu() for z in self.head_logits], [m.float().cpu() for m in self.maps]
+        )
 
     @staticmethod
-    def cat(parts: list["TeacherOutput"]) -> "TeacherOutput":
+    def cat(parts: list[TeacherOutput]) -> TeacherOutput:
         def join(xs: list[list[Tensor]]) -> list[Tensor]:
             return [torch.cat(col) for col in zip(*xs)] if xs and xs[0] else []
 
-        return TeacherOutput(torch.cat([p.logits for p in parts]), join([p.head_logits for p in parts]),
-                             join([p.maps for p in parts]))
+        return TeacherOutput(
+            torch.cat([p.logits for p in parts]), join([p.head_logits for p in parts]), join([p.maps for p in parts])
+        )
 
 
 @dataclass(frozen=True)
@@ -136,8 +159,13 @@ def _compare_labels(full: Tensor, cols: Chunk, prefix: str, meta: Any, tol: Tole
     agree = float((ids[:, 0] == full.argmax(1)).float().mean())
     within = bool((err <= tolerance(recomputed, lse, meta.logit_codec, tol.abs, tol.rel)).all())
     ok = within and agree >= tol.min_agreement and lse_err <= tol.abs + tol.rel * float(lse.abs().max())
-    return {"top1_agreement": round(agree, 6), "max_logit_error": float(err.max()), "max_lse_error": lse_err,
-            "logits_within_tolerance": within, "ok": ok}
+    return {
+        "top1_agreement": round(agree, 6),
+        "max_logit_error": float(err.max()),
+        "max_lse_error": lse_err,
+        "logits_within_tolerance": within,
+        "ok": ok,
+    }
 
 
 class Codec:
@@ -224,10 +252,15 @@ class LabelsCodec(Codec):
 
     def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
         report = _compare_labels(fresh.logits, cols, "", meta, tol)
-        rec = reconstruct(torch.from_numpy(cols["ids"].astype(np.int64)), torch.from_numpy(cols["logits"]),
-                          torch.from_numpy(cols["lse"]), meta.num_classes)
-        report["mean_kl"] = torch.nn.functional.kl_div(torch.log_softmax(rec, 1), torch.log_softmax(fresh.logits, 1),
-                                                       log_target=True, reduction="batchmean").item()
+        rec = reconstruct(
+            torch.from_numpy(cols["ids"].astype(np.int64)),
+            torch.from_numpy(cols["logits"]),
+            torch.from_numpy(cols["lse"]),
+            meta.num_classes,
+        )
+        report["mean_kl"] = torch.nn.functional.kl_div(
+            torch.log_softmax(rec, 1), torch.log_softmax(fresh.logits, 1), log_target=True, reduction="batchmean"
+        ).item()
         return report
 
 
@@ -240,8 +273,11 @@ class HeadsCodec(Codec):
         return bool(meta.heads)
 
     def fields(self, meta: Any) -> Fields:
-        return {name: spec for j in range(1, len(meta.heads) + 1)
-                for name, spec in label_fields(meta.k, meta.id_dtype, meta.logit_codec, f"h{j}_").items()}
+        return {
+            name: spec
+            for j in range(1, len(meta.heads) + 1)
+            for name, spec in label_fields(meta.k, meta.id_dtype, meta.logit_codec, f"h{j}_").items()
+        }
 
     def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
         if len(out.head_logits) != len(meta.heads):
@@ -265,10 +301,18 @@ class HeadsCodec(Codec):
         return {k: v for j in range(1, len(meta.heads) + 1) for k, v in _item_labels(cols, f"h{j}_").items()}
 
     def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
-        heads = [{"head": j, "layer": meta.heads[j - 1],
-                  **{k: v for k, v in _compare_labels(z, cols, f"h{j}_", meta, tol).items()
-                     if k != "logits_within_tolerance"}}
-                 for j, z in enumerate(fresh.head_logits, 1)]
+        heads = [
+            {
+                "head": j,
+                "layer": meta.heads[j - 1],
+                **{
+                    k: v
+                    for k, v in _compare_labels(z, cols, f"h{j}_", meta, tol).items()
+                    if k != "logits_within_tolerance"
+                },
+            }
+            for j, z in enumerate(fresh.head_logits, 1)
+        ]
         return {"heads": heads, "ok": all(h["ok"] for h in heads)}
 
 
@@ -292,16 +336,24 @@ class AttentionCodec(Codec):
     def decode(self, cols: Chunk, meta: Any) -> None:
         for name in self.fields(meta):
             if name in cols:
-                cols[name] = decode_maps(torch.from_numpy(np.ascontiguousarray(cols[name])),
-                                         meta.attention["codec"]).numpy()
+                cols[name] = decode_maps(
+                    torch.from_numpy(np.ascontiguousarray(cols[name])), meta.attention["codec"]
+                ).numpy()
 
     def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
         bound = 2.0 / 255 if meta.attention["codec"] == "q8" else 2e-3  # storage rounding + renormalising
         maps = []
         for i, m in enumerate(fresh.maps, 1):
             err = float((torch.from_numpy(cols[f"at{i}"]).float() - m).abs().max())
-            maps.append({"map": i, "layer": meta.attention["layers"][i - 1], "max_error": err, "bound": bound,
-                         "ok": err <= bound})
+            maps.append(
+                {
+                    "map": i,
+                    "layer": meta.attention["layers"][i - 1],
+                    "max_error": err,
+                    "bound": bound,
+                    "ok": err <= bound,
+                }
+            )
         return {"attention": maps, "ok": all(m["ok"] for m in maps)}
 
 
@@ -342,10 +394,12 @@ def register_codec(codec: Codec) -> Codec:
 
 
 def unregister_codec(name: str) -> None:
+    """Remove an extra column kind (stores naming it are then refused)."""
     _EXTRA.pop(name, None)
 
 
 def registered_codecs() -> list[str]:
+    """The names of the extra column kinds registered in this process."""
     return sorted(_EXTRA)
 
 
@@ -355,8 +409,10 @@ def active_codecs(meta: Any) -> list[Codec]:
     found = [c for c in _BUILTIN if c.active(meta)]
     for name in getattr(meta, "codecs", ()):
         if name not in _EXTRA:
-            raise StoreVersionError(f"the store holds columns of kind {name!r}, which this process has no codec for; "
-                                    "register it (kdlib.register_codec) before opening the store")
+            raise StoreVersionError(
+                f"the store holds columns of kind {name!r}, which this process has no codec for; "
+                "register it (kdlib.register_codec) before opening the store"
+            )
         found.append(_EXTRA[name])
     return found
 
@@ -373,6 +429,7 @@ def view_fields(meta: Any) -> Fields:
 
 
 def sample_fields(meta: Any) -> Fields:
+    """The full-logit sample's columns (rows: the first `sample_views` views of each chunk)."""
     return SAMPLE.fields(meta) if SAMPLE.active(meta) else {}
 
 
@@ -406,6 +463,8 @@ def check_names(names: list[str], where: str) -> list[str]:
     """Extra codec names a command asks to store: each registered."""
     for name in names:
         if name not in _EXTRA:
-            raise ConfigError(f"{where}: no codec named {name!r} is registered (known: {registered_codecs()}); "
-                              "register it with kdlib.register_codec first")
+            raise ConfigError(
+                f"{where}: no codec named {name!r} is registered (known: {registered_codecs()}); "
+                "register it with kdlib.register_codec first"
+            )
     return list(names)

@@ -73,28 +73,62 @@ class StoreMeta:
         need(isinstance(self.k, int) and 1 <= self.k <= self.num_classes, "k", "must be in [1, num_classes]")
         need(self.id_dtype in ID_DTYPES, "id_dtype", f"must be one of {ID_DTYPES}")
         need(isinstance(self.group_size, int) and self.group_size >= 1, "group_size", "must be a positive int")
-        need(isinstance(self.views_per_epoch, int) and self.views_per_epoch > 0
-             and self.views_per_epoch % self.group_size == 0, "views_per_epoch", "must be a positive multiple of group_size")
-        need(isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
-             "chunk_views", "must be a positive multiple of group_size")
+        need(
+            isinstance(self.views_per_epoch, int)
+            and self.views_per_epoch > 0
+            and self.views_per_epoch % self.group_size == 0,
+            "views_per_epoch",
+            "must be a positive multiple of group_size",
+        )
+        need(
+            isinstance(self.chunk_views, int) and self.chunk_views > 0 and self.chunk_views % self.group_size == 0,
+            "chunk_views",
+            "must be a positive multiple of group_size",
+        )
         need(isinstance(self.epochs_done, int) and self.epochs_done >= 0, "epochs_done", "must be an int >= 0")
         need(self.logit_codec in LOGIT_CODECS, "logit_codec", f"must be one of {LOGIT_CODECS}")
         need(self.param_packing in PACKINGS, "param_packing", f"must be one of {PACKINGS}")
-        need(self.render is None or (isinstance(self.render, dict) and {"device", "decoder", "renderer"} <= set(self.render)),
-             "render", "must be a mapping with device, decoder and renderer")
-        need(isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views, "sample_views",
-             "must be an int in [0, chunk_views]")
-        need(isinstance(self.heads, list) and all(isinstance(h, str) and h for h in self.heads), "heads",
-             "must be a list of layer names")
+        need(
+            self.render is None
+            or (isinstance(self.render, dict) and {"device", "decoder", "renderer"} <= set(self.render)),
+            "render",
+            "must be a mapping with device, decoder and renderer",
+        )
+        need(
+            isinstance(self.sample_views, int) and 0 <= self.sample_views <= self.chunk_views,
+            "sample_views",
+            "must be an int in [0, chunk_views]",
+        )
+        need(
+            isinstance(self.heads, list) and all(isinstance(h, str) and h for h in self.heads),
+            "heads",
+            "must be a list of layer names",
+        )
         a = self.attention
-        need(a is None or (isinstance(a, dict) and set(a) == {"layers", "grid", "codec"}
-                           and isinstance(a["layers"], list) and a["layers"] and all(isinstance(x, str) for x in a["layers"])
-                           and isinstance(a["grid"], int) and not isinstance(a["grid"], bool) and 1 <= a["grid"] <= 64
-                           and a["codec"] in MAP_CODECS), "attention",
-             f"must be null or {{'layers': [str, ...], 'grid': int in [1, 64], 'codec': one of {MAP_CODECS}}}")
+        need(
+            a is None
+            or (
+                isinstance(a, dict)
+                and set(a) == {"layers", "grid", "codec"}
+                and isinstance(a["layers"], list)
+                and a["layers"]
+                and all(isinstance(x, str) for x in a["layers"])
+                and isinstance(a["grid"], int)
+                and not isinstance(a["grid"], bool)
+                and 1 <= a["grid"] <= 64
+                and a["codec"] in MAP_CODECS
+            ),
+            "attention",
+            f"must be null or {{'layers': [str, ...], 'grid': int in [1, 64], 'codec': one of {MAP_CODECS}}}",
+        )
         need(not (self.format_version < 2 and (self.heads or a)), "format_version", "1 cannot hold heads or attention")
-        need(isinstance(self.codecs, list) and all(isinstance(c, str) and c for c in self.codecs)
-             and len(set(self.codecs)) == len(self.codecs), "codecs", "must be a list of distinct codec names")
+        need(
+            isinstance(self.codecs, list)
+            and all(isinstance(c, str) and c for c in self.codecs)
+            and len(set(self.codecs)) == len(self.codecs),
+            "codecs",
+            "must be a list of distinct codec names",
+        )
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -154,30 +188,36 @@ class StoreMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], origin: str = "meta.json") -> "StoreMeta":
+    def from_dict(cls, d: dict[str, Any], origin: str = "meta.json") -> StoreMeta:
         if not isinstance(d, dict) or "format_version" not in d:
-            raise StoreVersionError(f"{origin}: no format_version; not a kdlib store (readable versions "
-                                    f"{list(READABLE_VERSIONS)})")
+            raise StoreVersionError(
+                f"{origin}: no format_version; not a kdlib store (readable versions {list(READABLE_VERSIONS)})"
+            )
         _check_version(d["format_version"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in d and f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         if unknown or missing:
-            raise StoreError(f"{origin}: unknown keys {unknown} / missing keys {missing} for format "
-                             f"version {d['format_version']}")
+            raise StoreError(
+                f"{origin}: unknown keys {unknown} / missing keys {missing} for format version {d['format_version']}"
+            )
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "StoreMeta":
+    def replace(self, **changes: Any) -> StoreMeta:
         return dataclasses.replace(self, **changes)
 
 
 def _check_version(version: Any) -> None:
     if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise StoreVersionError(f"store format version {version!r} found; this kdlib reads versions "
-                                f"{list(READABLE_VERSIONS)}" + (" (written by a newer kdlib: upgrade)" if newer else ""))
+        raise StoreVersionError(
+            f"store format version {version!r} found; this kdlib reads versions "
+            f"{list(READABLE_VERSIONS)}" + (" (written by a newer kdlib: upgrade)" if newer else "")
+        )
 
 
 def _render_key(meta: StoreMeta) -> dict[str, Any]:
@@ -217,6 +257,8 @@ def check_compatible(found: StoreMeta, wanted: StoreMeta, where: str) -> None:
                 b = {k: b.get(k) for k in keys}
             diffs.append(f"  {name}: store has {a!r}, this command has {b!r}")
     if diffs:
-        raise StoreMismatchError(f"store {where} was written for something else; nothing was written:\n"
-                                 + "\n".join(diffs)
-                                 + "\nUse a new --out directory, or the same source/teacher/recipe/k.")
+        raise StoreMismatchError(
+            f"store {where} was written for something else; nothing was written:\n"
+            + "\n".join(diffs)
+            + "\nUse a new --out directory, or the same source/teacher/recipe/k."
+        )

@@ -105,7 +105,7 @@ def _read_tar(data: bytes, key: str, fields: dict, n: int | dict[str, int], wher
                 found[member.name] = tar.extractfile(member).read()
                 if len(found[member.name]) != member.size:
                     raise tarfile.ReadError(f"{where}: {member.name}: unexpected end of data (truncated)")
-    if data[end:end + 2 * BLOCK] != bytes(2 * BLOCK):  # a tar ends with two zero blocks
+    if data[end : end + 2 * BLOCK] != bytes(2 * BLOCK):  # a tar ends with two zero blocks
         raise tarfile.ReadError(f"{where} has no end-of-archive marker after byte {end} (truncated)")
     cols = {}
     for col, (dtype, trail) in fields.items():
@@ -121,6 +121,8 @@ def _read_tar(data: bytes, key: str, fields: dict, n: int | dict[str, int], wher
 
 
 class WdsStore(Store):
+    """A store whose chunks are plain tars (one webdataset sample per chunk), see the module docstring."""
+
     backend = "wds"
 
     def _rel(self, name: str) -> str:
@@ -205,13 +207,17 @@ def shard_urls(store: Store, epoch: int, partial: bool = False) -> list[str]:
     (a shard list with holes would silently train on part of an epoch).
     """
     if not isinstance(store, WdsStore):
-        raise StoreError(f"store {store.url} is in {store.backend!r} format; shard_urls needs a 'wds' store "
-                         f"(precompute with --format wds)")
+        raise StoreError(
+            f"store {store.url} is in {store.backend!r} format; shard_urls needs a 'wds' store "
+            f"(precompute with --format wds)"
+        )
     done = store.committed_chunks(epoch)
     if not partial and len(done) != store.meta.chunks_per_epoch:
         missing = sorted(set(range(store.meta.chunks_per_epoch)) - done)
-        raise StoreError(f"store {store.url} epoch {epoch} is not complete: chunks {missing[:10]}"
-                         f"{'...' if len(missing) > 10 else ''} not committed; finish `kdlib precompute` first")
+        raise StoreError(
+            f"store {store.url} epoch {epoch} is not complete: chunks {missing[:10]}"
+            f"{'...' if len(missing) > 10 else ''} not committed; finish `kdlib precompute` first"
+        )
     local = "file" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,))
     paths = [store.tar_path(epoch, c) for c in sorted(done)]
     return paths if local else [store.fs.unstrip_protocol(p) for p in paths]

@@ -22,6 +22,8 @@ INNER_VIEWS = 1024
 
 
 class ZarrStore(Store):
+    """A store whose columns are sharded zarr v3 arrays, one group per epoch, see the module docstring."""
+
     backend = "zarr"
 
     def __init__(self, url: str, meta: StoreMeta) -> None:
@@ -46,9 +48,16 @@ class ZarrStore(Store):
         while shard % inner:  # inner chunks must tile the shard
             inner -= 1
         return zarr.create_array(
-            store=self._zarr_url, name=f"{group}/{name}", shape=(n, *trail), dtype=dtype,
-            chunks=(inner, *trail), shards=(shard, *trail), compressors=ZstdCodec(level=3),
-            fill_value=0, overwrite=False)
+            store=self._zarr_url,
+            name=f"{group}/{name}",
+            shape=(n, *trail),
+            dtype=dtype,
+            chunks=(inner, *trail),
+            shards=(shard, *trail),
+            compressors=ZstdCodec(level=3),
+            fill_value=0,
+            overwrite=False,
+        )
 
     def prepare_epoch(self, epoch: int) -> None:
         """Create the epoch's group and every column array that is missing (a kill may have left some)."""
@@ -79,8 +88,11 @@ class ZarrStore(Store):
     def _write_named(self, name: str, cols: Chunk) -> None:
         n = len(next(iter(cols.values())))
         for col, a in cols.items():
-            arr = self._create(name, col, str(a.dtype), a.shape[1:], n, max(n, 1)) \
-                if not self.fs.exists(self._path(name, col, "zarr.json")) else self._array(name, col)
+            arr = (
+                self._create(name, col, str(a.dtype), a.shape[1:], n, max(n, 1))
+                if not self.fs.exists(self._path(name, col, "zarr.json"))
+                else self._array(name, col)
+            )
             arr[:] = a
 
     def _read_named(self, name: str, fields: dict, n: int) -> Chunk:
