@@ -23,14 +23,16 @@ from .errors import ConfigError
 from .feed import Feed
 from .headed import HEADS_KEY, attach_heads, backbone_digest
 from .losses import mixed_label_targets, soft_cross_entropy
-from .plan import center_params, views_per_epoch
+from .plan import center_params
 from .recipe import load_recipe
+from .replay import Replay
 from .rundir import save_model
 from .runtime import process_state
 from .schedule import warmup_cosine
 from .source import open_source
+from .targets import LabelTargets
 from .teacher import load_teacher
-from .views import Batch, FixedParams, PlanParams, ViewBatches, split_range
+from .views import Batch, FixedParams, ViewBatches, split_range
 
 __all__ = ["HeadsConfig", "fit_heads"]
 
@@ -80,18 +82,26 @@ def fit_heads(cfg: HeadsConfig) -> dict[str, Any]:
 
     g = recipe.group_size
     batch = max(g, cfg.batch_size // g * g)
-    n_views = views_per_epoch(recipe, len(source))
-    ranges = split_range(0, n_views, batch)
-    # train's schedule (warmup + cosine over every step), stepped as train steps it
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(len(ranges) * cfg.epochs, cfg.warmup))
-    sizes, log = source.sizes(), []
+    # train's loop over the planned views (its batches, feed and labels), keeping each epoch's last smaller batch
+    replay = Replay(
+        LabelTargets(source, recipe),
+        batch_size=batch,
+        epochs=cfg.epochs,
+        device=device,
+        rank=0,
+        world=1,
+        workers=cfg.workers,
+        drop_last=False,
+    )
+    # and train's schedule (warmup + cosine over every step), stepped as train steps it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(replay.total_steps, cfg.warmup))
+    log = []
     t0 = time.time()
-    batches = [Batch(e, a, b) for e in range(cfg.epochs) for a, b in ranges]
-    items = iter(Feed(ViewBatches(source, batches, recipe.size, g, PlanParams(recipe, sizes)), device, cfg.workers))
+    batches = iter(replay)
     for epoch in range(cfg.epochs):
         # summed on the device and read once per epoch: no host sync per step
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros(model.num_heads, device=device), 0
-        for item in (next(items) for _ in ranges):
+        for item in (next(batches).item for _ in range(replay.steps_per_epoch)):
             with torch.no_grad():
                 _, feats = model.features(item["views"])
             logits = model.head_logits([f.float() for f in feats])

@@ -34,18 +34,27 @@ __all__ = ["Replay", "ReplayBatch", "rank_batches"]
 
 
 def rank_batches(
-    views_per_epoch: int, batch_size: int, group_size: int, rank: int, world: int, epochs: int, start_step: int = 0
+    views_per_epoch: int,
+    batch_size: int,
+    group_size: int,
+    rank: int,
+    world: int,
+    epochs: int,
+    start_step: int = 0,
+    drop_last: bool = True,
 ) -> list[Batch]:
-    """This rank's share of every global batch from `start_step` on, over `epochs` training epochs."""
+    """This rank's share of every global batch from `start_step` on, over `epochs` training epochs.
+
+    `drop_last=False` keeps an epoch's last, smaller global batch (whole groups still; one process)."""
     if batch_size % (group_size * world):
         raise ConfigError(
             f"--batch-size {batch_size} must be a multiple of group size {group_size} "
             f"x processes {world}, so every process gets whole groups"
         )
-    steps = views_per_epoch // batch_size
+    steps = views_per_epoch // batch_size if drop_last else -(-views_per_epoch // batch_size)
     if steps == 0:
         raise ConfigError(f"--batch-size {batch_size} is larger than an epoch ({views_per_epoch} views)")
-    global_batches = split_range(0, steps * batch_size, batch_size)
+    global_batches = split_range(0, min(steps * batch_size, views_per_epoch), batch_size)
     first = start_step // steps
     return [
         Batch(e, *rank_slice(a, b, rank, world, group_size))
@@ -119,6 +128,7 @@ class Replay:
         render: str = "auto",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        drop_last: bool = True,
     ) -> None:
         if rank is None or world is None or device is None:
             state = process_state()
@@ -130,9 +140,10 @@ class Replay:
         self.targets, self.batch_size, self.rank, self.world = targets, int(batch_size), int(rank), int(world)
         self.device, self.workers, self.render = torch.device(device), int(workers), render
         self.epochs = int(epochs) if epochs is not None else (targets.stored_epochs or 1)
-        self.start_step = int(start_step)
+        self.start_step, self.drop_last = int(start_step), bool(drop_last)
         self.group_size = targets.recipe.group_size
-        rank_batches(targets.views, self.batch_size, self.group_size, self.rank, self.world, 1)  # checks the sizes
+        # checks the sizes now, not at the first step
+        rank_batches(targets.views, self.batch_size, self.group_size, self.rank, self.world, 1, 0, self.drop_last)
         self.mean, self.std = mean, std
         self._norm: tuple[Tensor, Tensor] | None = None
 
@@ -189,8 +200,9 @@ class Replay:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global steps per epoch: whole global batches only."""
-        return self.targets.views // self.batch_size
+        """Global steps per epoch: whole global batches only (and the last, smaller one without `drop_last`)."""
+        n = self.targets.views
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def total_steps(self) -> int:
@@ -208,7 +220,14 @@ class Replay:
     def feed(self) -> Feed:
         """The feed of every remaining step: one set of workers lives from the first batch to the last."""
         batches = rank_batches(
-            self.targets.views, self.batch_size, self.group_size, self.rank, self.world, self.epochs, self.start_step
+            self.targets.views,
+            self.batch_size,
+            self.group_size,
+            self.rank,
+            self.world,
+            self.epochs,
+            self.start_step,
+            self.drop_last,
         )
         return Feed(self.targets.dataset(batches), self.device, self.workers, self.render)
 

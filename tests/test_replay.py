@@ -215,3 +215,12 @@ def test_own_loop_under_accelerate_launch_each_rank_reads_its_share(store_dir, t
         rows = [json.loads(x) for x in Path(f"{log}.rank{rank}").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3] and {r["views"] for r in rows} == {32}
         assert f"rank {rank}: 3 steps" in proc.stdout
+
+
+def test_drop_last_false_keeps_each_epochs_last_smaller_batch(store_dir, store):
+    n = store.meta.views_per_epoch
+    batch = 48  # does not divide an epoch
+    replay = _replay(store_dir, batch_size=batch, drop_last=False, epochs=1)
+    sizes = [len(b.views) for b in replay]
+    assert replay.steps_per_epoch == -(-n // batch) == len(sizes) and sum(sizes) == n and sizes[-1] == n % batch
+    assert len(list(_replay(store_dir, batch_size=batch, epochs=1))) == n // batch  # the default drops it, as train
