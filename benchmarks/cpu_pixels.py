@@ -75,7 +75,7 @@ def main() -> None:
         fn()
         return (time.perf_counter() - t0) * 1e3 / v
 
-    ds = ViewBatches(src, [Batch(0, 0, v)], r.size, r.group_size, FixedParams(p))
+    ds = ViewBatches(src, [Batch(0, 0, v)], r.size, r.group_size, FixedParams(p), stage="device")  # a worker's share
     tv_pil = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.PILToTensor()])
     tv_v2 = v2.Compose([v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip()])
     dec = decode_batch(p, src.decode, r.size)

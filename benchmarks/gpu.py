@@ -382,6 +382,7 @@ class Bench:
             recipe.size,
             recipe.group_size,
             PlanParams(recipe, source.sizes()),
+            stage="device",  # the worker's half only: decoded images and the host-side render tensors
         )
         items = [ds[i] for i in range(len(ds))]
         return [{"render": it["render"], "decoded": it["decoded"], "size": recipe.size} for it in items]

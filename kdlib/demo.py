@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._demo_plot import save_demo_plot  # matplotlib itself is imported there, when it is there
+
 __all__ = ["Settings", "run_demo", "DEMO_SETTINGS", "QUICK_SETTINGS"]
 
 RECIPE = "precompute/fmnist.yaml"
@@ -267,8 +269,6 @@ def run_demo(
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.md").write_text(table + "\n")
     (Path(out) / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
-    from ._demo_plot import save_demo_plot
-
     png = save_demo_plot(result, Path(out) / "demo.png")
     print(
         f"\ntable: {out}/demo.md, numbers: {out}/demo.json"
