@@ -19,6 +19,8 @@ Samples are evenly spaced ids, never random draws, so they are the same in every
 from __future__ import annotations
 
 import abc
+import difflib
+import errno
 import gzip
 import hashlib
 import json
@@ -26,10 +28,13 @@ import math
 import operator
 import os
 import struct
+import sys
 import time
+import unicodedata
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -396,35 +401,118 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _listing(root: str, classes: list[str]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
-    """(files relative to root, labels, (bytes, mtime_ns) per file); an empty class folder is refused."""
+_noted: set[str] = set()  # notes already printed by this process
+
+
+def _note(line: str) -> None:
+    """Print ``line`` on stderr once per process, from the main process only (a reopened split or another
+    rank lists the same folder again; DataLoader workers get the source pickled, never list it)."""
+    if line in _noted or os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    _noted.add(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+def _code_points(name: str) -> str:
+    """``name`` quoted, with its code points when it is not plain ASCII (NFC and NFD forms print alike)."""
+    if name.isascii():
+        return repr(name)
+    return f"{name!r} ({' '.join(f'U+{ord(c):04X}' for c in name)})"
+
+
+def _count_extensions(counts: dict[str, int]) -> str:
+    """``{".webp": 3, ".txt": 1}`` -> ``".webp: 3, .txt: 1"``, most frequent first, at most 8 named."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{ext}: {n}" for ext, n in items[:8])
+    return text + (f", {len(items) - 8} more kinds" if len(items) > 8 else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class _Listing(NamedTuple):
+    files: list[str]  # relative to root, '/'-separated
+    labels: list[int]
+    stamps: list[tuple[int, int]]  # (bytes, mtime_ns) per file
+    skipped: dict[str, int]  # extension -> files kdlib does not read, in the class folders
+    loops: list[str]  # symlinks not followed: each leads to a folder above it, or to itself
+
+
+def _dir_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _real_ancestors(path: str) -> frozenset[tuple[int, int]]:
+    """(st_dev, st_ino) of ``path`` and of every folder above it, symlinks resolved."""
+    ids = set()
+    p = os.path.realpath(path)
+    while True:
+        ids.add(_dir_id(os.stat(p)))
+        parent = os.path.dirname(p)
+        if parent == p:
+            return frozenset(ids)
+        p = parent
+
+
+def _listing(root: str, classes: list[str], folders: list[str | None] | None = None) -> _Listing:
+    """The image files of every class, labelled; an empty class folder is refused.
+
+    ``folders``: each class's folder name on disk (None: absent from this split), by default the class
+    names. Symlinked files and folders are followed, except a folder symlink that leads back to a folder
+    above it (or to itself): following it would list the same images again, forever; it is reported."""
     files: list[str] = []
     labels: list[int] = []
     stamps: list[tuple[int, int]] = []
-    for label, cls in enumerate(classes):
-        top = os.path.join(root, cls)
+    skipped: dict[str, int] = {}
+    loops: list[str] = []
+    for label, folder in enumerate(classes if folders is None else folders):
+        if folder is None:
+            continue
+        top = os.path.join(root, folder)
         if not os.path.isdir(top):
             continue  # a split may lack some of the training split's classes
         found = []
-        stack = [(top, cls + "/")]  # (folder, its path relative to root, '/'-separated): no relpath per file
+        others: dict[str, int] = {}
+        # (folder, its path relative to root, '/'-separated: no relpath per file, the (st_dev, st_ino) of it
+        # and of every folder above it: one of those met again is a loop)
+        stack = [(top, folder + "/", _real_ancestors(top))]
         while stack:
-            d, rel = stack.pop()
+            d, rel, above = stack.pop()
             with os.scandir(d) as it:
                 for e in it:
                     if e.name.startswith("."):
                         continue
-                    if e.is_dir(follow_symlinks=True):
-                        stack.append((e.path, rel + e.name + "/"))
+                    try:
+                        is_dir = e.is_dir(follow_symlinks=True)
+                        ident = _dir_id(e.stat(follow_symlinks=True)) if is_dir else None
+                    except OSError as exc:
+                        if exc.errno != errno.ELOOP:
+                            raise
+                        loops.append(rel + e.name)  # a symlink that resolves to itself (a -> a, a -> b -> a)
+                        continue
+                    if ident is not None:
+                        if ident in above:
+                            loops.append(rel + e.name)
+                        else:
+                            stack.append((e.path, rel + e.name + "/", above | {ident}))
                     elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                         st = e.stat(follow_symlinks=True)
                         found.append((rel + e.name, st.st_size, st.st_mtime_ns))
+                    else:
+                        ext = os.path.splitext(e.name)[1].lower() or "(no extension)"
+                        others[ext] = others.get(ext, 0) + 1
         if not found:
-            raise SourceError(f"class folder {top} has no .jpg/.jpeg/.png files: remove it or add images")
+            n = sum(others.values())
+            holds = f" (it holds {_plural(n, 'file')} kdlib does not read: {_count_extensions(others)})" if n else ""
+            raise SourceError(f"class folder {top} has no .jpg/.jpeg/.png files{holds}: remove it or add images")
         found.sort()  # the file system's order is not stable
         files += [f for f, _, _ in found]
         stamps += [(n, t) for _, n, t in found]
         labels += [label] * len(found)
-    return files, labels, stamps
+        for ext, n in others.items():
+            skipped[ext] = skipped.get(ext, 0) + n
+    return _Listing(files, labels, stamps, skipped, sorted(loops))
 
 
 def _train_classes(path: str, split: str) -> list[str] | None:
@@ -440,14 +528,65 @@ def _train_classes(path: str, split: str) -> list[str] | None:
     return sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
 
 
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _class_folders(root: str, own: list[str], classes: list[str]) -> list[str | None]:
+    """The folder of ``root`` that holds each training class (None: none does). A folder name matches a
+    class exactly or, failing that, after Unicode NFC normalisation (a folder copied through macOS or
+    an archive may be stored decomposed, NFD); a folder that matches no class is refused."""
+    index = {c: i for i, c in enumerate(classes)}
+    by_nfc: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        by_nfc.setdefault(_nfc(c), []).append(i)
+    folders: list[str | None] = [None] * len(classes)
+    for name in own:
+        if name in index:
+            folders[index[name]] = name
+    unknown, twice, renamed = [], [], []
+    for name in own:
+        if name in index:
+            continue
+        hits = by_nfc.get(_nfc(name), [])
+        if len(hits) != 1:
+            unknown.append(name)
+        elif folders[hits[0]] is not None:
+            twice.append((name, folders[hits[0]]))
+        else:
+            folders[hits[0]] = name
+            renamed.append((name, classes[hits[0]]))
+    if twice:
+        a, b = twice[0]
+        raise SourceError(f"{root}: class folders {_code_points(a)} and {_code_points(b)} are the same class "
+                          "after Unicode NFC normalisation: merge them into one folder")  # fmt: skip
+    if unknown:
+        shown = "[" + ", ".join(_code_points(n) for n in unknown[:5]) + "]"
+        hint = ""
+        if not all(n.isascii() for n in unknown):
+            near = difflib.get_close_matches(_nfc(unknown[0]), list(by_nfc), n=1, cutoff=0.5)
+            closest = f"; the closest training class is {_code_points(classes[by_nfc[near[0]][0]])}" if near else ""
+            hint = f" (names are compared after Unicode NFC normalisation{closest})"
+        raise SourceError(
+            f"{root}: class folder(s) {shown} are not classes of the training split "
+            f"({len(classes)} classes){hint}; rename or remove them"
+        )
+    for name, cls in renamed:  # said only when nothing is refused: bad input gets one line
+        _note(f"note: {root}: class folder {_code_points(name)} is the training split's class {_code_points(cls)}: "
+              "names are compared after Unicode NFC normalisation")  # fmt: skip
+    return folders
+
+
 class ImageFolderSource(Source):
     """``<root>[/<split>]/<class>/**/*.{jpg,jpeg,png}``, every image decoded to RGB.
 
     Classes are the sorted class folder names of the training split (another split maps its
-    folders to them by name, and refuses a folder the training split lacks); files are sorted
-    by path within a class; hidden files and folders (``.x``, e.g. macOS ``._x.jpg``) are
-    skipped; an empty class folder is refused. EXIF orientation is ignored, as in torchvision's
-    ImageFolder: pixels are taken as stored. 16-bit PNGs are scaled to 8 bits.
+    folders to them by name, compared after Unicode NFC normalisation, and refuses a folder the
+    training split lacks); files are sorted by path within a class; hidden files and folders
+    (``.x``, e.g. macOS ``._x.jpg``) are skipped; files of other extensions are skipped and
+    counted in one ``note:`` on stderr; symlinks are followed, except a folder symlink that loops
+    back (noted too); an empty class folder is refused. EXIF orientation is ignored, as in
+    torchvision's ImageFolder: pixels are taken as stored. 16-bit PNGs are scaled to 8 bits.
 
     Image sizes are read once and kept in an index keyed by the listing (names, byte counts,
     mtimes): in ``index_dirs`` (a store keeps the index it planned with) and in
@@ -458,18 +597,26 @@ class ImageFolderSource(Source):
         root = os.path.abspath(_split_dir(path, split))
         own = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         classes = _train_classes(path, split)
-        if classes is None:
-            classes = own
-        elif unknown := sorted(set(own) - set(classes)):
-            raise SourceError(
-                f"{root}: class folder(s) {unknown[:5]} are not classes of the training split "
-                f"({len(classes)} classes); rename or remove them"
-            )
+        folders = None if classes is None else _class_folders(root, own, classes)
+        classes = own if classes is None else classes
         if not own:
             raise SourceError(f"empty ImageFolder {root}: no class folders")
-        files, labels, stamps = _listing(root, classes)
+        files, labels, stamps, skipped, loops = _listing(root, classes, folders)
         if not files:
             raise SourceError(f"empty ImageFolder {root}: no .jpg/.jpeg/.png files in its class folders")
+        if skipped:
+            _note(f"note: skipped {_plural(sum(skipped.values()), 'file')} kdlib does not read under {root} "
+                  f"({_count_extensions(skipped)}); kdlib reads .jpg, .jpeg and .png, in any case")  # fmt: skip
+        if loops:
+            named = ", ".join(loops[:3]) + (f" and {len(loops) - 3} more" if len(loops) > 3 else "")
+            one = len(loops) == 1
+            which = (
+                "loops back to a folder above it or to itself"
+                if one
+                else "loop back to a folder above them or to themselves"
+            )
+            _note(f"note: skipped {_plural(len(loops), 'symlink')} under {root} that {which} ({named}): "
+                  "each real folder is listed once")  # fmt: skip
         super().__init__("imagefolder", split, root, classes, 3)
         self._files = files  # relative to root, '/'-separated: the fingerprint must not see root
         self._labels = np.array(labels, np.int64)
