@@ -5,10 +5,13 @@ An attention map of an activation ``[B, C, H, W]`` is the channel mean of its sq
 ``normalize(x.pow(2).mean(1).view(B, -1))``: the same without the pooling; where a layer is already
 ``G x G`` the pooling is the identity). The loss is
 
-    at_loss = beta * sum over paired layers l of mean_{b, i} (Q_s[l][b, i] - Q_t[l][b, i])^2
+    at_loss = beta * sum over paired layers l of mean_b sum_i (Q_s[l][b, i] - Q_t[l][b, i])^2 / (H_l * W_l)
 
 with beta = 1e3 as in the reference's commands (its `cifar.py`: ``opt.beta * sum(loss_groups)``,
-each group ``(at(x) - at(y)).pow(2).mean()``). It is added to whatever loss the student trains with.
+each group ``(at(x) - at(y)).pow(2).mean()``, a mean over the H*W unpooled cells): dividing the pooled
+maps' summed squared differences by the layer's own H*W (not by G*G) keeps that strength, so beta means
+what it means in the reference (a 28x28 stage pooled to 7x7 would otherwise weigh 16x more). It is
+added to whatever loss the student trains with.
 
 fasterai's KD callback with its `Attention` loss trains on ``(1 - w) * CE + w * AT_mse`` where
 ``AT_mse`` is the same sum of mean squared differences without beta (tutorial: w = 0.9 on
@@ -72,8 +75,19 @@ def attention_map(activation: Tensor, grid: int | None = None) -> Tensor:
     return F.normalize(a.flatten(1), dim=1)
 
 
-def at_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], beta: float = BETA) -> Tensor:
-    """``beta * sum_l mean((Q_s[l] - Q_t[l])^2)`` over paired, already normalised maps ``[B, M]``."""
+def at_loss(
+    student_maps: Sequence[Tensor],
+    teacher_maps: Sequence[Tensor],
+    beta: float = BETA,
+    native: Sequence[int] | None = None,
+) -> Tensor:
+    """``beta * sum_l mean((Q_s[l] - Q_t[l])^2)`` over paired, already normalised maps ``[B, M]``.
+
+    `native` (the H*W of each layer's activation before pooling) keeps the reference's strength when
+    the maps were pooled to G x G: the squared differences of a layer are summed over its M = G*G cells
+    and divided by H*W instead of M, as the reference's mean over its H*W unpooled cells would (a unit
+    vector's squared distances add up to the same order whatever its length). With M == H*W it is the
+    plain mean. Without `native`, the mean over the M cells (H*W / M times the reference's strength)."""
     if len(student_maps) != len(teacher_maps) or not student_maps:
         raise ConfigError(
             f"attention transfer pairs layers one to one: {len(student_maps)} student map(s), "
@@ -86,7 +100,8 @@ def at_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], beta
                 f"attention pair {i}: student map {list(s.shape)} vs teacher map {list(t.shape)}; "
                 "pool both to the same grid"
             )
-        total = total + (s.float() - t.float().to(s.device)).pow(2).mean()
+        sq = (s.float() - t.float().to(s.device)).pow(2)
+        total = total + (sq.mean() if native is None else sq.sum(1).mean() / float(native[i]))
     return float(beta) * total
 
 

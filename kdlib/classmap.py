@@ -104,7 +104,7 @@ def resolve_class_map(
     raise ModelError(
         f"teacher {spec} has {teacher_classes} classes, the data has {len(data_classes)} "
         f'({_head(data_classes)}){why}. Give --class-map FILE (JSON {{"data class": teacher index '
-        "or class name}}) so each data class maps to one teacher output"
+        "or class name}) so each data class maps to one teacher output"
     )
 
 

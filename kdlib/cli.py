@@ -58,6 +58,22 @@ CLASS_MAP = click.option(
     help="JSON {data class: teacher index or class name} for a teacher whose classes are not "
     "the data's (default: by the teacher's class names, else refused).",
 )
+# verify and eval --shards: what the store's teacher was given stands in for a flag not given
+STORE_MEAN = click.option(
+    "--mean",
+    default=None,
+    help="Input mean in [0,1] units, as precompute's --mean [default: the weights' own, else the one the "
+    "store's teacher was given, when it is that teacher].",
+)
+STORE_STD = click.option("--std", default=None, help="Input std, as precompute's --std (see --mean).")
+STORE_CLASS_MAP = click.option(
+    "--class-map",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="JSON {data class: teacher index or class name}, as precompute's [default: the store's mapping "
+    "when it is the store's teacher, else by the teacher's class names]; verify refuses one other than the "
+    "store's.",
+)
 TRUST_CODE = click.option(
     "--trust-code", is_flag=True, help="Allow a run dir's config.json to name a package.module:factory to import."
 )
@@ -347,9 +363,9 @@ def train(config_file: str | None, **kw) -> None:
     help="The store's source, when the path its meta.json names is not where "
     "the images are here (its fingerprint must match).",
 )
-@MEAN
-@STD
-@CLASS_MAP
+@STORE_MEAN
+@STORE_STD
+@STORE_CLASS_MAP
 @TRUST_CODE
 @CPU
 @LIMIT
@@ -412,10 +428,22 @@ def verify(
 @click.option("--weights", default=None, help="Weights file for a named model.")
 @click.option("--data", default=None, help="Default: what the model was trained on.")
 @click.option("--split", default="test")
-@click.option("--shards", default=None, help="Store with cached teacher predictions (default: the one trained from).")
-@MEAN
-@STD
-@CLASS_MAP
+@click.option(
+    "--shards",
+    default=None,
+    help="Store with cached teacher predictions (default: the one trained from); agreement is measured "
+    "on the views they were made on.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="View size [default: a run dir's input_size; for a named model its input contract's, else the "
+    "--shards store's recipe's, and required when neither says].",
+)
+@STORE_MEAN
+@STORE_STD
+@STORE_CLASS_MAP
 @TRUST_CODE
 @CPU
 @LIMIT
@@ -426,6 +454,7 @@ def eval_(
     data: str | None,
     split: str,
     shards: str | None,
+    size: int | None,
     mean: str | None,
     std: str | None,
     class_map: str | None,
@@ -452,6 +481,7 @@ def eval_(
                 class_map=class_map,
                 trust_code=trust_code,
                 cpu=cpu,
+                size=size,
             )
         )
     )

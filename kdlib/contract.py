@@ -1,8 +1,10 @@
 """A model's input contract: the preprocessing its weights expect.
 
-Mean and std are applied inside the model (``Classifier``); size, crop fraction and interpolation
-say how the weights were evaluated (``kdlib eval`` of a pretrained teacher uses them; a recipe
-that renders at another size is noted). Where the contract comes from, in this order:
+Mean and std are applied inside the model (``Classifier``); size and crop fraction say how the
+weights were evaluated (``kdlib eval`` of a pretrained teacher uses them; a recipe that renders at
+another size is noted). The interpolation is recorded but not applied: kdlib renders every view
+bilinearly (``pil-bilinear-1``), so another one (timm's ``bicubic``) is said in ``describe()``.
+Where the contract comes from, in this order:
 
 1. a kdlib run directory's config.json (or kdlib's own model.safetensors, whose buffers hold it);
 2. timm's ``pretrained_cfg``;
@@ -33,12 +35,14 @@ __all__ = [
     "size_note",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "RENDERED_INTERPOLATION",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _NAMED = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 _TOL = 1e-6  # float32 buffers round-trip constants like 0.485 to ~1e-8
+RENDERED_INTERPOLATION = "bilinear"  # what kdlib's renderers apply, whatever the contract says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ class InputContract:
         extra = [
             f"size {self.size}" if self.size else "",
             f"crop {self.crop_fraction:g}" if self.crop_fraction else "",
-            self.interpolation or "",
+            self.interpolation_note() or self.interpolation or "",
         ]
         extra_s = ", ".join(e for e in extra if e)
         return (
@@ -106,6 +110,13 @@ class InputContract:
             + (f", {extra_s}" if extra_s else "")
             + f" (from {self.origin})"
         )
+
+    def interpolation_note(self) -> str | None:
+        """Said when the weights expect another interpolation than the bilinear one views are rendered with."""
+        wanted = (self.interpolation or "").strip().lower()
+        if not wanted or wanted == RENDERED_INTERPOLATION:
+            return None
+        return f"interpolation {wanted} expected, views are rendered {RENDERED_INTERPOLATION}"
 
 
 def _fmt(values: Sequence[float]) -> str:

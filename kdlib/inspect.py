@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import losses
-from .errors import ConfigError
+from .contract import InputContract
+from .errors import ConfigError, ModelError
 from .softlabel import reconstruct, tail_mass
 from .store import open_store
 from .store.codecs import SAMPLE, active_codecs, decode_chunk
@@ -124,6 +125,35 @@ def _classes(meta_source: dict[str, Any], num_classes: int) -> list[str] | None:
     return None
 
 
+_PAIRS = 5  # class-map pairs shown
+
+
+def _teacher_summary(teacher: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
+    """What the store says of its teacher besides its identity: its output count, its input contract,
+    and how the data's classes map onto its outputs (a mapped teacher answers over the mapped outputs
+    only, so its soft labels, top-k and lse are renormalised over those)."""
+    cfg = teacher.get("config") if isinstance(teacher.get("config"), dict) else {}
+    index = cfg.get("class_index")
+    net_classes = cfg.get("net_classes", cfg.get("num_classes"))
+    contract = teacher.get("contract") if isinstance(teacher.get("contract"), dict) else None
+    if contract is not None:
+        try:
+            contract = {**contract, "text": InputContract.from_dict(contract).describe()}
+        except (KeyError, TypeError, ModelError):  # a hand-edited meta.json: show what is there, as it is
+            contract = {**contract, "text": None}
+    class_map = None
+    if isinstance(index, list) and index:
+        names = classes or [None] * len(index)
+        class_map = {
+            "data_classes": len(index),
+            "teacher_outputs": net_classes,
+            "pairs": [{"data": i, "name": n, "teacher": int(t)} for i, (n, t) in enumerate(zip(names, index))],
+            "soft_labels": f"renormalised over the {len(index)} mapped outputs (the teacher answers over "
+            f"those only: its top-k and lse are over them, not over its {net_classes} outputs)",
+        }
+    return {"teacher_net_classes": net_classes, "teacher_contract": contract, "class_map": class_map}
+
+
 def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
     m, c = r.get("images_per_group", 1), r.get("crops_per_image", 1)
     crop = r.get("crop")
@@ -216,6 +246,7 @@ def inspect_store(
             "digest": meta.teacher.get("digest"),
             "precision": meta.precision,
         },
+        **_teacher_summary(meta.teacher, classes),  # outputs, input contract, class map
         "rendered": {k: meta.rendered[k] for k in ("device", "decoder", "renderer")},
         "source": {
             "name": meta.source.get("name"),
@@ -444,6 +475,32 @@ def _histogram(hist: dict[str, Any], total: int, top: int = 20) -> list[str]:
     return lines
 
 
+def _teacher_text(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows on the teacher's outputs, input contract and class map (stores of older kdlibs may lack them)."""
+    rows = []
+    if r.get("teacher_net_classes") is not None:
+        rows.append(("outputs", f"{r['teacher_net_classes']} (the data has {r['num_classes']} classes)"))
+    contract = r.get("teacher_contract")
+    if contract:
+        rows.append(("input contract", contract.get("text") or str(contract)))
+    cm = r.get("class_map")
+    if cm:
+        pairs = ", ".join(
+            f"{p['data']}{'' if p['name'] is None else ' ' + repr(p['name'])} -> {p['teacher']}"
+            for p in cm["pairs"][:_PAIRS]
+        )
+        more = f", ... ({len(cm['pairs'])} in all)" if len(cm["pairs"]) > _PAIRS else ""
+        rows.append(
+            (
+                "class map",
+                f"{cm['data_classes']} data classes -> {cm['data_classes']} of its {cm['teacher_outputs']} "
+                f"outputs: {pairs}{more}",
+            )
+        )
+        rows.append(("soft labels", cm["soft_labels"]))
+    return rows
+
+
 def format_report(report: dict) -> str:
     """Human-readable text of an `inspect_store` report."""
     r = report
@@ -469,6 +526,7 @@ def format_report(report: dict) -> str:
         "teacher / source",
         [
             ("teacher", f"{t['id']} (arch {t['arch']}, weights sha256 {str(t['digest'])[:16]})"),
+            *_teacher_text(r),
             ("source", f"{s['name']} (data {s['data']}, limit {s['limit']}, {s['images']} images)"),
             ("fingerprint", str(s["fingerprint"])),
             ("recipe", f"{r['recipe']['name']}: {r['recipe']['summary']}"),

@@ -423,11 +423,15 @@ def _kdlib_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, 
     cfg_path = path.parent / CONFIG_NAME  # its run dir's config (data only) may also know the size
     if path.name == WEIGHTS_NAME and cfg_path.is_file():
         try:
-            saved = json.loads(cfg_path.read_text()).get("contract") or {}
+            cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
-            saved = {}
+            cfg = {}
+        saved = cfg.get("contract") or {} if isinstance(cfg, dict) else {}
         if saved and InputContract.from_dict(saved).same_normalisation(contract):
             contract = InputContract.from_dict(saved, origin=f"kdlib weights {path}")
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if contract.size is None and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            contract = contract.replace(size=size)  # the size the run was trained at
     extra = sorted(k for k in state if not k.startswith("net.") and k not in ("mean", "std"))
     if extra:
         raise ModelError(f"weights file {path} mixes a kdlib model's keys with others: {extra[:5]}")

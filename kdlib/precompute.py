@@ -6,7 +6,8 @@
    on the device, and a writer thread writes and commits the chunk while the teacher goes on;
 3. rank 0 marks the epoch done in meta.json once every chunk of it is committed;
 4. the teacher's predictions on the test split (center views) are stored too, so that
-   `kdlib eval` can report a student's agreement with the teacher without loading it.
+   `kdlib eval` can report a student's agreement with the teacher without loading it; `meta.test`
+   records the views they were made on (size, center crop, decoder), where eval measures agreement.
 
 Run on many processes with `accelerate launch -m kdlib precompute ...`: each rank owns the
 chunks c with c % world == rank, so the store is the same whatever the world size.
@@ -31,7 +32,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from ._version import __version__
 from .attention import parse_layers
 from .errors import ConfigError, StoreError
-from .feed import Feed, render_device
+from .feed import Feed, check_fits, render_device
 from .plan import center_params, views_per_epoch
 from .recipe import Recipe, load_recipe
 from .render import DECODERS, RENDERER
@@ -152,6 +153,8 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         kdlib_version=__version__,
     )
     batch = _round_to_groups(cfg.batch_size, g, "batch_size", state)
+    # a batch of views must fit where it is rendered: refused now, before the store is made (issue 20 row 4)
+    check_fits(batch, g, source.channels, recipe.size, renderer, device, cfg.workers, cfg.render)
 
     if state.is_main_process:
         store = create_store(cfg.out, meta)  # refuses a store written for something else
@@ -353,3 +356,7 @@ def _store_test_predictions(
         store.write_test(
             {c: v.cpu().numpy() for c, v in to_codec(labels, store.meta.logit_codec).items()}, test.describe()
         )
+        # the views they were made on, so that eval measures agreement on these very views (a store
+        # without this record used the recipe's: eval falls back to it)
+        views = {"size": recipe.size, "center_fraction": recipe.center_fraction, "decoder": cfg.decode}
+        store.write_meta(store.meta.replace(test={**store.meta.test, **views}))

@@ -19,7 +19,7 @@ from .contract import InputContract
 from .errors import ModelError
 from .weights import read_state_file
 
-__all__ = ["Pretrained", "is_pretrained_spec", "load_pretrained"]
+__all__ = ["Pretrained", "is_pretrained_spec", "load_pretrained", "hf_hub_cache", "hf_cached"]
 
 PREFIXES = ("torchvision:", "timm:")
 # Builders that torchvision calls with extra arguments when it loads weights (see their *_Weights code).
@@ -121,7 +121,15 @@ def _torch_hub_dir() -> str:
     return torch.hub.get_dir()
 
 
-def _weights_path(spec: str, weights: str | None, cached: list[Path]) -> Path:
+def _weights_path(
+    spec: str,
+    weights: str | None,
+    cached: list[Path],
+    looked: str | None = None,
+    fill: str = "put the file there (download it where a network exists) or pass --weights FILE",
+) -> Path:
+    """`--weights FILE`, else the first of the `cached` files that exists; `looked` says where they were
+    looked for (the cached paths themselves when not given), `fill` how to put them there."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -131,9 +139,52 @@ def _weights_path(spec: str, weights: str | None, cached: list[Path]) -> Path:
         if path.is_file():
             return path
     raise ModelError(
-        f"{spec}: no local weights (looked in {', '.join(map(str, cached))}); kdlib downloads "
-        "nothing: put the file there (download it where a network exists) or pass --weights FILE"
+        f"{spec}: no local weights (looked in {looked or ', '.join(map(str, cached))}); kdlib downloads nothing: {fill}"
     )
+
+
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a Hugging Face repo, in its order
+
+
+def hf_hub_cache() -> tuple[Path, str]:
+    """The Hugging Face hub cache folder, and how to name it. With huggingface_hub installed it is
+    `huggingface_hub.constants.HF_HUB_CACHE`; without it, the same default worked out from the same
+    variables (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME), and the name says so."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        env = os.environ
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+        return Path(cache).expanduser(), "the Hugging Face hub cache's default place (huggingface_hub is not installed)"
+    return Path(constants.HF_HUB_CACHE).expanduser(), "the Hugging Face hub cache"
+
+
+def hf_cached(repo_id: str, filenames: tuple[str, ...] = _HF_FILES) -> tuple[list[Path], str]:
+    """Files of the Hugging Face model repo `repo_id` in the standard hub cache layout
+    (`<cache>/models--ORG--NAME/snapshots/<revision>/<file>`, the revision `refs/main` names first,
+    then any other snapshot, newest first), and a line saying where they were looked for."""
+    cache, name = hf_hub_cache()
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = folder / "snapshots"
+    revisions: list[str] = []
+    try:
+        revisions.append((folder / "refs" / "main").read_text(encoding="utf-8").strip())
+    except OSError:
+        pass
+    if snapshots.is_dir():
+        others = sorted(snapshots.iterdir(), key=lambda d: d.lstat().st_mtime, reverse=True)
+        revisions += [d.name for d in others if d.is_dir() and d.name not in revisions]
+    revisions = [r for r in revisions if r]
+    found = [snapshots / rev / f for rev in revisions for f in filenames]
+    state = (
+        f"there is no {folder.name} folder"
+        if not folder.is_dir()
+        else "it holds no snapshot"
+        if not revisions
+        else f"not in snapshot{'s' if len(revisions) > 1 else ''} {', '.join(revisions[:3])}"
+    )
+    return found, f"{name}: {snapshots}/<revision>/{' or '.join(filenames)}; {state}"
 
 
 def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
@@ -162,21 +213,17 @@ def _timm(spec: str, name: str, weights: str | None, load: bool) -> Pretrained:
         crop_fraction=cfg.get("crop_pct"),
         interpolation=cfg.get("interpolation"),
     )
-    cached = []
-    if load and cfg.get("hf_hub_id"):
-        try:
-            import huggingface_hub
-
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                found = huggingface_hub.try_to_load_from_cache(cfg["hf_hub_id"], filename)  # offline lookup
-                cached.append(
-                    Path(found)
-                    if isinstance(found, str)
-                    else Path(huggingface_hub.constants.HF_HUB_CACHE) / cfg["hf_hub_id"] / filename
-                )
-        except ImportError:
-            pass
-    path = _weights_path(spec, weights, cached) if load else None
+    cached: list[Path] = []
+    fill = "download the weights where a network exists and pass --weights FILE"
+    looked = f"nowhere: timm's pretrained_cfg of {name} names no Hugging Face repo"
+    if load and weights is None and cfg.get("hf_hub_id"):
+        files = (cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else _HF_FILES
+        cached, looked = hf_cached(cfg["hf_hub_id"], files)
+        fill = (
+            f"fill that cache where a network exists (huggingface_hub.snapshot_download({cfg['hf_hub_id']!r})) "
+            "and copy it here, or pass --weights FILE"
+        )
+    path = _weights_path(spec, weights, cached, looked, fill) if load else None
     if path is not None:
         _load_into(net, _read(path), spec, path)
     num_classes = int(getattr(net, "num_classes", 0) or cfg.get("num_classes") or 0)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .feed import Feed, render_device
+from .feed import Feed, check_feed_fits, render_device
 from .runtime import process_state
 from .store import Store, open_store
 from .targets import StoreTargets, Targets
@@ -142,8 +142,11 @@ class Replay:
         self.epochs = int(epochs) if epochs is not None else (targets.stored_epochs or 1)
         self.start_step, self.drop_last = int(start_step), bool(drop_last)
         self.group_size = targets.recipe.group_size
-        # checks the sizes now, not at the first step
-        rank_batches(targets.views, self.batch_size, self.group_size, self.rank, self.world, 1, 0, self.drop_last)
+        # the sizes, and that a batch of views fits where it is rendered, are checked now, not at the first step
+        first = rank_batches(
+            targets.views, self.batch_size, self.group_size, self.rank, self.world, 1, 0, self.drop_last
+        )
+        check_feed_fits(targets.dataset(first[:1]), self.device, self.workers, self.render)
         self.mean, self.std = mean, std
         self._norm: tuple[Tensor, Tensor] | None = None
 

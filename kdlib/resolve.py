@@ -95,9 +95,10 @@ def resolve_model(
             m, s = data_stats()
             contract = InputContract(m, s, origin="the data's measured statistics (a model trained from scratch)")
         else:
-            why = f"weights {weights}" if weights is not None else "its pretrained head"
+            # "weights FILE say", "its pretrained head says": the verb agrees with its subject
+            why = f"weights {weights} say" if weights is not None else "its pretrained head says"
             raise ModelError(
-                f"{role} {spec}: the preprocessing its weights expect is unknown ({why} say nothing "
+                f"{role} {spec}: the preprocessing its weights expect is unknown ({why} nothing "
                 "of mean/std); give --mean and --std (e.g. --mean imagenet --std imagenet), or name "
                 "the weights as torchvision:<model>:<TAG> / timm:<model>"
             )

@@ -104,8 +104,9 @@ def verify(
         raise ConfigError("--device cuda: no CUDA device is visible here; drop --device (or use --device cpu)")
     state = process_state(cpu or device == "cpu")
     dev = torch.device(device) if device else state.device
-    # The teacher's contract comes from its weights (or flags), never from the store: a store made
-    # with another normalisation must be refused, not silently adopted.
+    # The teacher's contract comes from its weights, else from flags, else from the --mean/--std (and
+    # class map) the store's teacher was given, when with them it is that teacher (same digest); a store
+    # made with another normalisation or class map than one given here is refused, not silently adopted.
     model = load_teacher(
         teacher,
         source,
@@ -116,6 +117,8 @@ def verify(
         std=std,
         class_map=class_map,
         trust_code=trust_code,
+        recorded=meta.teacher,
+        recorded_in=shards,
     )
     model.check_store(meta, shards)
     if meta.attention:  # the maps of every forward, to compare with the stored ones

@@ -64,6 +64,23 @@ def test_at_loss_matches_float64_reference_and_has_gradients():
         at_loss([attention_map(_act(6), 4)], [attention_map(_act(6), 2)])
 
 
+def test_pooled_maps_keep_the_reference_strength():
+    """Maps pooled to 4x4 from 16x16 activations that are constant over each 4x4 cell: with the layer's native
+    size the term equals the reference's (its mean over 256 unpooled cells) exactly; without it, 16x that."""
+
+    def blocky(seed: int, c: int) -> torch.Tensor:
+        return _act(seed, (8, c, 4, 4)).repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+
+    s, t = blocky(8, 6), blocky(9, 12)
+    reference = float(((ref_map(s, None) - ref_map(t, None)) ** 2).mean())
+    pooled = [attention_map(s, 4)], [attention_map(t, 4)]
+    scaled = float(at_loss(*pooled, beta=1.0, native=[16 * 16]))
+    assert scaled == pytest.approx(reference, rel=1e-5)
+    assert float(at_loss(*pooled, beta=1.0)) == pytest.approx(16.0 * reference, rel=1e-5)
+    native = float(at_loss([attention_map(s, 16)], [attention_map(t, 16)], beta=1.0, native=[256]))
+    assert native == pytest.approx(reference, rel=1e-5)
+
+
 @pytest.mark.parametrize("codec, tol", [("fp16", 1e-3), ("q8", 2.0 / 255)])
 def test_stored_maps_round_trip_within_their_codec(codec, tol):
     maps = attention_map(_act(7, (16, 8, 16, 16)), 8)

@@ -344,9 +344,22 @@ def test_precompute_records_the_contract_verify_refuses_another(tmp_path, factor
 
     with pytest.raises(StoreMismatchError, match="mean"):
         verify(str(tmp_path / "s"), "kd_other_t11:pretrained", views=8)
-    # eval of a factory teacher, fed at its contract's size
+    # eval of a factory teacher whose contract names no size: the size is given (issue 20 row 9)
     res = json.loads(
-        _cli("eval", "--model", teacher, "--data", data, "--split", "test", "--workers", "0", cwd=tmp_path).stdout
+        _cli(
+            "eval",
+            "--model",
+            teacher,
+            "--data",
+            data,
+            "--split",
+            "test",
+            "--workers",
+            "0",
+            "--size",
+            "40",
+            cwd=tmp_path,
+        ).stdout
     )
     assert res["images"] == 12 and 0 <= res["top1"] <= 1
 
