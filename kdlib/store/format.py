@@ -49,7 +49,8 @@ class StoreMeta:
     sample_views: int = 0  # the first views of every chunk also keep their full logits (fp16)
     logit_codec: str = "fp16"  # fp16, or q8 (8-bit distances below the top-1 logit)
     param_packing: str = "none"  # none, or packed (uint16 boxes, lambda on a 1/65535 grid)
-    test: dict[str, Any] | None = None  # teacher predictions on the test split: {"source": describe(), "views": n}
+    # teacher predictions on the test split: {"source": describe(), "views": n, "size", "center_fraction", "decoder"}
+    test: dict[str, Any] | None = None
     # what rendered the views: {"device": "cpu"|"cuda", "decoder": "pil"|"pil-draft",
     # "renderer": "pil-bilinear-1"|"roi_align-1"},
     # and optionally "pixels": {"epoch", "start", "views"} (a sample of rendered views kept for verify)
