@@ -19,7 +19,10 @@ removed and a `StorageError` names the path.
 
 `check_resume` refuses a resume whose config differs from the checkpoint's in anything that
 changes what the run computes, naming each difference; `check_out_dir` refuses to train into
-a directory that already holds files unless `--resume` or `--overwrite` says what to do.
+a directory that already holds files unless `--resume` or `--overwrite` says what to do, or
+that another live `kdlib train` holds (`lock_run`: a flock on `train.lock`, as a store's
+write lock). A run stopped by a non-finite loss is marked by `failed.json` (`mark_failed`,
+`read_failed`), so that `--resume` and `kdlib eval` can say what happened.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ._checks import ENV_ERRNOS, describe_os_error
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, RunBusyError, StorageError
 from .losses import loss_settings
+from .store.base import FileLock
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -52,6 +56,11 @@ __all__ = [
     "check_out_dir",
     "clear_run",
     "RUN_FILES",
+    "RUN_LOCK",
+    "FAILED",
+    "lock_run",
+    "mark_failed",
+    "read_failed",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -59,8 +68,11 @@ STATE = "state.json"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
+RUN_LOCK = "train.lock"  # flock held by the one `kdlib train` writing the run dir; names it; never removed
+FAILED = "failed.json"  # written when a run stopped at a non-finite loss: step, loss, reason
 # what `kdlib train` writes into --out (--overwrite removes these, and only these)
 RUN_FILES = (
+    FAILED,
     "model.safetensors",
     "config.json",
     "train_config.json",
@@ -381,7 +393,8 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         return False
     if not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
-    names = sorted(p.name for p in out.iterdir())
+    _refuse_busy(out, FileLock.holder(str(out / RUN_LOCK)))
+    names = sorted(p.name for p in out.iterdir() if p.name != RUN_LOCK)  # the lock file alone is no run
     if not names or resume:
         return False
     if not overwrite:
@@ -401,3 +414,42 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
+
+
+# -- one trainer per run dir; a failed run says so ------------------------------------------
+def _refuse_busy(out: Path, holder: str | None) -> None:
+    if holder is not None:
+        raise RunBusyError(
+            f"--out {out} is being trained into by {holder} ({out / RUN_LOCK}); wait for that run to "
+            "finish or stop it, or give another --out"
+        )
+
+
+def lock_run(out: Path) -> FileLock:
+    """Take `out`'s run lock (creating `out`), or refuse naming the live process that holds it.
+
+    Taken by the main process before anything in `out` is removed or written; the kernel drops it
+    when the process ends, however it ends (`FileLock.release` drops it earlier)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / RUN_LOCK))
+    _refuse_busy(out, lock.acquire())
+    return lock
+
+
+def mark_failed(out: Path, info: dict[str, Any]) -> None:
+    """Write `out`/failed.json (strict JSON: no bare NaN) saying where and why the run stopped."""
+    tmp = out / (FAILED + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
+    tmp.replace(out / FAILED)
+
+
+def read_failed(out: Path) -> dict[str, Any] | None:
+    """What `out`/failed.json says (step, loss, reason), or None for a run that did not fail."""
+    path = Path(out) / FAILED
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"reason": f"{path} is unreadable"}
+    return info if isinstance(info, dict) else {"reason": f"{path} holds no JSON object"}

@@ -24,6 +24,8 @@ __all__ = [
     "StoreBusyError",
     "ConfigError",
     "StorageError",
+    "RunBusyError",
+    "NonFiniteLossError",
 ]
 
 
@@ -73,3 +75,11 @@ class StoreBusyError(StoreError, BlockingIOError):
 
 class StorageError(KdlibError, OSError):
     """The filesystem refused a write (full, read-only, no permission): an environment fault, exit 1."""
+
+
+class RunBusyError(StorageError, BlockingIOError):
+    """Another live `kdlib train` holds the run directory's lock: another process, not the input (exit 1)."""
+
+
+class NonFiniteLossError(KdlibError, FloatingPointError):
+    """Training stopped at a non-finite loss, teacher logit or weight (names the step and the student)."""

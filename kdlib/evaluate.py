@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import read_failed
 from .contract import InputContract
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .feed import Feed
 from .plan import center_params
 from .precision import precision_context
@@ -102,6 +103,12 @@ def evaluate(
     cfg_path = Path(model_spec) / "config.json"
     named = not Path(model_spec).is_dir()
     if not named:
+        if (failed := read_failed(Path(model_spec))) is not None:  # a run that stopped on a non-finite loss
+            raise ModelError(
+                f"{model_spec} holds no trained model: its training stopped at step {failed.get('step')} "
+                f"({failed.get('reason')}: loss {failed.get('loss')}; see {model_spec}/failed.json): fix the cause "
+                "and train again with --overwrite, or --resume from its last finite checkpoint"
+            )
         model = load_model(model_spec, trust_code=trust_code)
         if cfg_path.is_file():
             cfg = json.loads(cfg_path.read_text())

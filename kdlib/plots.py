@@ -19,7 +19,8 @@ def save_curves(run_dir: str | Path) -> Path | None:
         print("note: matplotlib is not installed (pip install 'kdlib[plot]'); no curves.png")
         return None
     run = Path(run_dir)
-    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    # a step whose loss was not finite is logged with loss null (the run stopped there): not drawn
+    steps = [s for s in map(json.loads, (run / "steps.jsonl").read_text().splitlines()) if s["loss"] is not None]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [(m["epoch"], m["eval"]) for m in metrics if "eval" in m]
     final = next((m["final_eval"] for m in metrics if "final_eval" in m), None)
@@ -27,7 +28,7 @@ def save_curves(run_dir: str | Path) -> Path | None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8)
     ax_loss.set(xlabel="step", ylabel="loss", title=f"train loss ({run.name})")
-    ax_loss.set_yscale("log" if min(s["loss"] for s in steps) > 0 else "linear")
+    ax_loss.set_yscale("log" if steps and min(s["loss"] for s in steps) > 0 else "linear")
     if final:  # the end-of-training evaluation is the last point
         evals.append((max((m["epoch"] for m in metrics if "epoch" in m), default=0), final))
     if evals:

@@ -8,6 +8,8 @@
 Each says where the views' params come from (`dataset`) and what the student matches on them:
 `logits(item, device)` (the teacher's logits, or DIH's cohort ``[B, 1 + k, C]``, or None) and
 `maps(item, device)` (the teacher's attention maps of those views, for attention transfer).
+An online teacher's logits are checked as precompute checks them (finite), without a host sync:
+`logits_finite` is a device flag that train reads when it reads the loss.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Targets:
     store: Store | None = None
     teacher: Teacher | None = None
     dih_heads = 0  # --loss dih: heads in the cohort besides the main classifier
+    # after `logits`: a device flag, "every teacher logit of that item was finite" (None: nothing to
+    # check, e.g. a store's labels, checked when precompute wrote them); read when train flushes its log
+    logits_finite: Tensor | None = None
 
     def __init__(self, source: Source, recipe: Recipe, num_classes: int, views: int) -> None:
         self.source, self.recipe, self.num_classes, self.views = source, recipe, num_classes, views
@@ -143,8 +148,11 @@ class OnlineTargets(Targets):
     def logits(self, item: dict[str, Any], device: torch.device) -> Tensor:
         out = self._last = self.teacher.forward(item["views"])
         if not self.dih_heads:
+            self.logits_finite = torch.isfinite(out.logits).all()
             return out.logits
-        return torch.stack([out.logits.float(), *[z.to(out.logits.device) for z in out.head_logits]], dim=1)
+        cohort = torch.stack([out.logits.float(), *[z.to(out.logits.device) for z in out.head_logits]], dim=1)
+        self.logits_finite = torch.isfinite(cohort).all()
+        return cohort
 
     def maps(self, item: dict[str, Any], device: torch.device) -> list[Tensor]:
         return self._last.maps  # of the forward that gave this item's logits
@@ -242,8 +250,10 @@ def attention_term(cfg: Any, targets: Targets, student: nn.Module) -> Callable[[
     taps = LayerTaps(student, layers)
 
     def term(item: dict[str, Any], device: torch.device) -> Tensor:
-        s_maps = [attention_map(a, grid) for a in taps.outputs]
+        acts = taps.outputs
+        s_maps = [attention_map(a, grid) for a in acts]
+        native = [a.shape[-2] * a.shape[-1] for a in acts]  # the reference's mean is over the unpooled cells
         taps.clear()
-        return at_loss(s_maps, targets.maps(item, device), beta)
+        return at_loss(s_maps, targets.maps(item, device), beta, native)
 
     return term

@@ -7,20 +7,28 @@ One readable loop, three sources of targets for the same views:
   users would otherwise run; per-step losses match the cached run up to fp16 storage).
 - neither: plain supervised training on (mixed) ground-truth labels, `--loss ce`.
 
-Steps: 1. prepare (source, recipe, epochs of params, student, optimizer), 2. loop over epochs of
-global batches (each rank renders only its slice of each batch), 3. save (model, config,
-metrics) and evaluate on the test split. Multi-process with `accelerate launch -m kdlib train`.
+Steps: 1. prepare (source, recipe, epochs of params, student, optimizer; the test split is checked
+now, not after the schedule), 2. loop over epochs of global batches (each rank renders only its
+slice of each batch), 3. save (model, config, metrics), then evaluate on the test split.
+Multi-process with `accelerate launch -m kdlib train`.
+
+One `kdlib train` per run dir (a flock on --out/train.lock, held by the main process). Training
+stops at the first non-finite loss (or online teacher logit, or weight before a checkpoint) with a
+`NonFiniteLossError`; the last finite checkpoint is kept and --out/failed.json says what happened.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -32,16 +40,20 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm iterates a DataLoader t
 from ._checks import TRAIN_NUMBERS, check_numbers
 from .batchnorm import convert_batchnorm, revert_batchnorm
 from .checkpoint import (
+    FAILED,
     check_out_dir,
     check_resume,
     clear_run,
     find_checkpoint,
     load_checkpoint,
+    lock_run,
+    mark_failed,
     math_config,
+    read_failed,
     read_state,
     save_checkpoint,
 )
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLossError, SourceError
 from .evaluate import evaluate_model
 from .losses import loss_settings, target_error, target_loss, training_loss
 from .plots import save_curves
@@ -53,6 +65,7 @@ from .schedule import warmup_cosine
 from .softlabel import reconstruct
 from .source import open_source
 from .store import Store
+from .store.base import LOCK
 from .store.codecs import decode_chunk
 from .targets import Targets, attention_term, choose_targets
 
@@ -177,19 +190,30 @@ def _views_digest(image_ids: np.ndarray, start: int) -> str:
 
 
 class _StepLog:
-    """steps.jsonl without a host sync per step: losses stay on the device and image ids on the
-    host until `flush` (every `every` steps, at epoch ends and before checkpoints), which reduces
-    the losses and gathers the ids of all ranks in one collective each. Every rank flushes at the
-    same steps; rank 0 writes."""
+    """steps.jsonl without a host sync per step: losses (and an online teacher's "all logits finite"
+    flags) stay on the device and image ids on the host until `flush` (every `every` steps, at epoch
+    ends and before checkpoints), which reduces the losses and gathers the ids of all ranks in one
+    collective each. Every rank flushes at the same steps; rank 0 writes.
+
+    A flush also checks what it reads: at the first non-finite loss (or teacher logits) it writes the
+    steps up to that one (its loss as null: the file stays strict JSON) and sets `bad`."""
 
     def __init__(self, path: Path, accelerator: Accelerator, every: int) -> None:
         self.path, self.accelerator, self.every = path, accelerator, max(1, every)
-        self.rows: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]] = []
+        self.rows: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = []
         self.epoch_losses: list[float] = []
+        self.bad: dict[str, Any] | None = None  # the first non-finite step: its rec, loss, whose fault
 
-    def add(self, rec: dict[str, Any], loss: torch.Tensor, image: torch.Tensor, start: int) -> bool:
+    def add(
+        self,
+        rec: dict[str, Any],
+        loss: torch.Tensor,
+        image: torch.Tensor,
+        start: int,
+        teacher_finite: torch.Tensor | None = None,
+    ) -> bool:
         """Buffer one step; True when a flush is due."""
-        self.rows.append((rec, loss.detach().float(), image, start))
+        self.rows.append((rec, loss.detach().float(), image, start, teacher_finite))
         return len(self.rows) >= self.every
 
     def flush(self) -> float | None:
@@ -197,23 +221,69 @@ class _StepLog:
         if not self.rows:
             return None
         acc = self.accelerator
-        losses = acc.reduce(torch.stack([r[1] for r in self.rows]), reduction="mean").cpu().tolist()
+        cols = [torch.stack([r[1] for r in self.rows])]
+        if self.rows[0][4] is not None:  # the same on every rank: the same kind of targets
+            cols.append(torch.stack([r[4] for r in self.rows]).to(cols[0].device).float())
+        read = acc.reduce(torch.stack(cols, 1), reduction="mean").cpu()  # one collective, one host read
+        losses = read[:, 0].tolist()
+        teacher_ok = read[:, 1].tolist() if read.shape[1] > 1 else [1.0] * len(losses)
         ids = acc.gather(torch.stack([r[2] for r in self.rows]).to(acc.device)).cpu().numpy()
         ids = ids.reshape(acc.num_processes, len(self.rows), -1)  # gather stacks rank after rank
+        n = len(self.rows)
+        for j, (loss, ok) in enumerate(zip(losses, teacher_ok)):
+            if not math.isfinite(loss) or ok < 1:  # mean over ranks: below 1 when any rank saw one
+                self.bad = {"rec": self.rows[j][0], "loss": loss, "teacher": ok < 1}
+                n = j + 1
+                break
         if acc.is_main_process:
             with open(self.path, "a") as f:
-                for j, ((rec, _, _, start), loss) in enumerate(zip(self.rows, losses)):
+                for j, ((rec, _, _, start, _), loss) in enumerate(zip(self.rows[:n], losses)):
                     digest = _views_digest(ids[:, j].reshape(-1), start)
-                    f.write(json.dumps({**rec, "loss": loss, "views": digest}) + "\n")
-        self.epoch_losses += losses
+                    row = {**rec, "loss": loss if math.isfinite(loss) else None, "views": digest}
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
+        self.epoch_losses += [x for x in losses[:n] if math.isfinite(x)]
         self.rows = []
-        return losses[-1]
+        return losses[n - 1]
+
+
+def _nonfinite_weights(net: torch.nn.Module) -> list[str]:
+    """Names of the floating tensors of `net`'s state that hold a NaN or an inf (one host sync when none)."""
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return []
+    return [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+
+
+def _check_test_split(cfg: TrainConfig, targets: Targets) -> None:
+    """Refuse before the first step a test split the run's evaluation would fail on at the end: a
+    missing split, class names other than the train split's, an image header that does not read."""
+    data = _data_arg(cfg, targets)
+    todo = "fix it, or give --no-eval to train without the evaluation"
+    try:
+        test = _test_source(cfg, targets)
+        test.sizes()  # every header (an ImageFolder reads them here, not when it opens)
+    except (SourceError, FileNotFoundError) as exc:
+        raise SourceError(f"{exc} (the test split this run evaluates on, checked before training: {todo})") from exc
+    train_classes = list(targets.source.classes)
+    if list(test.classes) != train_classes:
+        extra = sorted(set(test.classes) - set(train_classes))
+        missing = sorted(set(train_classes) - set(test.classes))
+        what = f"classes {extra[:5]} the train split lacks" if extra else f"no classes {missing[:5]}"
+        raise SourceError(
+            f"the test split of {data} ({test.root}) has {what} ({len(test.classes)} classes, the train split "
+            f"{len(train_classes)}): its labels would not mean the student's classes; {todo}"
+        )
 
 
 # -- 2. loop, 3. save ----------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student as `cfg` says: 1. prepare, 2. loop over this rank's share of every global batch,
     3. save and evaluate; -> a summary (run dir, world size, steps, evaluation)."""
+    with ExitStack() as held:  # the run dir's lock, once taken, is dropped however training ends
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     check_world(accelerator.num_processes)
     out = Path(cfg.out)
@@ -222,6 +292,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     targets = choose_targets(cfg, accelerator.device)  # a store, an online teacher, or labels: chosen once
     source, recipe = targets.source, targets.recipe
     world = accelerator.num_processes
+    if cfg.eval or cfg.eval_every:  # now, not after the whole schedule
+        _check_test_split(cfg, targets)
+    if targets.store is not None and accelerator.is_main_process:
+        writer = targets.store.writer()  # a precompute still writing it: later epochs are not seen here
+        if writer is not None:
+            accelerator.print(
+                f"notice: store {targets.store.url} is being written by {writer} ({LOCK}); "
+                f"{targets.store.meta.epochs_done} of its epochs are committed and only those are used "
+                "(training goes on; epochs committed later are not seen by this run)"
+            )
     # This rank's share of every global batch, from a step set below (the same batches a user's loop replays)
     replay = Replay(
         targets,
@@ -270,21 +350,73 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_math = math_config(cfg, targets, recipe)  # what a resume must not change
     run_math["mixed_precision"] = accelerator.mixed_precision  # as resolved (the flag may defer to a config)
 
-    def _save_checkpoint(accelerator: Accelerator, ckpt: Path, step: int) -> None:  # safetensors + JSON, no pickle
-        save_checkpoint(accelerator, ckpt, step, model, optimizer, scheduler, run_math)
+    last_ckpt: int | None = None  # the step of the last checkpoint written or resumed from
 
+    def _stop(step: int, epoch: int, loss: float | None, reason: str, what: str) -> NoReturn:
+        """Mark the run dir failed and raise: one line naming the step and the student."""
+        kept = (
+            f"its last finite checkpoint (step {last_ckpt}) is kept in {ckpt}"
+            if last_ckpt is not None
+            else "no checkpoint was written before it"
+        )
+        info = {
+            "step": step,
+            "epoch": epoch,
+            "loss": None if loss is None else repr(loss),  # "nan", "inf": strict JSON
+            "reason": reason,
+            "student": cfg.student,
+            "teacher": cfg.teacher,
+            "last_checkpoint": last_ckpt,
+        }
+        if accelerator.is_main_process:
+            try:
+                mark_failed(out, info)
+            except OSError:  # a full disk must not hide why the run stopped: the line below says it
+                pass
+        raise NonFiniteLossError(
+            f"{what} at step {step} (epoch {epoch}) of student {cfg.student} (--lr {cfg.lr}, --loss {cfg.loss}): "
+            f"training stopped, {kept} and {out / FAILED} says so; {_advice(reason)}"
+        )
+
+    def _flush() -> float | None:
+        last = log.flush()
+        if log.bad is not None:
+            rec, loss = log.bad["rec"], log.bad["loss"]
+            if log.bad["teacher"]:  # the loss is then not the student's fault
+                what = f"the online teacher {cfg.teacher} gave non-finite logits"
+                _stop(rec["step"], rec["epoch"], None, "teacher", what)
+            _stop(rec["step"], rec["epoch"], loss, "loss", f"the training loss is {loss}")
+        return last
+
+    def _save_checkpoint(accelerator: Accelerator, ckpt: Path, step: int, epoch: int) -> None:
+        """safetensors + JSON, no pickle; never of non-finite weights (the losses up to `step` were flushed)."""
+        nonlocal last_ckpt
+        bad = _nonfinite_weights(accelerator.unwrap_model(model))
+        if bad:
+            _stop(step, epoch, None, "weights", f"the student's weights are not finite ({', '.join(bad[:3])})")
+        save_checkpoint(accelerator, ckpt, step, model, optimizer, scheduler, run_math)
+        last_ckpt = step
+
+    failed = read_failed(out) if cfg.resume else None
     if cfg.resume:
         found = find_checkpoint(ckpt)  # never opens a pickle; a pickled (old) checkpoint is refused
+        if failed is not None:
+            accelerator.print(
+                f"notice: the run in {out} stopped at step {failed.get('step')}: {_describe_failure(failed)} "
+                f"({out / FAILED}); it goes on from its last finite checkpoint, and with the same flags it may "
+                "stop there again"
+            )
         if found is not None:
             check_resume(read_state(found)["config"], run_math, found)
-            start_step = load_checkpoint(accelerator, found, model, optimizer, scheduler)
+            start_step = last_ckpt = load_checkpoint(accelerator, found, model, optimizer, scheduler)
             accelerator.print(f"resumed from {found} at step {start_step} of {total_steps}")
         else:
             accelerator.print(f"notice: --resume given but {ckpt} holds no checkpoint; starting from step 0")
     if accelerator.is_main_process:
+        held.callback(lock_run(out).release)  # one trainer per run dir: before anything in it is removed or written
         if replace_run:
             clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
+        (out / FAILED).unlink(missing_ok=True)  # a resumed run is no longer the failed one
         (out / "train_config.json").write_text(
             json.dumps({**asdict(cfg), "recipe": recipe.to_dict(), "world_size": world}, indent=1)
         )
@@ -326,15 +458,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step += 1
             rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "world_size": world}
             bar.update(1)
-            if log.add(rec, loss, item["image_cpu"], item["start"]):
-                bar.set_postfix(loss=f"{log.flush():.4f}")
+            if log.add(rec, loss, item["image_cpu"], item["start"], targets.logits_finite):
+                bar.set_postfix(loss=f"{_flush():.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                log.flush()
-                _save_checkpoint(accelerator, ckpt, step)
-        log.flush()
+                _flush()  # a checkpoint comes after the check of every loss before it
+                _save_checkpoint(accelerator, ckpt, step, epoch)
+        _flush()
         bar.close()
         dt = time.time() - t0
-        _save_checkpoint(accelerator, ckpt, step)
+        _save_checkpoint(accelerator, ckpt, step, epoch)
         rec = {
             "epoch": epoch,
             "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
@@ -362,11 +494,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 losses = [
                     r["loss"]
                     for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())
-                    if r["epoch"] == epoch
+                    if r["epoch"] == epoch and r["loss"] is not None
                 ]
                 rec["loss"] = sum(losses) / max(len(losses), 1)
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
         accelerator.print(
             f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
             + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else "")
@@ -374,21 +506,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"out": str(out), "world_size": world, "steps": step}
-    if cfg.eval:  # every rank evaluates its share of the test split on its device
-        metrics = evaluate_model(
-            accelerator.unwrap_model(model),
-            _test_source(cfg, targets),
-            recipe.size,
-            recipe.center_fraction,
-            cfg.shards,
-            cfg.workers,
-            accelerator=accelerator,
-        )
-        result["eval"] = {"model": str(out), "data": _data_arg(cfg, targets), "split": "test", **metrics}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # saved before the evaluation: a failing one never loses the model
         final = accelerator.unwrap_model(model)
-        if world > 1:
-            final = revert_batchnorm(final)
+        if world > 1:  # revert_batchnorm swaps modules in place: the evaluated model keeps its own
+            final = revert_batchnorm(copy.deepcopy(final))
         extra = {
             "recipe": recipe.to_dict(),
             "input_size": recipe.size,
@@ -401,14 +522,56 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             },
         }
         save_model(final, out, extra=extra)
+    if cfg.eval:  # every rank evaluates its share of the test split on its device
+        try:
+            metrics = evaluate_model(
+                accelerator.unwrap_model(model),
+                _test_source(cfg, targets),
+                recipe.size,
+                recipe.center_fraction,
+                cfg.shards,
+                cfg.workers,
+                accelerator=accelerator,
+            )
+        except Exception:  # an image only its decoding finds bad: the error line follows this note
+            accelerator.print(
+                f"note: the final evaluation failed; the trained model is saved in {out} (model.safetensors, "
+                f"config.json): once the test split is fixed, `kdlib eval --model {out}` evaluates it"
+            )
+            raise
+        result["eval"] = {"model": str(out), "data": _data_arg(cfg, targets), "split": "test", **metrics}
+    if accelerator.is_main_process:
         if cfg.eval:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"final_eval": result["eval"]}) + "\n")
+                f.write(json.dumps({"final_eval": result["eval"]}, allow_nan=False) + "\n")
             accelerator.print(json.dumps(result["eval"]))
         save_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+_ADVICE = {
+    "loss": "lower --lr, check the student's outputs and the targets, then start again with --overwrite",
+    "weights": "lower --lr (or keep --clip on), check the student, then start again with --overwrite",
+    "teacher": "check the teacher's weights and --teacher-mean/--teacher-std (precompute refuses such a teacher "
+    "too), then start again with --overwrite",
+}
+
+
+def _advice(reason: str) -> str:
+    return _ADVICE.get(reason, _ADVICE["loss"])
+
+
+def _describe_failure(failed: dict[str, Any]) -> str:
+    reason = failed.get("reason")
+    if reason == "teacher":
+        return "the online teacher gave non-finite logits"
+    if reason == "weights":
+        return "the student's weights became non-finite"
+    if reason == "loss":
+        return f"the training loss was {failed.get('loss')}"
+    return str(reason)
 
 
 def _test_source(cfg: TrainConfig, targets: Targets):

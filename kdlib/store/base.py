@@ -10,11 +10,13 @@ their crc32 is reported as corrupt, never returned.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import posixpath
 import socket
+import time
 import uuid
 import zlib
 from typing import Any
@@ -27,7 +29,7 @@ from ..plan import pack_params
 from .codecs import decode_chunk, item_columns, pixel_fields
 from .format import StoreMeta
 
-__all__ = ["Store", "Chunk", "ChunkCache"]
+__all__ = ["Store", "Chunk", "ChunkCache", "FileLock"]
 
 Chunk = dict[str, np.ndarray]
 META = "meta.json"
@@ -37,6 +39,64 @@ TMP = ".tmp-"  # a file being written: `<final name>.tmp-<8 hex>`, moved to its 
 
 def _owner() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class FileLock:
+    """An advisory lock (flock) on a local file that names its holder ("pid N on HOST") inside it.
+
+    The kernel drops the lock when the holding process ends, however it ends, so a killed process
+    never leaves a stale lock; the file only says who held it last. The store's write lock and a
+    run directory's train lock are both one of these."""
+
+    TRIES = 5  # a `holder` probe holds a shared lock for microseconds: a taker retries across it
+    RETRY_S = 0.05
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock (creating the file) and write this process's name into it; -> None when
+        taken (or already held by this very process), else the name of the process holding it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(self.TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 < self.TRIES:
+                    time.sleep(self.RETRY_S)
+        else:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return None if owner == _owner() else owner  # ours: an earlier holder not yet collected
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (_owner() + "\n").encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    @staticmethod
+    def holder(path: str) -> str | None:
+        """The name of the live process holding the lock on `path`, or None (free, no file, or this
+        process). Probes with a shared lock released at once; creates and writes nothing."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                return None if owner == _owner() else owner
+            return None  # closing the descriptor below drops the shared lock
+        finally:
+            os.close(fd)
 
 
 def crc32(a: np.ndarray) -> int:
@@ -64,31 +124,31 @@ class Store:
 
         The kernel drops the lock when its process ends, however it ends, so a killed precompute
         never leaves a stale lock; the file only says who held it last."""
-        if "file" not in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+        if not self._local():
             return  # object stores have no flock; one writer per store is the user's to keep
-        import fcntl
-
         path = self._path(LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if owner == _owner():
-                return  # this very process holds it (an earlier store object not yet collected)
+        lock = FileLock(path)
+        owner = lock.acquire()
+        if owner is not None:
             raise StoreBusyError(
                 f"store {self.url} is being written by {owner} ({path}); wait for it to finish, "
                 f"or stop it: a rerun then resumes where it stopped"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (_owner() + "\n").encode(), 0)
-        self._lock = fd
+            )
+        self._lock = lock
+
+    def writer(self) -> str | None:
+        """Who holds the store's write lock now (a precompute still writing it), or None.
+
+        Probed without holding anything: what a reader uses to say that epochs may still be coming."""
+        return FileLock.holder(self._path(LOCK)) if self._local() else None
+
+    def _local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def unlock(self) -> None:
-        fd = self.__dict__.pop("_lock", None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+        lock = self.__dict__.pop("_lock", None)
+        if lock is not None:
+            lock.release()
 
     def __del__(self) -> None:
         try:
