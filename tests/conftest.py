@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +50,39 @@ LAUNCH = [
     "--main_process_port",
     "0",
 ]
+
+# the CLI as the fault tests run it: a subprocess without the session's KDLIB_DATA, on the CPU
+CLI_ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("KDLIB_DATA", "KDLIB_DEBUG")},
+    "CUDA_VISIBLE_DEVICES": "",
+    "PYTHONUNBUFFERED": "1",
+}
+TRAIN_FLAGS = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval", "--cpu"]
+
+
+def kdlib_cli(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m kdlib ARGS` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "kdlib", *map(str, args)],
+        env=env or CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """Assert exit `code` and a single `error:` line (the last of stderr) holding every one of `words`."""
+    assert p.returncode == code, f"exit {p.returncode}, wanted {code}:\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for w in words:
+        assert w in last, (w, last)
+    return last
+
 
 if not os.path.isfile(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) and not os.path.isfile(
     os.path.join(FMNIST_DIR, "train-images-idx3-ubyte")

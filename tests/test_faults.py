@@ -8,44 +8,15 @@ Read-only and full disks are real: a small tmpfs mounted for the test (root only
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, snapshot
-
-ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("KDLIB_DATA", "KDLIB_DEBUG")},
-    "CUDA_VISIBLE_DEVICES": "",
-    "PYTHONUNBUFFERED": "1",
-}
-TRAIN = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval", "--cpu"]
-
-
-def kdlib(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kdlib", *map(str, args)],
-        env=env or ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    """Assert exit `code` and a single `error:` line (the last of stderr) holding every one of `words`."""
-    assert p.returncode == code, f"exit {p.returncode}, wanted {code}:\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, p.stderr[-3000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for w in words:
-        assert w in last, (w, last)
-    return last
+from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, one_line, snapshot
+from conftest import CLI_ENV as ENV
+from conftest import TRAIN_FLAGS as TRAIN
+from conftest import kdlib_cli as kdlib
 
 
 def precompute_args(teacher: str, out: Path | str, *extra: str) -> list[str]:

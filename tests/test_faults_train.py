@@ -6,7 +6,6 @@ still being written. Each test runs the real CLI (`python -m kdlib`) on real fil
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,38 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FMNIST_RECIPE, LIMIT, STORE_EPOCHS, smooth_jpegs
+from conftest import CLI_ENV as ENV
+from conftest import FMNIST_RECIPE, LIMIT, STORE_EPOCHS, one_line, smooth_jpegs
+from conftest import TRAIN_FLAGS as TRAIN
+from conftest import kdlib_cli as kdlib
 from safetensors.torch import load_file
-
-ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("KDLIB_DATA", "KDLIB_DEBUG")},
-    "CUDA_VISIBLE_DEVICES": "",
-    "PYTHONUNBUFFERED": "1",
-}
-TRAIN = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval", "--cpu"]
-
-
-def kdlib(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kdlib", *map(str, args)],
-        env=env or ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def one_line(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    """Assert exit `code` and a single `error:` line (the last of stderr) holding every one of `words`."""
-    assert p.returncode == code, f"exit {p.returncode}, wanted {code}:\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    errors = [line for line in p.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, p.stderr[-3000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for w in words:
-        assert w in last, (w, last)
-    return last
 
 
 def strict_jsonl(path: Path) -> list[dict]:
