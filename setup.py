@@ -30,7 +30,19 @@ setup(
         "fsspec>=2024.12",
     ],
     extras_require={
-        "test": ["pytest>=8", "webdataset>=0.2.100", "ruff==0.17.6", "import-linter==2.17"],
+        "test": [
+            "pytest>=8",
+            "webdataset>=0.2.100",
+            "ruff==0.17.6",
+            "import-linter==2.17",
+            "moto[server]>=5.1",  # a real S3-compatible server (HTTP) for the object-storage tests
+            "s3fs>=2024.12",
+            "datasets>=3",
+            "tensorboard>=2.15",
+        ],
+        "s3": ["s3fs>=2024.12"],  # stores and data at s3:// (fsspec); gs:// needs gcsfs, az:// adlfs
+        "hf": ["datasets>=3"],  # --data hf:PATH, a Hugging Face dataset saved on disk
+        "tensorboard": ["tensorboard>=2.15"],  # train --log-with tensorboard
         "plot": ["matplotlib>=3.7"],
         "timm": ["timm>=1.0"],
         "wds": ["webdataset>=0.2.100"],  # kdlib writes and reads its tars itself; this is for plain webdataset readers

@@ -80,6 +80,33 @@ TRUST_CODE = click.option(
 CPU = click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
 
 
+def _set_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check the JSON object and hand it to every process of the run (DataLoader workers, accelerate ranks)
+    through the environment, where kdlib's object-storage layer reads it."""
+    if value is None:
+        return None
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"not JSON ({exc.msg} at character {exc.pos}); write e.g. '{{\"anon\": true}}'"
+        ) from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter("must be a JSON object of fsspec options, e.g. '{\"anon\": true}'")
+    os.environ["KDLIB_STORAGE_OPTIONS"] = json.dumps(opts)
+    return value
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options",
+    default=None,
+    expose_value=False,
+    callback=_set_storage_options,
+    help="JSON object of fsspec options for s3://, gs://, ... stores and data, e.g. "
+    '\'{"endpoint_url": "http://host:9000"}\' [default: the standard variables, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...].',
+)
+
+
 # what libraries that do their own I/O (safetensors' Rust writer) say instead of raising OSError
 _FOREIGN_ERRNOS = {
     "(os error 28)": errno.ENOSPC,
@@ -202,6 +229,7 @@ def cli(debug: bool) -> None:
 @CPU
 @LIMIT
 @WORKERS
+@STORAGE_OPTIONS
 def precompute(**kw) -> None:
     """Run the teacher once over seeded views and store its soft labels."""
     from .precompute import PrecomputeConfig
@@ -324,6 +352,7 @@ def precompute(**kw) -> None:
 @TRUST_CODE
 @LIMIT
 @WORKERS
+@STORAGE_OPTIONS
 def train(config_file: str | None, **kw) -> None:
     """Train a student: from a store, online from a teacher, or on labels."""
     from .train import resolve_config
@@ -369,6 +398,7 @@ def train(config_file: str | None, **kw) -> None:
 @TRUST_CODE
 @CPU
 @LIMIT
+@STORAGE_OPTIONS
 def verify(
     shards: str,
     teacher: str,
@@ -448,6 +478,7 @@ def verify(
 @CPU
 @LIMIT
 @WORKERS
+@STORAGE_OPTIONS
 def eval_(
     model: str,
     weights: str | None,
@@ -512,6 +543,7 @@ def eval_(
     default=None,
     help="Label statistics from the first N chunks of each epoch only (the digest reads everything).",
 )
+@STORAGE_OPTIONS
 def inspect(shards: str, as_json: bool, temperature: float, loss: str, gamma: float, max_chunks: int | None) -> None:
     """Format, size per view, digest, label statistics and the cost of top-k of a store."""
     from .inspect import format_report, inspect_store
@@ -552,6 +584,7 @@ def demo(out: str, shards: str, quick: bool) -> None:
 @CPU
 @LIMIT
 @WORKERS
+@STORAGE_OPTIONS
 def heads(**kw) -> None:
     """Fit DIH classifier heads on a frozen teacher; the backbone's weights stay bit-identical."""
     from .heads import HeadsConfig, fit_heads
