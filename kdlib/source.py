@@ -5,9 +5,12 @@
 * ``"fashion-mnist"``: the Fashion-MNIST IDX files (grayscale 28x28), found on disk or downloaded.
 * a directory: an ImageFolder, ``<dir>[/<split>]/<class>/**/*.{jpg,jpeg,png}``, decoded to RGB.
 * a ``.npz`` file with ``images`` and ``labels`` arrays; the file is used as-is for every split.
+* ``wds:PATTERN[?test=PATTERN]``: webdataset tar shards, local or fsspec URLs (``kdlib.source_wds``).
+* ``hf:PATH[?image=COL&label=COL&train=NAME&test=NAME]``: a Hugging Face dataset saved on disk
+  (``save_to_disk`` or parquet files; ``kdlib.source_hf``).
 
 The fingerprint names the data, not where it lives: it hashes the name, image count, classes,
-channels, every image size and label, file names (ImageFolder) and the bytes of ~64 evenly spaced
+channels, every image size and label, file names (ImageFolder, wds) and the bytes of ~64 evenly spaced
 images. The same data opened twice or from another path gives the same fingerprint; a change of
 content, order, size or limit gives another one. Split and root are not hashed, so one ``.npz``
 used for two splits has one fingerprint.
@@ -18,20 +21,16 @@ Samples are evenly spaced ids, never random draws, so they are the same in every
 
 from __future__ import annotations
 
-import abc
 import difflib
 import errno
 import gzip
 import hashlib
 import json
 import math
-import operator
 import os
 import struct
-import sys
 import time
 import unicodedata
-import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -40,144 +39,39 @@ import numpy as np
 from PIL import Image
 
 from kdlib.errors import SourceError
+from kdlib.source_base import (  # noqa: F401 (_evenly_spaced, pil_image, _header_size: kdlib.source's names too)
+    IMAGE_EXTENSIONS,
+    Source,
+    _cache_dir,
+    _decode_rgb,
+    _evenly_spaced,
+    _header_size,
+    _index_cache_dir,
+    _load_npz,
+    _note,
+    _plural,
+    _save_npz,
+    pil_image,
+)
+from kdlib.source_hf import HFSource
+from kdlib.source_wds import WdsSource
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "Source", "FashionMNISTSource",
-    "ImageFolderSource", "NpzSource", "LimitedSource", "open_source", "save_source_index",
+    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "Source", "FashionMNISTSource", "ImageFolderSource",
+    "NpzSource", "WdsSource", "HFSource", "LimitedSource", "open_source", "save_source_index",
 ]  # fmt: skip
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
-_FINGERPRINT_VERSION = "kdlib-source-fingerprint-1"  # bump if what is hashed changes
-_FINGERPRINT_SAMPLES = 64
-_MEAN_STD_SAMPLES = 2000
 _SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 _ACCEPTED = (
     "'fashion-mnist', an ImageFolder directory (<dir>[/train|test|val]/<class>/*.jpg|png), "
-    "or a .npz file with 'images' and 'labels' arrays"
+    "a .npz file with 'images' and 'labels' arrays, wds:PATTERN (webdataset tars) or hf:PATH "
+    "(a Hugging Face dataset on disk)"
 )
-
-
-def _evenly_spaced(n: int, k: int) -> np.ndarray:
-    """Up to ``k`` ids spread evenly over ``range(n)``, first and last included (exact ints)."""
-    if n <= k:
-        return np.arange(n, dtype=np.int64)
-    return np.arange(k, dtype=np.int64) * (n - 1) // max(k - 1, 1)
-
-
-class Source(abc.ABC):
-    """An indexed image collection ``id -> (image, label)`` with a fingerprint."""
-
-    def __init__(self, name: str, split: str, root: str, classes: list[str], channels: int):
-        self.name = name
-        self.split = split
-        self.root = root
-        self.classes = list(classes)
-        self.channels = channels
-        self._fingerprint: str | None = None
-        self._mean_std: tuple[list[float], list[float]] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes; labels are in ``range(num_classes)``."""
-        return len(self.classes)
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of images."""
-
-    @abc.abstractmethod
-    def sizes(self) -> np.ndarray:
-        """int32 [N, 2]: (height, width) of every image."""
-
-    @abc.abstractmethod
-    def labels(self) -> np.ndarray:
-        """int64 [N]: the label of every image."""
-
-    @abc.abstractmethod
-    def decode(self, i: int) -> np.ndarray:
-        """uint8 [channels, H, W] pixels of image ``i``; SourceError naming it when unreadable."""
-
-    def decode_draft(self, i: int, scale: int) -> tuple[np.ndarray, int]:
-        """Image ``i`` decoded ``scale`` times smaller where the format allows it cheaply (JPEG's DCT
-        scaling), and the scale actually applied; by default the full image and 1."""
-        return self.decode(i), 1
-
-    def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
-        """The pixels of ``decode_draft(i, scale)`` as a PIL image (mode L or RGB), and the scale
-        applied: what a worker's Pillow renderer reads."""
-        pixels, applied = self.decode_draft(i, scale) if scale > 1 else (self.decode(i), 1)
-        return pil_image(pixels), applied
-
-    def _sizes_head(self, n: int) -> np.ndarray:
-        """Sizes of the first ``n`` ids (a limited view need not read every header)."""
-        return self.sizes()[:n]
-
-    def _content(self, i: int) -> bytes:
-        """The bytes that stand for image ``i`` in the fingerprint (default: its pixels)."""
-        return self.decode(i).tobytes()
-
-    def _names(self) -> list[str] | None:
-        """Per-id names that pin the order (file paths), or None where ids have no names."""
-        return None
-
-    def _check_id(self, i: int) -> int:
-        try:
-            j = operator.index(i)
-        except TypeError:
-            raise SourceError(f"image id must be an int, got {i!r}") from None
-        if not 0 <= j < len(self):
-            raise SourceError(f"image id {j} out of range: {self.name} {self.split} has {len(self)} images")
-        return j
-
-    def fingerprint(self) -> str:
-        """Hex sha256 of the data (see the module docstring for what goes in); cached."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            header = {"format": _FINGERPRINT_VERSION, "name": self.name, "num_images": len(self),
-                      "classes": self.classes, "channels": self.channels}  # fmt: skip
-            h.update(json.dumps(header, sort_keys=True).encode())
-            h.update(np.ascontiguousarray(self.sizes(), dtype="<i4").tobytes())
-            h.update(np.ascontiguousarray(self.labels(), dtype="<i8").tobytes())
-            names = self._names()
-            if names is not None:
-                h.update(json.dumps(names).encode())
-            for i in _evenly_spaced(len(self), _FINGERPRINT_SAMPLES).tolist():
-                data = self._content(i)
-                h.update(struct.pack("<QQ", i, len(data)))  # framing: samples cannot run together
-                h.update(data)
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
-
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel pixel mean and std in [0, 1] over up to 2000 evenly spaced images; cached."""
-        if self._mean_std is None:
-            total = np.zeros(self.channels)
-            squares = np.zeros(self.channels)
-            count = 0
-            for i in _evenly_spaced(len(self), _MEAN_STD_SAMPLES).tolist():
-                x = self.decode(i).reshape(self.channels, -1).astype(np.float64) / 255.0
-                total += x.sum(axis=1)
-                squares += np.square(x).sum(axis=1)
-                count += x.shape[1]
-            mean = total / count
-            std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))  # clamp float rounding below 0
-            self._mean_std = (mean.tolist(), std.tolist())
-        return list(self._mean_std[0]), list(self._mean_std[1])
-
-    def describe(self) -> dict:
-        """JSON-able summary: name, split, root, sizes of things, classes, fingerprint."""
-        return {"name": self.name, "split": self.split, "root": self.root, "num_images": len(self),
-                "num_classes": self.num_classes, "channels": self.channels,
-                "classes": list(self.classes), "fingerprint": self.fingerprint()}  # fmt: skip
-
-    def __repr__(self) -> str:
-        kind = type(self).__name__
-        return f"{kind}({self.name!r}, split={self.split!r}, n={len(self)}, root={self.root!r})"
 
 
 class _ArraySource(Source):
@@ -251,10 +145,6 @@ class FashionMNISTSource(_ArraySource):
         super().__init__("fashion-mnist", split, os.path.abspath(root), FASHION_MNIST_CLASSES, images, labels)
 
 
-def _cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "kdlib")
-
-
 def _download_fashion_mnist(root: str, split: str) -> None:
     import torchvision  # imported here: slow to import and only needed without local files
 
@@ -305,51 +195,6 @@ _FAST_FILES_PER_S = 10000  # header reads faster than this are not waiting on th
 _CACHE_MIN_FILES = 10000  # smaller folders scan in well under a second: no need to write to the user's cache
 
 
-def _index_cache_dir() -> str | None:
-    """Where size indexes are cached: $KDLIB_INDEX_CACHE ("off": nowhere), default ~/.cache/kdlib/index."""
-    env = os.environ.get("KDLIB_INDEX_CACHE")
-    if env and env.lower() in ("0", "off", "no", "false"):
-        return None
-    return env or os.path.join(_cache_dir(), "index")
-
-
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def _header_size(path: str) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's SOF marker or a PNG's IHDR, without PIL; None if unsure.
-
-    About five times faster than ``Image.open`` for small files (the 1.28 M-file case is
-    header-bound); anything unusual falls back to PIL, which gives the same answer or the error."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            w, h = struct.unpack(">II", head[16:24])
-            return h, w
-        if head[:2] != b"\xff\xd8":
-            return None
-        pos = 2
-        for _ in range(256):  # markers before the frame header: APPn, DQT, DHT, COM, ...
-            f.seek(pos)
-            seg = f.read(9)
-            if len(seg) < 4 or seg[0] != 0xFF:
-                return None
-            marker = seg[1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in _SOF:
-                if len(seg) < 9:
-                    return None
-                h, w = struct.unpack(">HH", seg[5:9])
-                return (h, w) if h and w else None
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                pos += 2
-                continue
-            pos += 2 + struct.unpack(">H", seg[2:4])[0]
-    return None
-
-
 def _read_size(path: str) -> tuple[int, int]:
     try:
         size = _header_size(path)
@@ -381,38 +226,6 @@ def _read_sizes(paths: list[str]) -> np.ndarray:
     return sizes
 
 
-def pil_image(pixels: np.ndarray) -> Image.Image:
-    """uint8 [C, H, W] pixels (C = 1 or 3) as a PIL image (mode L or RGB)."""
-    return Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """An 8-bit RGB image, loaded; 16-bit and 32-bit integer images are scaled, not clipped, to 8 bits."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        if im.mode == "I" and (a.min() < 0 or a.max() > 65535):
-            raise SourceError(f"32-bit integer pixels outside 0..65535 (mode {im.mode})")
-        # PNG 16-bit samples are 0..65535: v * 255 / 65535, rounded (65535 -> 255, 257 -> 1)
-        a = ((a * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(np.repeat(a[:, :, None], 3, axis=2))
-    if im.mode == "RGB":
-        im.load()  # decoded now, while the file is open; no copy
-        return im
-    return im.convert("RGB")
-
-
-_noted: set[str] = set()  # notes already printed by this process
-
-
-def _note(line: str) -> None:
-    """Print ``line`` on stderr once per process, from the main process only (a reopened split or another
-    rank lists the same folder again; DataLoader workers get the source pickled, never list it)."""
-    if line in _noted or os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    _noted.add(line)
-    print(line, file=sys.stderr, flush=True)
-
-
 def _code_points(name: str) -> str:
     """``name`` quoted, with its code points when it is not plain ASCII (NFC and NFD forms print alike)."""
     if name.isascii():
@@ -425,10 +238,6 @@ def _count_extensions(counts: dict[str, int]) -> str:
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     text = ", ".join(f"{ext}: {n}" for ext, n in items[:8])
     return text + (f", {len(items) - 8} more kinds" if len(items) > 8 else "")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 class _Listing(NamedTuple):
@@ -637,38 +446,24 @@ class ImageFolderSource(Source):
         return [os.path.join(d, name) for d in (*self._index_dirs, _index_cache_dir()) if d]
 
     def _load_index(self) -> np.ndarray | None:
-        for path in self._index_paths():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    if str(z["listing"]) == self.listing_digest and z["sizes"].shape == (len(self), 2):
-                        if "mean" in z.files and self._mean_std is None:
-                            self._mean_std = (z["mean"].tolist(), z["std"].tolist())
-                        return z["sizes"].astype(np.int32)
-            except Exception:  # missing, unreadable or foreign: rescan (the index is only a cache)
-                continue
-        return None
+        z = _load_npz(self._index_paths(), self.listing_digest)
+        if z is None or z["sizes"].shape != (len(self), 2):
+            return None  # missing, unreadable or foreign: rescan (the index is only a cache)
+        if "mean" in z and self._mean_std is None:
+            self._mean_std = (z["mean"].tolist(), z["std"].tolist())
+        return z["sizes"].astype(np.int32)
 
     def save_index(self, directory: str | None = None) -> str | None:
         """Write the index (sizes, and the pixel mean/std a from-scratch model is normalised with) into
-        ``directory`` (default: the user cache); -> its path, None if unwritable."""
+        ``directory`` (default: the user cache; an fsspec URL too); -> its path, None if unwritable."""
         directory = directory or _index_cache_dir()
         if directory is None:
             return None
-        path = os.path.join(directory, f"{self.listing_digest[:32]}.npz")
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npz"
-        try:
-            os.makedirs(directory, exist_ok=True)
-            mean, std = self.mean_std()
-            np.savez(
-                tmp, listing=np.array(self.listing_digest), sizes=self.sizes(), mean=np.array(mean), std=np.array(std)
-            )
-            os.replace(tmp, path)
-        except OSError:
-            return None  # a read-only cache costs a rescan next time, nothing else
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        mean, std = self.mean_std()
+        return _save_npz(
+            os.path.join(directory, f"{self.listing_digest[:32]}.npz"),
+            listing=np.array(self.listing_digest), sizes=self.sizes(), mean=np.array(mean), std=np.array(std),
+        )  # fmt: skip
 
     def sizes(self) -> np.ndarray:
         if self._sizes is None:
@@ -705,15 +500,7 @@ class ImageFolderSource(Source):
 
     def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
         path = self._path(self._check_id(i))
-        try:
-            with Image.open(path) as im:
-                width = im.size[0]
-                # JPEG's DCT-domain downscale (None: not a JPEG, or no scale asked)
-                drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale)) if scale > 1 else None
-                rgb = _to_rgb(im)
-        except Exception as e:  # see _read_sizes
-            raise SourceError(f"cannot decode image {path}: {e!r}") from e
-        return rgb, 1 if drafted is None else round(width / drafted[1][2])
+        return _decode_rgb(path, path, scale)
 
     def _content(self, i: int) -> bytes:
         # The encoded file, not decoded pixels: a JPEG decoder update must not change the fingerprint.
@@ -729,9 +516,12 @@ class ImageFolderSource(Source):
 
 
 def save_source_index(source: Source, directory: str) -> str | None:
-    """Keep an ImageFolder's size index in ``directory`` (e.g. a store's ``index/``); None for other sources."""
+    """Keep the index a source was opened with (an ImageFolder's or hf dataset's sizes, a wds member index)
+    in ``directory`` (e.g. a store's ``index/``); None for sources without one."""
     inner = source.source if isinstance(source, LimitedSource) else source
-    if not isinstance(inner, ImageFolderSource) or (inner is not source and inner._sizes is None):
+    if isinstance(inner, WdsSource):
+        return inner.save_index(directory)  # built whole whatever the limit
+    if not isinstance(inner, (ImageFolderSource, HFSource)) or (inner is not source and inner._sizes is None):
         return None  # a limited view read only its own headers: no full index to keep
     return inner.save_index(directory)
 
@@ -804,12 +594,14 @@ class LimitedSource(Source):
 
 
 def open_source(data: str, split: str = "train", limit: int | None = None, index_dirs: tuple[str, ...] = ()) -> Source:
-    """Open ``data`` ("fashion-mnist", an ImageFolder directory or a ``.npz`` file) for ``split``.
+    """Open ``data`` ("fashion-mnist", an ImageFolder directory, a ``.npz`` file, ``wds:PATTERN`` or
+    ``hf:PATH``, see the module docstring) for ``split``.
 
     ``limit`` keeps the first ``limit`` ids (own fingerprint, ``describe()["limit"]``); a limit of
     at least the source's size gives the whole source itself. "fashion-mnist" is the dataset even
     if a directory of that name exists. ``index_dirs``: where an ImageFolder's size index may
-    already be (a store's ``index/``), before the user cache.
+    already be (a store's ``index/``), before the user cache; a wds source's member index and an hf
+    dataset's size index are looked up there too.
     """
     if not isinstance(split, str) or not split:
         raise SourceError(f"split must be a non-empty string, got {split!r}")
@@ -821,6 +613,10 @@ def open_source(data: str, split: str = "train", limit: int | None = None, index
         raise SourceError(f"data must be a string or path, got {data!r}; accepted: {_ACCEPTED}")
     if data == "fashion-mnist":
         source: Source = _open_fashion_mnist(split)
+    elif isinstance(data, str) and data.startswith("wds:"):
+        source = WdsSource(data, split, index_dirs=tuple(index_dirs))
+    elif isinstance(data, str) and data.startswith("hf:"):
+        source = HFSource(data, split, index_dirs=tuple(index_dirs))
     else:
         path = os.path.expanduser(os.fspath(data))
         if os.path.isdir(path):
