@@ -209,30 +209,40 @@ def _header_size_of(f: BinaryIO) -> tuple[int, int] | None:
     return None
 
 
-def _size_of_bytes(data: bytes, what: str) -> tuple[int, int]:
-    """(height, width) of an encoded image held in memory; SourceError naming ``what`` if unreadable."""
+def _size_of_bytes(data: bytes, what: str, formats: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """(height, width) of an encoded image held in memory, in one of Pillow's ``formats`` (None: any);
+    SourceError naming ``what`` if unreadable."""
     try:
         size = _header_size_of(io.BytesIO(data))
         if size is not None:
             return size
-        with Image.open(io.BytesIO(data)) as im:  # the header only; pixels stay undecoded
+        with Image.open(io.BytesIO(data), formats=formats) as im:  # the header only; pixels stay undecoded
             width, height = im.size
         return height, width
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        raise SourceError(f"cannot read image header of {what}: {e!r}") from e
+        raise SourceError(f"cannot read image header of {what}: {_why(e, formats)}") from e
 
 
-def _decode_rgb(fp: str | BinaryIO, what: str, scale: int = 1) -> tuple[Image.Image, int]:
-    """An encoded image (a path or a binary file) as 8-bit RGB, shrunk ``scale`` times in JPEG's DCT
-    domain where it can be, and the scale applied: every encoded source decodes here, alike."""
+def _why(e: Exception, formats: tuple[str, ...] | None) -> str:
+    if formats is not None and isinstance(e, Image.UnidentifiedImageError):
+        return f"not a {' or '.join(formats)} image (the only formats kdlib reads from tars and datasets)"
+    return repr(e)
+
+
+def _decode_rgb(
+    fp: str | BinaryIO, what: str, scale: int = 1, formats: tuple[str, ...] | None = None
+) -> tuple[Image.Image, int]:
+    """An encoded image (a path or a binary file) in one of Pillow's ``formats`` (None: any Pillow reads)
+    as 8-bit RGB, shrunk ``scale`` times in JPEG's DCT domain where it can be, and the scale applied:
+    every encoded source decodes here, alike."""
     try:
-        with Image.open(fp) as im:
+        with Image.open(fp, formats=formats) as im:  # only the parsers asked for ever see the bytes
             width = im.size[0]
             # JPEG's DCT-domain downscale (None: not a JPEG, or no scale asked)
             drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale)) if scale > 1 else None
             rgb = _to_rgb(im)
     except Exception as e:  # see _read_sizes
-        raise SourceError(f"cannot decode image {what}: {e!r}") from e
+        raise SourceError(f"cannot decode image {what}: {_why(e, formats)}") from e
     return rgb, 1 if drafted is None else round(width / drafted[1][2])
 
 

@@ -5,8 +5,10 @@ as the train split) or a folder of parquet files (``train-00000-of-00004.parquet
 ``train/*.parquet``: the split is the file's leading word, or its folder's name), which ``datasets``
 converts once into its cache (``$KDLIB_INDEX_CACHE/hf``). The image column (default ``image``) is an
 ``Image`` feature; its stored encoded bytes (PNG, JPEG) are decoded by kdlib, as an ImageFolder's files
-are. The label column (default ``label``) is a ``ClassLabel``, whose names are the classes, or plain
-integers (the classes are then the ids). ``train=``/``test=`` name the splits kdlib calls train and
+are. A cell holding only a file path (as ``Dataset.to_parquet`` writes one) is refused: the file is not
+part of the dataset kdlib fingerprints (``save_to_disk`` embeds the files). The label column (default
+``label``) is a ``ClassLabel``, whose names are the classes, or plain integers (the classes are then the
+ids). ``train=``/``test=`` name the splits kdlib calls train and
 test (default: ``train``; ``test``, else ``validation``, else ``val``). The test split has the train
 split's classes.
 
@@ -42,6 +44,8 @@ __all__ = ["HFSource"]
 
 _INDEX_TAG = b"kdlib-hf-index-1\0"
 _HEAD_BYTES = 65536
+_MAX_CLASS_ID = 10_000_000  # ImageNet-21k has 21841 classes; a larger id is a corrupt label
+_FORMATS = ("PNG", "JPEG")  # what an image cell may hold (Pillow's format names)
 _SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val")
 _LEADING_WORD = re.compile(r"^[A-Za-z]+")
 
@@ -148,6 +152,10 @@ class HFSource(Source):
         self._labels = labels.to_numpy().astype(np.int64)
         if len(self._labels) == 0:
             raise SourceError(f"{spec}: split {self._split_name!r} is empty")
+        if self._labels.max() > _MAX_CLASS_ID:  # plain ids: the classes are 0..max, one entry each
+            raise SourceError(f"{spec}: split {self._split_name!r} has label {self._labels.max()} (row "
+                              f"{int(self._labels.argmax())}), above {_MAX_CLASS_ID}: class ids run 0..N-1 for N "
+                              "classes")  # fmt: skip
         if self._labels.min() < 0:
             raise SourceError(f"{spec}: split {self._split_name!r} has label {self._labels.min()} (unlabelled "
                               "rows?): every row needs a class id >= 0")  # fmt: skip
@@ -229,7 +237,7 @@ class HFSource(Source):
             for i in range(len(self)):
                 head = self._encoded(i, _HEAD_BYTES)
                 size = _header_size_of(io.BytesIO(head))
-                sizes[i] = size if size is not None else _size_of_bytes(self._encoded(i), self._where(i))
+                sizes[i] = size if size is not None else _size_of_bytes(self._encoded(i), self._where(i), _FORMATS)
             self._sizes = sizes
             if (cache := _index_cache_dir()) is not None:
                 _save_npz(os.path.join(cache, self._index_name()), listing=np.array(self.listing_digest), sizes=sizes)
@@ -244,24 +252,25 @@ class HFSource(Source):
         return f"{self._path} split {self._split_name!r} row {i}"
 
     def _encoded(self, i: int, limit: int | None = None) -> bytes:
-        """The stored encoded bytes of row ``i`` (its first ``limit`` bytes), or the file its ``path`` names."""
+        """The stored encoded bytes of row ``i`` (its first ``limit`` bytes).
+
+        A cell holding only a path is refused: the path would be opened relative to wherever kdlib runs,
+        and the file is outside the listing that keys the index and the store (a changed file, a stale store)."""
         cell = self._images()[i]
         data = cell["bytes"]
         if data.is_valid:
             buf = data.as_buffer()
             return (buf if limit is None else buf.slice(0, min(limit, buf.size))).to_pybytes()
         path = cell["path"].as_py()
-        if not path:
-            raise SourceError(f"{self._where(i)}: the image cell holds neither bytes nor a path")
-        try:
-            with open(path, "rb") as f:
-                return f.read(limit if limit is not None else -1)
-        except OSError as e:
-            raise SourceError(f"{self._where(i)}: cannot read its image file {path}: {e}") from e
+        holds = f"only a path ({path!r}), not the image's bytes" if path else "neither bytes nor a path"
+        raise SourceError(
+            f"{self._where(i)}: the image cell holds {holds}; kdlib reads images stored in the dataset: load it, "
+            f"cast_column({self._image_col!r}, Image(decode=True)) and save_to_disk (which embeds the files)"
+        )
 
     def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
         j = self._check_id(i)
-        return _decode_rgb(io.BytesIO(self._encoded(j)), self._where(j), scale)
+        return _decode_rgb(io.BytesIO(self._encoded(j)), self._where(j), scale, _FORMATS)
 
     def decode(self, i: int) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(self.decode_image(i)[0]).transpose(2, 0, 1))

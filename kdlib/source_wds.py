@@ -1,11 +1,13 @@
 """Webdataset tar shards as a source: ``wds:PATTERN[?test=PATTERN]``, random access through a member index.
 
 A shard is a tar whose members are grouped into samples by key (the member name up to the first dot of
-its base name, as webdataset does): ``KEY.jpg|.jpeg|.png`` is the image, ``KEY.cls`` holds the class id
-as text, or ``KEY.json`` holds ``{"label": id}`` (and optionally ``"class_name"``); other members are
-ignored. Images are numbered in pattern order, then in tar order.
+its base name, as webdataset does; extensions compared lower-cased): ``KEY.jpg|.jpeg|.png`` is the image
+(PNG or JPEG bytes), ``KEY.cls`` holds the class id as text, or ``KEY.json`` holds ``{"label": id}`` (and
+optionally ``"class_name"``); other members are ignored. Images are numbered in pattern order, then in
+tar order. A member name that is not UTF-8 is kept as the tar's bytes.
 
-The pattern is brace-expanded as webdataset does (``train-{000000..001281}.tar``, ``{a,b}``) or, if it
+The pattern is brace-expanded as webdataset's braceexpand does (``train-{000000..001281}.tar``, ``{a,b}``,
+nested lists, padding to the wider end of a range; ``expand_braces``) or, if it
 holds ``*`` ``?`` ``[``, globbed; local paths and fsspec URLs (``s3://...``, opened with the options of
 ``--storage-options``) alike. The test split is named by ``?test=PATTERN``; a test pattern without a
 ``/`` is in the train pattern's folder. Classes come from the train split: ``class_name`` where the
@@ -15,16 +17,19 @@ The member index (for every image: shard, tar offsets, byte count, label, height
 once by reading the tar headers, and kept, like an ImageFolder's size index, keyed by the shard listing
 (base names, byte counts, modification stamps): in the store that planned with it and in
 ``$KDLIB_INDEX_CACHE``. An image is then one ranged read of its tar header and bytes; the header's name
-is checked against the index, so a shard changed behind the index is refused, never read as another image.
+is checked against the index, and a read that comes back short refused, so a shard changed behind the
+index is refused, never read as another image or as part of one.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import io
+import itertools
 import json
 import os
 import re
+import string
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,26 +56,86 @@ __all__ = ["WdsSource", "expand_braces"]
 _INDEX_TAG = b"kdlib-wds-index-1\0"  # bump if what the index holds changes
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
 _HEAD_BYTES = 65536  # enough for a JPEG's frame header behind its EXIF block; else the whole member is read
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_MAX_CLASS_ID = 10_000_000  # ImageNet-21k has 21841 classes; a larger id is a corrupt label
+_FORMATS = ("PNG", "JPEG")  # what a tar's image members may be (Pillow's format names)
+# braceexpand 0.1.7's grammar (webdataset expands shard patterns with it; kdlib does not import it)
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+_LETTERS = string.ascii_uppercase + string.ascii_lowercase
+_ESCAPED = re.compile(r"\\(.)")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` -> x, y (as webdataset's braceexpand;
-    a zero-padded start pads every number to its width)."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
-    r = _RANGE.match(body)
-    if r:
-        a, b = int(r.group(1)), int(r.group(2))
-        width = len(r.group(1)) if r.group(1).startswith("0") and len(r.group(1)) > 1 else 0
-        step = 1 if b >= a else -1
-        items = [str(n).zfill(width) for n in range(a, b + step, step)]
-    else:
-        items = body.split(",")
-    return [x for item in items for x in expand_braces(head + item + tail)]
+    """Every name of a brace pattern, as webdataset's braceexpand (0.1.7) gives them, in its order:
+    ``{x,y}``, nested ``{a,{b,c}}``, ranges ``{000..099}`` (a leading zero on either end pads every
+    number to the wider end), ``{a..e}``, steps ``{0..10..2}``, ``\\{`` for a literal brace. A brace
+    that is not a range or a list stays literal; unbalanced braces are refused."""
+    return [_ESCAPED.sub(r"\1", s) for s in _expand(pattern)]
+
+
+def _expand(pattern: str) -> list[str]:
+    """braceexpand's parse_pattern: the pattern's literal runs and top-level brace groups, multiplied out
+    (escapes kept: they are removed once, from the finished names)."""
+    parts: list[list[str]] = []
+    start = depth = pos = 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if depth == 0 and pos > start:
+                parts.append([pattern[start:pos]])
+                start = pos
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                body = pattern[start + 1 : pos]
+                items = _brace_items(body)
+                parts += [["{"], _expand(body), ["}"]] if items is None else [items]
+                start = pos + 1
+        pos += 1
+    if depth != 0:
+        raise SourceError(
+            f"unbalanced braces in {pattern!r}: every {{ needs its }} (a literal brace is written \\{{ or \\}})"
+        )
+    if start < pos:
+        parts.append([pattern[start:]])
+    return ["".join(p) for p in itertools.product(*parts)]
+
+
+def _brace_items(body: str) -> list[str] | None:
+    """The names one brace group stands for: a number or letter range, else a comma list; None if neither."""
+    if m := _INT_RANGE.match(body):
+        first, last, step = m.groups()
+        padded = any(s.startswith(("0", "-0")) for s in (first, last) if s not in ("0", "-0"))
+        width = max(len(first), len(last)) if padded else 0
+        a, b, n = int(first), int(last), (int(step) or 1) if step else 1
+        return [f"{i:0{width}d}" for i in (range(a, b + 1, n) if a < b else range(a, b - 1, -n))]
+    if m := _CHAR_RANGE.match(body):
+        first, last, step = m.groups()
+        a, b, n = _LETTERS.index(first), _LETTERS.index(last), (int(step) or 1) if step else 1
+        return list(_LETTERS[a : b + 1 : n] if a < b else _LETTERS[a : (b or -len(_LETTERS)) - 1 : -n])
+    items: list[str] = []
+    start = depth = pos = 0
+    commas = False
+    while pos < len(body):
+        c = body[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items += _expand(body[start:pos])
+            start, commas = pos + 1, True
+        pos += 1
+    if depth != 0 or not commas:
+        return None
+    return items + _expand(body[start:])
 
 
 def _is_url(path: str) -> bool:
@@ -135,7 +200,18 @@ class _Shards:
                 return self.fs(url).cat_file(self.path(url), start=start, end=end)
             return os.pread(self._fd(i), end - start, start)
         except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
+            if _is_url(url) and self._size(url) <= start:
+                return b""  # an object store refuses a range past the end (HTTP 416): none of its bytes are there
             raise SourceError(f"cannot read wds shard {url} (bytes {start}..{end}): {type(e).__name__}: {e}") from e
+
+    def _size(self, url: str) -> int:
+        """The object's size now, not as listed when opened (-1 if that cannot be read either)."""
+        try:
+            fs, path = self.fs(url), self.path(url)
+            fs.invalidate_cache(path)
+            return int(fs.size(path))
+        except Exception:
+            return -1
 
 
 def _resolve(pattern: str, base: str) -> str:
@@ -170,10 +246,34 @@ def _remote_infos(urls: list[str], spec: str) -> dict[str, dict | None]:
     return out
 
 
+_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")  # the path's first part: a bucket
+
+
+def _refuse_missing_bucket(url: str, spec: str) -> None:
+    """One line naming the bucket of object-store URL ``url`` if that bucket does not exist; else nothing."""
+    protocol = url.split("://", 1)[0]
+    if protocol not in _BUCKET_STORES:
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options())
+        bucket = path.split("/", 1)[0]
+        exists = fs.exists(bucket)
+    except Exception:  # cannot tell: the caller's own error says what was not found
+        return
+    if not exists:
+        raise SourceError(f"{spec}: bucket {bucket!r} ({protocol}://{bucket}) does not exist (or these credentials "
+                          "cannot see it): check the bucket name in the pattern and the endpoint in "
+                          "--storage-options")  # fmt: skip
+
+
 def _list_shards(pattern: str, spec: str, split: str) -> tuple[list[str], list]:
     """The shard URLs of ``pattern`` in order, and their listing entries (base name, bytes, stamp)."""
     named: list[str] = []
-    for piece in expand_braces(pattern):
+    try:
+        pieces = expand_braces(pattern)
+    except SourceError as e:
+        raise SourceError(f"{spec}: the {split} pattern has {e}") from e
+    for piece in pieces:
         if not any(c in piece for c in "*?["):
             named.append(piece)
             continue
@@ -185,6 +285,7 @@ def _list_shards(pattern: str, spec: str, split: str) -> tuple[list[str], list]:
             else:
                 named += [p for p in sorted(globlib.glob(_local(piece))) if os.path.isfile(p)]
         except Exception as e:
+            _refuse_missing_bucket(piece, spec)
             raise SourceError(f"{spec}: cannot list wds shards {piece}: {type(e).__name__}: {e}") from e
     remote = [u for u in named if _is_url(u)]
     infos = _remote_infos(remote, spec) if remote else {}
@@ -209,6 +310,8 @@ def _list_shards(pattern: str, spec: str, split: str) -> tuple[list[str], list]:
                 continue
             urls.append(os.path.abspath(local))
             entries.append([os.path.basename(local), st.st_size, st.st_mtime_ns])
+    if not urls:  # nothing found: on an object store, is the bucket there at all?
+        _refuse_missing_bucket((missing or pieces)[0], spec)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SourceError(f"{spec}: the {split} pattern {pattern!r} names shard {missing[0]}{more}, which does "
@@ -230,15 +333,15 @@ def _key_ext(name: str) -> tuple[str, str] | None:
 def _label_of(data: bytes, ext: str, where: str) -> tuple[int, str | None]:
     """(class id, class name or None) from a ``.cls`` or ``.json`` member."""
     try:
-        if ext == "cls":
-            return int(data.decode().strip()), None
-        obj = json.loads(data)
+        obj = int(data.decode().strip()) if ext == "cls" else json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise SourceError(f"{where}: not a class id ({e}): a .cls member holds the class id as text") from e
-    label = obj.get("label") if isinstance(obj, dict) else None
+    label = obj if ext == "cls" else obj.get("label") if isinstance(obj, dict) else None
     if not isinstance(label, int) or isinstance(label, bool):
         raise SourceError(f'{where}: no integer "label" in this .json member (it holds {str(obj)[:80]})')
-    name = obj.get("class_name")
+    if label > _MAX_CLASS_ID:  # the class list has max + 1 entries: a stray id must not exhaust memory
+        raise SourceError(f"{where}: class id {label} is above {_MAX_CLASS_ID}: class ids run 0..N-1 for N classes")
+    name = obj.get("class_name") if isinstance(obj, dict) else None
     return label, name if isinstance(name, str) else None
 
 
@@ -252,10 +355,10 @@ def _scan_shard(shards: _Shards, i: int) -> list[dict]:
             while (ti := tf.next()) is not None:
                 if not ti.isfile() or (ke := _key_ext(ti.name)) is None:
                     continue
-                key, ext = ke
+                key, ext = ke[0], ke[1].lower()  # webdataset lowercases extensions: .PNG, .CLS, .JSON
                 s = samples.setdefault(key, {"others": []})
-                where = f"wds shard {url}: member {ti.name}"
-                if ext.lower() in _IMAGE_EXTS:
+                where = f"wds shard {url}: member {ti.name!r}"
+                if ext in _IMAGE_EXTS:
                     if "image" in s:
                         raise SourceError(f"{where}: sample {key!r} has a second image ({s['image'][0]}); keep one")
                     f.seek(ti.offset_data)
@@ -263,7 +366,7 @@ def _scan_shard(shards: _Shards, i: int) -> list[dict]:
                     size = _header_size_of(io.BytesIO(head)) if len(head) else None
                     if size is None:
                         f.seek(ti.offset_data)
-                        size = _size_of_bytes(f.read(ti.size), where)
+                        size = _size_of_bytes(f.read(ti.size), where, _FORMATS)
                     s["image"] = (ti.name, ti.offset, ti.offset_data, ti.size, *size)
                 elif ext in ("cls", "json"):
                     label, name = _label_of(tf.extractfile(ti).read(), ext, where)
@@ -309,7 +412,8 @@ def _build_index(shards: _Shards, spec: str) -> dict[str, np.ndarray]:
             names[s["label"]] = name
     return {
         "shard": np.array([i for i, _ in rows], np.int32),
-        "member": np.array([s["image"][0].encode() for _, s in rows], dtype=np.bytes_),
+        # the name's bytes as the tar holds them (tarfile decodes with surrogateescape: any bytes round-trip)
+        "member": np.array([s["image"][0].encode(tarfile.ENCODING, "surrogateescape") for _, s in rows], np.bytes_),
         "offset": np.array([s["image"][1] for _, s in rows], np.int64),
         "data_offset": np.array([s["image"][2] for _, s in rows], np.int64),
         "length": np.array([s["image"][3] for _, s in rows], np.int64),
@@ -409,16 +513,22 @@ class WdsSource(Source):
 
     def _names(self) -> list[str]:
         base = [u.rsplit("/", 1)[-1] for u in self._shards.urls]  # where the shards live is not hashed
-        return [f"{base[s]}/{m.decode()}" for s, m in zip(self._index["shard"].tolist(), self._index["member"])]
+        members = [m.decode(tarfile.ENCODING, "surrogateescape") for m in self._index["member"]]
+        return [f"{base[s]}/{m}" for s, m in zip(self._index["shard"].tolist(), members)]
 
     def member_bytes(self, i: int) -> bytes:
         """The encoded bytes of image ``i``: one ranged read of its tar header and data, the name checked."""
         j = self._check_id(i)
         shard, start = int(self._index["shard"][j]), int(self._index["offset"][j])
         data_at, length = int(self._index["data_offset"][j]), int(self._index["length"][j])
-        member = self._index["member"][j].decode()
+        member = self._index["member"][j].decode(tarfile.ENCODING, "surrogateescape")
         url = self._shards.urls[shard]
         blob = self._shards.read(shard, start, data_at + length)
+        if len(blob) < data_at + length - start:  # the shard ends before the indexed member does
+            raise SourceError(
+                f"wds shard {url}: got {len(blob)} of {data_at + length - start} bytes at byte {start} ({member!r}): "
+                "the shard changed since its index was built: rebuild the index or restore the shard"
+            )
         try:
             if data_at - start == tarfile.BLOCKSIZE:  # one plain header block: its name and size fields suffice
                 ti = _plain_header(blob[: tarfile.BLOCKSIZE])
@@ -439,8 +549,9 @@ class WdsSource(Source):
 
     def decode_image(self, i: int, scale: int = 1) -> tuple[Image.Image, int]:
         j = self._check_id(i)
-        where = f"{self._shards.urls[int(self._index['shard'][j])]}:{self._index['member'][j].decode()}"
-        return _decode_rgb(io.BytesIO(self.member_bytes(j)), where, scale)
+        member = self._index["member"][j].decode(tarfile.ENCODING, "surrogateescape")
+        where = f"{self._shards.urls[int(self._index['shard'][j])]}:{member!r}"
+        return _decode_rgb(io.BytesIO(self.member_bytes(j)), where, scale, _FORMATS)
 
     def decode(self, i: int) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(self.decode_image(i)[0]).transpose(2, 0, 1))

@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1 or args.shard_size < 1:
         print("error: --limit and --shard-size must be positive", file=sys.stderr)
         return 2
+    if {"hf", "parquet"} & set(formats):  # checked before anything is written, not after the folder form
+        try:
+            import datasets  # noqa: F401
+        except ImportError as e:
+            print(f"error: --format hf and parquet need the datasets package ({e}): pip install 'kdlib[hf]'",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     taken = [os.path.join(args.out, f) for f in formats if os.path.exists(os.path.join(args.out, f))]
     if taken:
         print(f"error: {taken[0]} exists: remove it or give another --out", file=sys.stderr)

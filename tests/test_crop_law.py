@@ -62,24 +62,29 @@ def _generate_random_crop(width, height_img, min_rel, max_rel, aspect, rng):
     return y, x, height, w
 
 
-def tf_sample_distorted_bounding_box(h_img, w_img, area_range, aspect_range, min_object_covered, rng):
-    """One (top, left, height, width), no boxes given (use_image_if_no_bounding_boxes: the whole image)."""
+def tf_sample_distorted_bounding_box(h_img, w_img, area_range, aspect_range, min_object_covered, rng, tries=None):
+    """One (top, left, height, width), no boxes given (use_image_if_no_bounding_boxes: the whole image);
+    the attempts it took are appended to ``tries`` (101: none passed)."""
     lo, hi = f32(aspect_range[0]), f32(aspect_range[1])
-    for _ in range(100):  # max_attempts
+    for attempt in range(1, 101):  # max_attempts
         aspect = f32(f32(rng.random(dtype=np.float32)) * (hi - lo) + lo)
         crop = _generate_random_crop(w_img, h_img, area_range[0], area_range[1], aspect, rng)
         if crop is None:
             continue
         area = f32(crop[2] * crop[3])
         if area >= 1 and f32(area / f32(w_img * h_img)) >= f32(min_object_covered):
+            if tries is not None:
+                tries.append(attempt)
             return crop
+    if tries is not None:
+        tries.append(101)
     return 0, 0, h_img, w_img
 
 
-def _port_boxes(hw, law, n, seed):
+def _port_boxes(hw, law, n, seed, tries=None):
     _, area, aspect, moc = law
     rng = np.random.default_rng(seed)
-    return np.array([tf_sample_distorted_bounding_box(*hw, area, aspect, moc, rng) for _ in range(n)], np.int64)
+    return np.array([tf_sample_distorted_bounding_box(*hw, area, aspect, moc, rng, tries) for _ in range(n)], np.int64)
 
 
 def _kdlib_boxes(hw, crop, scale, ratio, moc, n, seed=0):
@@ -115,6 +120,26 @@ def test_inception_tf_draws_tfs_law(law, hw):
     # the same test tells torchvision's law (kdlib's `inception`) apart
     tv = _stats(_kdlib_boxes(hw, "inception", area, (3 / 4, 4 / 3), None, N_KDLIB), hw)
     assert _ks(port["area"], tv["area"]) > 2 * limit
+
+
+@pytest.mark.parametrize("hw", SIZES, ids=lambda x: f"{x[0]}x{x[1]}")
+def test_inception_tf_law_where_most_attempts_fail(hw):
+    """min_object_covered 0.85: most views pass only after kdlib's first 8 attempts (worked out again for
+    the views whose first ones all failed), and some pass none (the whole image): still TF's law."""
+    law = ("moc85", (0.05, 1.0), (3 / 4, 4 / 3), 0.85)
+    n_port, n_kdlib = 3000, 60_000  # the port is slow at ~20 attempts a view
+    tries: list[int] = []
+    port_box = _port_boxes(hw, law, n_port, seed=2, tries=tries)
+    tries_a = np.array(tries)
+    assert (tries_a > 8).mean() > 0.5 and (tries_a == 101).mean() > 0.004  # the late attempts and the fallback
+    mine_box = _kdlib_boxes(hw, "inception_tf", *law[1:], n_kdlib)
+    port, mine = _stats(port_box, hw), _stats(mine_box, hw)
+    limit = _ks_limit(n_port, n_kdlib)
+    for key in port:
+        assert _ks(port[key], mine[key]) < limit, (hw, key, _ks(port[key], mine[key]), limit)
+    # the whole image (the fallback, or a passing crop that spans it) as often as TF gives it
+    p, q = (((b[:, 2] == hw[0]) & (b[:, 3] == hw[1])).mean() for b in (port_box, mine_box))
+    assert abs(q - p) < 4 * np.sqrt(p * (1 - p) / n_port), (p, q)
 
 
 def test_mean_crop_area_inception_vs_tf_law(capsys):

@@ -16,6 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import CLI_ENV, FMNIST_RECIPE, REPO, kdlib_cli, one_line
+from s3_server import BUCKET, s3  # noqa: F401  (the session's S3 server: tests/s3_server.py)
 
 import kdlib.source_wds as source_wds
 from kdlib.cli import _one_line
@@ -139,10 +140,101 @@ def test_wds_index_is_built_once_and_a_shard_changed_behind_it_is_refused(forms,
     assert built and (fresh.decode(0) == before).all() and fresh._names()[0].startswith("train-000000.tar/x")
 
 
+BRACE_PATTERNS = [
+    "a-{008..011}.tar", "{00..100}", "{0..100}", "{8..011}", "{-05..3}", "{10..07}", "{-1..01}", "{-0..3}",
+    "{0..-3}", "{0..10..3}", "{10..0..3}", "{01..1..0}", "{a..g..2}", "{Z..a}", "{z..A..3}", "{a..9}",
+    "{x,y}/p-{0..1}.tar", "{a,{b,c}}", "{{0..2},{a..b}}", "{a,b}{c,{d,e..f}}", "python{2.{5..7},3.{2,3}}",
+    "{,a}", "{a,}b", "x{}y", "{abc}", "{a{b,c}}", "}{", r"{1\{2,3}", r"\{1,2\}", r"a\\b{1,2}",
+    "s3://b/k.tar", "s3://b/train-{000000..000002}.tar", "gs://b/{train,val}/s-{0000..0011..4}.tar",
+]  # fmt: skip
+
+
 def test_brace_expansion_is_webdatasets():
+    from braceexpand import UnbalancedBracesError, braceexpand  # webdataset's (a test-only dependency here)
+
     assert source_wds.expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
-    assert source_wds.expand_braces("{x,y}/p-{0..1}.tar") == ["x/p-0.tar", "x/p-1.tar", "y/p-0.tar", "y/p-1.tar"]
-    assert source_wds.expand_braces("s3://b/k.tar") == ["s3://b/k.tar"]
+    assert source_wds.expand_braces("{a,{b,c}}") == ["a", "b", "c"]  # nested: no duplicates
+    assert source_wds.expand_braces("{00..100}")[:2] == ["000", "001"]  # padded to the wider end
+    for pattern in BRACE_PATTERNS:
+        assert source_wds.expand_braces(pattern) == list(braceexpand(pattern)), pattern
+    for pattern in ("{1{2,3}", "a}b{c}", "{0..3"):
+        with pytest.raises(UnbalancedBracesError):
+            list(braceexpand(pattern))
+        with pytest.raises(SourceError, match="unbalanced braces"):
+            source_wds.expand_braces(pattern)
+    _error_line("wds:/tmp/train-{0..3.tar", "train", "wds:/tmp/train-{0..3.tar", "unbalanced braces")
+
+
+def test_a_shard_truncated_below_the_index_is_one_line(forms, tmp_path):
+    import shutil
+
+    wds = tmp_path / "wds"
+    shutil.copytree(os.path.dirname(forms["folder"]) + "/wds", wds)
+    src = open_source(f"wds:{wds}/train-{{000000..000002}}.tar")  # indexed while whole
+    shard = wds / "train-000001.tar"
+    j = int(np.flatnonzero(src._index["shard"] == 1)[-1])  # the shard's last image
+    start, end = int(src._index["offset"][j]), int(src._index["data_offset"][j] + src._index["length"][j])
+    # inside its bytes; inside its header (the header parse would index past it); before it (nothing read)
+    for cut in (end - 7, start + 100, start - 1):
+        with open(shard, "r+b") as f:
+            f.truncate(cut)
+        with pytest.raises(SourceError) as e:
+            src.decode(j)
+        code, line = _one_line(e.value)
+        assert code == 2 and "\n" not in line, line
+        for w in (str(shard), f"got {max(cut - start, 0)} of {end - start} bytes at byte {start}", "changed since its index",
+                  "rebuild the index or restore the shard"):  # fmt: skip
+            assert w in line, (w, line)
+
+
+class _Members:
+    """A source's encoded images as a DataLoader dataset: what its workers read."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.source._content(i)
+
+
+def test_wds_from_s3_with_forked_workers_reads_the_local_bytes(forms, s3, monkeypatch):  # noqa: F811
+    from torch.utils.data import DataLoader
+
+    monkeypatch.setenv("KDLIB_STORAGE_OPTIONS", json.dumps(s3.options()))  # what --storage-options hands on
+    local_dir = os.path.dirname(forms["folder"]) + "/wds"
+    fs = s3.fs()
+    for name in sorted(os.listdir(local_dir)):
+        fs.put_file(os.path.join(local_dir, name), f"{BUCKET}/wds-source/{name}")
+    local = open_source(forms["wds"])
+    spec = f"wds:{s3.url('wds-source')}/train-{{000000..000002}}.tar?test=test-*.tar"
+    remote = open_source(spec)
+    assert remote.listing_digest != local.listing_digest and len(remote) == len(local) == N
+    assert (remote.labels() == local.labels()).all() and (remote.sizes() == local.sizes()).all()
+    assert remote.classes == local.classes and remote._names() == local._names()
+    assert remote.fingerprint() == local.fingerprint()  # where the shards live is not part of the data
+    loader = DataLoader(_Members(remote), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    assert list(loader) == [local._content(i) for i in range(N)]
+    test = open_source(spec, "test")  # ?test= globbed in the same bucket folder
+    assert (test.labels() == open_source(forms["wds"], "test").labels()).all()
+    # a bucket that is not there: one line naming it, for a brace pattern and a glob alike
+    for pattern in ("train-{000000..000002}.tar", "train-*.tar"):
+        _error_line(f"wds:s3://kdlib-no-such-bucket/wds-source/{pattern}", "train", "bucket 'kdlib-no-such-bucket'",
+                    "does not exist")  # fmt: skip
+    # a folder with no such shard in a bucket that is there: the shard is named, not the bucket
+    line = _error_line(f"wds:{s3.url('wds-source')}/val-{{0..1}}.tar", "train", "val-0.tar", "does not exist")
+    assert "bucket" not in line
+    # a shard cut short behind the index: the same line as for a local one (past its end: S3's HTTP 416)
+    j = int(np.flatnonzero(remote._index["shard"] == 1)[-1])
+    start = int(remote._index["offset"][j])
+    with open(os.path.join(local_dir, "train-000001.tar"), "rb") as f:
+        whole = f.read()
+    for cut, got in ((start + 100, 100), (start - 1, 0)):
+        fs.pipe_file(f"{BUCKET}/wds-source/train-000001.tar", whole[:cut])
+        with pytest.raises(SourceError, match=f"train-000001.tar: got {got} of .* bytes at byte {start} .*changed"):
+            remote.decode(j)
 
 
 def _tar(path, members: dict[str, bytes]):
@@ -192,6 +284,52 @@ def test_wds_bad_input_is_one_line_naming_it(tmp_path):
     _error_line(f"{ok}?test=missing.tar", "test", str(tmp_path / "missing.tar"), "test pattern")
 
 
+def test_wds_odd_members_are_read_as_webdataset_reads_them_or_refused_in_one_line(tmp_path):
+    from PIL import Image
+
+    # upper-case extensions are lower-cased (webdataset's rule): .PNG, .CLS and .JSON are image and label
+    _tar(tmp_path / "upper.tar", {"a.PNG": _png(3), "a.CLS": b"1", "b.png": _png(4),
+                                  "b.JSON": json.dumps({"label": 0, "class_name": "cat"}).encode()})  # fmt: skip
+    upper = open_source(f"wds:{tmp_path}/upper.tar")
+    assert upper.labels().tolist() == [1, 0] and upper.classes == ["cat", "1"] and upper.decode(0)[0, 0, 0] == 3
+    # a member name that is not UTF-8 is kept as the tar's bytes: indexed, read and fingerprinted
+    with tarfile.open(tmp_path / "latin1.tar", "w", encoding="latin-1") as tf:
+        for name, data in (("caf\xe9.png", _png(5)), ("caf\xe9.cls", b"0")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    latin1 = open_source(f"wds:{tmp_path}/latin1.tar")
+    assert latin1.decode(0)[0, 0, 0] == 5 and len(latin1.fingerprint()) == 64
+    assert open_source(f"wds:{tmp_path}/latin1.tar")._names() == latin1._names()  # from the index kept on disk
+    # a label far beyond any class count: refused by name, before a class list that size is made
+    _tar(tmp_path / "huge.tar", {"a.png": _png(), "a.cls": b"999999999999"})
+    _error_line(f"wds:{tmp_path}/huge.tar", "train", "huge.tar", "a.cls", "class id 999999999999 is above")
+    _tar(tmp_path / "hugejson.tar", {"a.png": _png(), "a.json": b'{"label": 99999999999999999999999}'})
+    _error_line(f"wds:{tmp_path}/hugejson.tar", "train", "a.json", "is above")
+    # only PNG and JPEG are parsed, whatever the member's name says
+    gif = io.BytesIO()
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(gif, format="GIF")
+    _tar(tmp_path / "gif.tar", {"a.png": gif.getvalue(), "a.cls": b"0"})
+    _error_line(f"wds:{tmp_path}/gif.tar", "train", "gif.tar", "a.png", "not a PNG or JPEG image")
+    (tmp_path / "folder" / "cat").mkdir(parents=True)  # an ImageFolder still reads what Pillow reads, as before
+    (tmp_path / "folder" / "cat" / "a.png").write_bytes(gif.getvalue())
+    assert open_source(str(tmp_path / "folder")).decode(0).shape == (3, 5, 5)
+
+
+def test_convert_refuses_hf_forms_without_datasets_before_writing(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_fmnist", REPO / "precompute" / "convert_fashion_mnist.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
+    assert convert.main(["--out", str(tmp_path / "out"), "--format", "folder,parquet", "--limit", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --format hf and parquet need the datasets package"), err
+    assert "pip install 'kdlib[hf]'" in err[0]
+    assert not (tmp_path / "out").exists()  # the folder form was not written first
+
+
 def _hf(path, columns: dict, features=None):
     import datasets
 
@@ -213,6 +351,19 @@ def test_hf_bad_input_is_one_line_naming_it(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     _error_line(f"hf:{tmp_path / 'empty'}", "train", "is not a Hugging Face dataset on disk")
     _error_line(f"hf:{tmp_path / 'nowhere'}", "train", "does not exist")
+    # a cell holding only a path (Dataset.to_parquet writes such cells): refused, never opened from the cwd
+    (tmp_path / "a.png").write_bytes(_png())
+    monkeypatch.chdir(tmp_path)
+    _hf(tmp_path, {"img": [{"bytes": None, "path": "a.png"}], "label": [0]}, img).to_parquet(
+        str(tmp_path / "paths" / "train-00000-of-00001.parquet")
+    )
+    _error_line(f"hf:{tmp_path / 'paths'}?image=img", "train", "row 0", "only a path ('a.png')",
+                "cast_column('img', Image(decode=True))", "save_to_disk")  # fmt: skip
+    # plain-int labels far beyond any class count: refused before a class list that size is made
+    _hf(tmp_path, {"img": [{"bytes": _png(), "path": None}], "label": [999999999999]}, img).save_to_disk(
+        str(tmp_path / "huge")
+    )
+    _error_line(f"hf:{tmp_path / 'huge'}?image=img", "train", "label 999999999999", "above")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
     _error_line(f"{one}?image=img", "train", "pip install 'kdlib[hf]'")
 
