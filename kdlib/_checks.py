@@ -38,6 +38,13 @@ TRAIN_NUMBERS = {
     "ce_weight": (0.0, False, None),
     "clip": (0.0, False, None),
     "warmup": (0.0, False, 1.0),
+    # issue 19: the optimizer, schedule and training options (EMA and label smoothing also below 1: TrainConfig)
+    "momentum": (0.0, False, None),
+    "min_lr": (0.0, False, None),
+    "step_gamma": (0.0, True, None),
+    "warmup_epochs": (0.0, False, None),
+    "label_smoothing": (0.0, False, 1.0),
+    "ema": (0.0, True, 1.0),
 }
 
 

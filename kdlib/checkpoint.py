@@ -11,6 +11,7 @@ code on `--resume` (DESIGN invariant 8). kdlib writes its own checkpoint instead
                               the step reached and the run's math config (see `math_config`)
       rng-<rank>.safetensors  torch CPU/CUDA generator states and numpy's key, per process
       rng-<rank>.json         numpy's and Python's remaining RNG state, per process
+      ema.safetensors         the EMA of the student's weights (--ema), main process
 
 Reading it parses JSON and safetensors only; any other file (an accelerate `.pkl`, `.bin`
 or `.pt`) is never opened. A checkpoint is written into `checkpoint.tmp` and swapped in,
@@ -42,6 +43,8 @@ from safetensors.torch import save as st_save
 from ._checks import ENV_ERRNOS, describe_os_error
 from .errors import ConfigError, RunBusyError, StorageError
 from .losses import loss_settings
+from .optim import optimizer_settings
+from .schedule import schedule_settings
 from .store.base import FileLock
 
 __all__ = [
@@ -61,12 +64,14 @@ __all__ = [
     "lock_run",
     "mark_failed",
     "read_failed",
+    "training_settings",
 ]
 
 CHECKPOINT_FORMAT = 1
 STATE = "state.json"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+EMA = "ema.safetensors"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
 RUN_LOCK = "train.lock"  # flock held by the one `kdlib train` writing the run dir; names it; never removed
 FAILED = "failed.json"  # written when a run stopped at a non-finite loss: step, loss, reason
@@ -82,6 +87,9 @@ RUN_FILES = (
     "checkpoint",
     "checkpoint.tmp",
     "checkpoint.old",
+    "ema",  # the EMA of the weights as a run dir (--ema)
+    "best",  # the best model so far as a run dir (--keep-best)
+    "logs",  # experiment trackers' files (--log-with)
 )
 
 
@@ -190,8 +198,11 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 
 # -- save / load ----------------------------------------------------------------------------
-def save_checkpoint(accelerator, ckpt: Path, step: int, model, optimizer, scheduler, config: dict[str, Any]) -> None:
-    """Write the state at `step` into `ckpt`.tmp on every process, then swap it in (main process)."""
+def save_checkpoint(
+    accelerator, ckpt: Path, step: int, model, optimizer, scheduler, config: dict[str, Any], ema=None
+) -> None:
+    """Write the state at `step` into `ckpt`.tmp on every process, then swap it in (main process).
+    `ema`: the averaged copy of the weights (a module), saved beside them."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     failed = None
     accelerator.wait_for_everyone()
@@ -211,6 +222,8 @@ def save_checkpoint(accelerator, ckpt: Path, step: int, model, optimizer, schedu
             if accelerator.is_main_process:
                 net = accelerator.unwrap_model(model)
                 _write(tmp / MODEL, st_save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}))
+                if ema is not None:
+                    _write(tmp / EMA, st_save({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}))
                 opt_t, opt_j = _split_optimizer(optimizer.state_dict())
                 _write(tmp / OPTIMIZER, st_save(opt_t))
                 scaler = accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None
@@ -275,13 +288,16 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> int:
-    """Restore model, optimizer, scheduler, grad scaler and RNG from `ckpt`; return the step reached.
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, ema=None) -> int:
+    """Restore model, optimizer, scheduler, grad scaler, RNG (and `ema`, the averaged weights) from
+    `ckpt`; return the step reached.
 
     Only JSON and safetensors are read: a pickle in the directory is never opened."""
     state = read_state(ckpt)
     net = accelerator.unwrap_model(model)
     net.load_state_dict(_tensors(ckpt / MODEL))
+    if ema is not None:
+        ema.load_state_dict(_tensors(ckpt / EMA))
     optimizer.load_state_dict(_join_optimizer(_tensors(ckpt / OPTIMIZER), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
@@ -302,7 +318,8 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
     """The fields of a run that decide what it computes (plain JSON): a resume must not change them.
 
     Left out on purpose: --out, --workers, checkpoint and eval cadence, --cpu, the world size
-    (DESIGN invariant 6) and the store's path (its identity is compared instead)."""
+    (DESIGN invariant 6), the store's path (its identity is compared instead), --compile (the same
+    math, compiled) and --log-with (where the numbers are also sent)."""
     c = {
         "student": cfg.student,
         "loss": cfg.loss,
@@ -311,7 +328,7 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
-        "warmup": cfg.warmup,
+        "warmup": schedule_settings(cfg)["warmup"],
         "clip": cfg.clip,
         "mixed_precision": cfg.mixed_precision,
         "seed": cfg.seed,
@@ -320,6 +337,7 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
         "std": cfg.std,
         "recipe": recipe.digest_dict(),
         "source fingerprint": targets.source.fingerprint(),
+        "training": training_settings(cfg),
     }
     settings = loss_settings(cfg.loss, cfg)  # exactly the settings this loss takes (kdlib.losses.LOSS_SETTINGS)
     if cfg.loss == "dih":
@@ -360,8 +378,43 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
     return json.loads(json.dumps(c))  # tuples -> lists, as read back from the checkpoint
 
 
+# what a checkpoint written before issue 19 trained with (its config has no "training" entry)
+LEGACY_TRAINING = {
+    "optimizer": "adamw",
+    "momentum": None,
+    "nesterov": False,
+    "decay_norm_bias": True,
+    "lr_base_batch": None,
+    "schedule": "cosine",
+    "warmup_epochs": None,
+    "min_lr": 0.0,
+    "milestones": None,
+    "step_gamma": None,
+    "label_smoothing": 0.0,
+    "grad_accum": 1,
+    "ema": None,
+    "keep_best": None,
+}
+
+
+def training_settings(cfg) -> dict[str, Any]:
+    """The optimizer, schedule and training options of a run, defaults filled in (`math_config`'s "training")."""
+    sched = schedule_settings(cfg)
+    return {
+        **optimizer_settings(cfg),
+        "lr_base_batch": cfg.lr_base_batch,
+        **{k: v for k, v in sched.items() if k != "warmup"},  # the fraction stays math_config's own "warmup"
+        "label_smoothing": float(cfg.label_smoothing),
+        "grad_accum": int(cfg.grad_accum),
+        "ema": cfg.ema,
+        "keep_best": cfg.keep_best,
+    }
+
+
 def check_resume(saved: dict[str, Any], now: dict[str, Any], ckpt: Path) -> None:
     """Refuse to resume `ckpt` (made with `saved`) under a config `now` that changes the math."""
+    if "training" not in saved:  # written before the options existed: it trained with their defaults
+        saved = {**saved, "training": LEGACY_TRAINING}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)

@@ -13,6 +13,8 @@ Architectures (``arch``) ``build_model`` knows, tried in this order:
    torchvision names win over pattern 3, so ``resnet50`` / ``resnet152`` are torchvision's;
    write ``resnet50x1`` for the CIFAR-style net of that depth.
 3. ``resnet{6n+2}[x{w}]`` -- CIFAR-style ResNets (He et al. 2016, Sec. 4.2), e.g. resnet20, resnet8x4.
+4. ``timm:<model>`` (a student): timm's architecture, randomly initialised for the data's classes,
+   channels and (where the model takes an ``img_size``) view size; timm is an optional extra.
 
 Pretrained names (``torchvision:``, ``timm:``) are ``kdlib.pretrained``'s; run directories are
 ``kdlib.rundir``'s; ``kdlib.resolve.resolve_model`` is the one entry point from a name to a model.
@@ -74,8 +76,10 @@ class Classifier(nn.Module):
         net_channels: int,
         contract: InputContract | None = None,
         class_index: Sequence[int] | None = None,
+        build: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        self.build = dict(build) if build is not None else None  # how a timm student was built (its img_size)
         # A grayscale input fed to an RGB net may carry the net's 3-channel constants (ImageNet's).
         chans = net_channels if len(_floats(mean)) == net_channels == 3 and in_channels == 1 else in_channels
         mean, std = _per_channel(mean, chans, "mean"), _per_channel(std, chans, "std")
@@ -117,6 +121,8 @@ class Classifier(nn.Module):
         if self.class_index is not None:
             cfg["class_index"] = [int(i) for i in self.class_index]
             cfg["net_classes"] = self.net_classes
+        if self.build is not None:
+            cfg["build"] = self.build
         return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +239,7 @@ class Built:
     sized: bool  # built for the data's class count (a fresh net), not a fixed pretrained head
     contract: InputContract | None = None
     class_names: list[list[str]] | None = None
+    build: dict[str, Any] | None = None  # keyword arguments it was built with, beyond classes and channels
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:
@@ -359,8 +366,42 @@ def _probe_classes(spec: str, net: nn.Module, channels: int, size: int | None) -
     raise ModelError(f"model {spec!r} fails on a [1,{channels},S,S] input for every S tried ({errors[0]})")
 
 
-def build_net(arch: str, num_classes: int, in_channels: int) -> Built:
-    """The bare net an arch names, built for `num_classes` (a fresh net) or as its factory made it."""
+def _from_timm(spec: str, num_classes: int, in_channels: int, size: int | None) -> Built:
+    """A timm architecture, randomly initialised (no weights are looked for) for these classes and
+    channels, and for views of `size` px where its default input size differs and it takes `img_size`."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(
+            f"{spec!r} needs timm, which is not installed: pip install 'kdlib[timm]' (or pip install timm)"
+        ) from None
+    name = spec.partition(":")[2]
+    if not name or not timm.is_model(name):
+        raise ModelError(f"{spec!r}: timm has no model {name!r} (see timm.list_models())")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_channels}
+    default = getattr(timm.get_pretrained_cfg(name), "input_size", None)
+    try:
+        if size and default and int(default[-1]) != int(size):
+            try:
+                return Built(
+                    timm.create_model(name, pretrained=False, img_size=int(size), **kwargs),
+                    in_channels,
+                    num_classes,
+                    True,
+                    build={"img_size": int(size)},
+                )
+            except TypeError:  # a net that takes any size (a CNN): no img_size to give
+                pass
+        return Built(timm.create_model(name, pretrained=False, **kwargs), in_channels, num_classes, True, build={})
+    except Exception as e:  # a model that needs arguments, another kind of model ...
+        raise ModelError(f"{spec!r}: timm cannot build it: {type(e).__name__}: {e}") from e
+
+
+def build_net(arch: str, num_classes: int, in_channels: int, size: int | None = None) -> Built:
+    """The bare net an arch names, built for `num_classes` (a fresh net) or as its factory made it;
+    `size`: the view size, for a timm net built for one input size (a ViT's img_size)."""
+    if arch.startswith("timm:"):
+        return _from_timm(arch, num_classes, in_channels, size)
     if ":" in arch:
         return _from_factory(arch, num_classes, in_channels)
     if arch in _torchvision_names():

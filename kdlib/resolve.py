@@ -1,7 +1,8 @@
 """From what a user named to a model: the one entry point (`resolve_model`) every command uses.
 
 A name is a run directory (``kdlib.rundir``), a pretrained name (``torchvision:``/``timm:``,
-``kdlib.pretrained``), an architecture or a ``package.module:factory`` (``kdlib.models``). The
+``kdlib.pretrained``), an architecture or a ``package.module:factory`` (``kdlib.models``); a
+student named ``timm:<model>`` is timm's architecture built fresh for the data (no weights). The
 input contract is settled here (``kdlib.contract``: the weights' own, never guessed for pretrained
 weights) and a teacher's outputs are fitted to the data's classes (``kdlib.classmap``). A run
 directory whose config names a factory is refused unless ``trust_code``: a file never names code to run.
@@ -46,6 +47,7 @@ def resolve_model(
     data_stats: Callable[[], tuple[list[float], list[float]]] | None = None,
     trust_code: bool = False,
     role: str = "teacher",
+    size: int | None = None,
 ) -> Classifier:
     """The model a command names, with its input contract settled and its outputs fitted to the data.
 
@@ -53,7 +55,9 @@ def resolve_model(
     ``kdlib.classmap``) or just their count (the model must answer exactly that many).
     ``data_stats``: the data's (mean, std), used only for a model trained here from scratch.
     The contract's source is printed: ``<role> <spec>: mean [...], std [...] (from ...)``.
+    ``size``: the views' size, for a fresh timm student built for one input size (a ViT).
     """
+    fresh_timm = role == "student" and str(spec).startswith("timm:")  # an architecture, not pretrained weights
     n = classes if isinstance(classes, int) else len(classes)
     if (mean is None) != (std is None) and not (is_pretrained_spec(spec) or Path(spec).is_dir()):
         raise ModelError(f"{spec}: give both --mean and --std (or neither)")
@@ -66,7 +70,7 @@ def resolve_model(
         names = [[c] for c in model.classes] if getattr(model, "classes", None) else None
         if model.class_index is not None:  # already mapped when it was made: keep that mapping
             names = None
-    elif is_pretrained_spec(spec):
+    elif is_pretrained_spec(spec) and not fresh_timm:
         p = load_pretrained(spec, weights)
         check_flags(p.contract, mean, std, spec)
         model = Classifier(
@@ -83,7 +87,7 @@ def resolve_model(
     else:
         if "/" in str(spec) or os.sep in str(spec):
             raise ModelError(f"run directory not found: {spec}")
-        built = build_net(spec, n, int(in_channels))
+        built = build_net(spec, n, int(in_channels), size)
         contract = built.contract
         if weights is not None:
             contract = load_net_weights(built.net, Path(weights), built.num_classes) or contract
@@ -113,6 +117,7 @@ def resolve_model(
             std=contract.std,
             net_channels=built.net_channels,
             contract=contract,
+            build=built.build,
         )
     if isinstance(classes, int) or role != "teacher":
         if model.num_classes != n:
@@ -191,7 +196,10 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
         else InputContract(cfg["mean"], cfg["std"], origin=origin)
     )
     net_classes = int(cfg.get("net_classes", cfg["num_classes"]))
-    if is_pretrained_spec(arch):
+    if arch.startswith("timm:") and isinstance(cfg.get("build"), dict):  # a timm student trained here
+        built = build_net(arch, net_classes, int(cfg["net_channels"]), cfg["build"].get("img_size"))
+        net, net_channels = built.net, built.net_channels
+    elif is_pretrained_spec(arch):
         p = load_pretrained(arch, load=False)
         net, net_channels = p.net, p.net_channels
     else:
@@ -207,6 +215,7 @@ def _load_run(path: Path, num_classes: int | None, in_channels: int | None, trus
         net_channels=net_channels,
         contract=contract,
         class_index=cfg.get("class_index"),
+        build=cfg.get("build") if isinstance(cfg.get("build"), dict) else None,
     )
     classes = cfg.get("classes")  # the data's class names it was trained on, when the run recorded them
     model.classes = (
@@ -230,8 +239,10 @@ def load_student(
     mean: str | Sequence[float] | None = None,
     std: str | Sequence[float] | None = None,
     trust_code: bool = False,
+    size: int | None = None,
 ) -> Classifier:
-    """The student `kdlib train` trains: `spec` built for `num_classes` and `source`'s channels, its
+    """The student `kdlib train` trains: `spec` built for `num_classes`, `source`'s channels (and the
+    views' `size`, where a timm net is built for one), its
     initialisation drawn from `seed` alone (not from whatever was built before), its input contract
     the weights' own, else `mean`/`std`, else the data's statistics (a student trained from scratch)."""
     with torch.random.fork_rng(devices=[]):
@@ -246,4 +257,5 @@ def load_student(
             data_stats=source.mean_std,
             trust_code=trust_code,
             role="student",
+            size=size,
         )
