@@ -26,6 +26,8 @@ __all__ = [
     "StorageError",
     "RunBusyError",
     "NonFiniteLossError",
+    "ObjectStoreError",
+    "BucketNotFoundError",
 ]
 
 
@@ -83,3 +85,12 @@ class RunBusyError(StorageError, BlockingIOError):
 
 class NonFiniteLossError(KdlibError, FloatingPointError):
     """Training stopped at a non-finite loss, teacher logit or weight (names the step and the student)."""
+
+
+class ObjectStoreError(StorageError):
+    """The object store behind an `s3://...` URL cannot be reached or refuses the credentials (names the URL
+    and the endpoint): an environment fault, exit 1."""
+
+
+class BucketNotFoundError(StoreNotFoundError):
+    """The bucket an object-store URL names does not exist (kdlib never creates one)."""

@@ -174,11 +174,14 @@ class Replay:
         data: str | None = None,
         limit: int | None = None,
         stored_epochs: int | None = None,
+        storage_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Replay:
         """The replay of a store (a path, an fsspec URL or an open `Store`); `data` names its source
-        when the path in its meta.json is not where the images are here. Other arguments as `Replay`."""
-        store = open_store(store) if isinstance(store, str) else store
+        when the path in its meta.json is not where the images are here; `storage_options` are fsspec's
+        for an object store (default: `$KDLIB_STORAGE_OPTIONS` and the `AWS_*` variables). Other
+        arguments as `Replay`."""
+        store = open_store(store, storage_options) if isinstance(store, str) else store
         return cls(StoreTargets(store, data, limit, stored_epochs), batch_size=batch_size, epochs=epochs, **kwargs)
 
     @property

@@ -2,12 +2,16 @@
 
 `open_store(url)` reads an existing store; `create_store(url, meta)` makes one, or reopens
 one written for the same source, teacher, recipe and k (to resume or extend it) and refuses
-anything else with a `StoreMismatchError`.
+anything else with a `StoreMismatchError`. A URL may name object storage (`s3://bucket/run`):
+both take fsspec's `storage_options` (default: `$KDLIB_STORAGE_OPTIONS`, set by `--storage-options`,
+and the standard `AWS_*` variables), see `kdlib.store.objectstore`.
 """
 
 from __future__ import annotations
 
-from ..errors import ConfigError, KdlibError, StoreMismatchError, StoreNotFoundError
+from typing import Any
+
+from ..errors import BucketNotFoundError, ConfigError, KdlibError, StoreMismatchError, StoreNotFoundError
 from ..source import Source, open_source
 from .base import Chunk, ChunkCache, Store
 from .codecs import Codec, TeacherOutput, decode_chunk, register_codec, view_fields
@@ -39,34 +43,38 @@ def _backend(name: str) -> type[Store]:
     raise ConfigError(f"store format {name!r} is not available; choose one of {BACKENDS}")
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """An existing store (raises StoreNotFoundError / StoreVersionError with the path, CorruptStoreError when
     meta.json disagrees with the commit records)."""
-    meta = Store.read_meta(str(url))
+    meta = Store.read_meta(str(url), storage_options)
     view_fields(meta)  # every column kind it holds has a codec here (an unknown extra kind is refused now)
-    store = _backend(meta.backend)(str(url), meta)
+    store = _backend(meta.backend)(str(url), meta, storage_options)
     store.check_consistent()
     return store
 
 
-def create_store(url: str, meta: StoreMeta) -> Store:
+def create_store(url: str, meta: StoreMeta, storage_options: dict[str, Any] | None = None) -> Store:
     """A new store with `meta`, or the existing one at `url` if it was written for the same thing.
 
-    The store comes back holding its write lock (a second precompute into it is refused); temp
-    files a killed or failed writer left are removed before anything is written."""
+    The store comes back holding its write lock (a flock, or a lease on object storage: a second
+    precompute into it is refused); temp files a killed or failed writer left are removed before
+    anything is written. An object store's bucket must exist (it is never created here)."""
     url = str(url)
     try:
-        found = Store.read_meta(url)
+        found = Store.read_meta(url, storage_options)
+    except BucketNotFoundError:
+        raise
     except StoreNotFoundError:
-        store = _backend(meta.backend)(url, meta)
-        store.fs.makedirs(store.root, exist_ok=True)
+        store = _backend(meta.backend)(url, meta, storage_options)
+        if store._local():
+            store.fs.makedirs(store.root, exist_ok=True)
         store.lock_for_writing()
         store.write_meta()
         return store
     check_compatible(found, meta, url)
-    store = _backend(found.backend)(url, found)
+    store = _backend(found.backend)(url, found, storage_options)
     store.lock_for_writing()
-    store.meta = Store.read_meta(url)  # as the lock holder saw it last
+    store.meta = Store.read_meta(url, storage_options)  # as the lock holder saw it last
     store.check_consistent()
     store.remove_temp_files()
     return store
@@ -80,7 +88,7 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
     data = data or meta.source.get("data")
     limit = limit if limit is not None else meta.source.get("limit")
     try:
-        source = open_source(data, "train", limit, index_dirs=(f"{store.root}/index",))  # sizes kept by precompute
+        source = open_source(data, "train", limit, index_dirs=(f"{store.url.rstrip('/')}/index",))  # sizes kept by precompute
     except (KdlibError, FileNotFoundError) as exc:
         if not from_meta:
             raise

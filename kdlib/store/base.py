@@ -21,19 +21,20 @@ import uuid
 import zlib
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from ..errors import CorruptStoreError, StoreBusyError, StoreError, StoreMismatchError, StoreNotFoundError
 from ..plan import pack_params
 from .codecs import decode_chunk, item_columns, pixel_fields
 from .format import StoreMeta
+from .objectstore import FsHandle, Lease, fault, faults, print_note, store_faults
 
 __all__ = ["Store", "Chunk", "ChunkCache", "FileLock"]
 
 Chunk = dict[str, np.ndarray]
 META = "meta.json"
 LOCK = "precompute.lock"  # advisory: held (flock) by the one precompute writing the store; says who
+LEASE = "precompute.lease"  # the same for an object store: a lease object (objectstore.Lease)
 TMP = ".tmp-"  # a file being written: `<final name>.tmp-<8 hex>`, moved to its final name when whole
 
 
@@ -105,27 +106,54 @@ def crc32(a: np.ndarray) -> int:
 
 
 class Store:
-    """A store at `url` (a local path or an fsspec URL). Subclasses store the arrays."""
+    """A store at `url` (a local path or an fsspec URL; `storage_options` as in `objectstore`). Subclasses
+    store the arrays."""
 
     backend = ""
 
-    def __init__(self, url: str, meta: StoreMeta) -> None:
+    def __init__(self, url: str, meta: StoreMeta, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.meta = meta
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.handle = FsHandle(url, storage_options)
+        self.root = self.handle.root
+        self._pid = os.getpid()
+
+    @property
+    def fs(self) -> Any:
+        """The store's fsspec filesystem, made again in a forked DataLoader worker (s3fs is not fork-safe)."""
+        self._check_fork()
+        return self.handle.fs
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():  # a forked (or spawned) copy: nothing of the parent's connections is used
+            self._pid = os.getpid()
+            self._after_fork()
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.handle.options
+
+    def _after_fork(self) -> None:
+        """Drop what holds the parent's connections (a backend's open arrays)."""
 
     def __getstate__(self) -> dict:  # a copy in a DataLoader worker is a reader: it holds no lock
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state.pop("_lease", None)
         return state
 
     def lock_for_writing(self) -> None:
-        """Take the store's advisory write lock (local stores), or refuse naming the process that holds it.
+        """Take the store's write lock, or refuse naming the process that holds it.
 
-        The kernel drops the lock when its process ends, however it ends, so a killed precompute
-        never leaves a stale lock; the file only says who held it last."""
+        A local store takes an advisory flock: the kernel drops it when its process ends, however it
+        ends, so a killed precompute never leaves a stale lock; the file only says who held it last.
+        An object store takes a lease (`objectstore.Lease`): a stale one is taken over, with a note."""
         if not self._local():
-            return  # object stores have no flock; one writer per store is the user's to keep
+            lease = Lease(self.handle, self._path(LEASE), self.url)
+            with faults(self.url, self.storage_options):
+                print_note(lease.acquire())
+            self._lease = lease
+            return
         path = self._path(LOCK)
         lock = FileLock(path)
         owner = lock.acquire()
@@ -140,15 +168,19 @@ class Store:
         """Who holds the store's write lock now (a precompute still writing it), or None.
 
         Probed without holding anything: what a reader uses to say that epochs may still be coming."""
-        return FileLock.holder(self._path(LOCK)) if self._local() else None
+        if self._local():
+            return FileLock.holder(self._path(LOCK))
+        with faults(self.url, self.storage_options):
+            return Lease.holder(self.handle, self._path(LEASE))
 
     def _local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return self.handle.local
 
     def unlock(self) -> None:
-        lock = self.__dict__.pop("_lock", None)
-        if lock is not None:
-            lock.release()
+        for name in ("_lock", "_lease"):
+            held = self.__dict__.pop(name, None)
+            if held is not None:
+                held.release()
 
     def __del__(self) -> None:
         try:
@@ -162,6 +194,9 @@ class Store:
 
     def _put_atomic(self, rel: str, data: bytes) -> None:
         final = self._path(rel)
+        if not self._local():  # an object PUT is all or nothing already (a rename would be a copy and a delete)
+            self.fs.pipe_file(final, data)
+            return
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = f"{final}{TMP}{uuid.uuid4().hex[:8]}"
         try:
@@ -179,6 +214,7 @@ class Store:
         except OSError:
             pass
 
+    @store_faults
     def remove_temp_files(self) -> list[str]:
         """Delete the `*.tmp-*` files a killed or failed writer left (rank 0, before anyone writes)."""
         found = (
@@ -189,17 +225,25 @@ class Store:
         return found
 
     @staticmethod
-    def read_meta(url: str) -> StoreMeta:
-        fs, root = fsspec.core.url_to_fs(url)
-        path = posixpath.join(root, META)
-        if not fs.exists(path):
-            raise StoreNotFoundError(f"no store at {url}: {path} does not exist (run `kdlib precompute` first)")
+    def read_meta(url: str, storage_options: dict[str, Any] | None = None) -> StoreMeta:
+        handle = FsHandle(url, storage_options)
+        path = posixpath.join(handle.root, META)
+        with faults(url, handle.options):
+            try:
+                data = handle.fs.cat_file(path)
+            except FileNotFoundError as exc:
+                if fault(exc, url, handle.options):  # no bucket: say so
+                    raise
+                raise StoreNotFoundError(
+                    f"no store at {url}: {path} does not exist (run `kdlib precompute` first)"
+                ) from None
         try:
-            d = json.loads(fs.cat_file(path))
+            d = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(f"{path} is corrupt (not JSON): {exc}") from exc
         return StoreMeta.from_dict(d, origin=path)
 
+    @store_faults
     def write_meta(self, meta: StoreMeta | None = None) -> None:
         if meta is not None:
             self.meta = meta
@@ -208,9 +252,11 @@ class Store:
     def _commit_rel(self, epoch: int, chunk: int) -> str:
         return f"commits/e{epoch:05d}/c{chunk:06d}.json"
 
+    @store_faults
     def committed_chunks(self, epoch: int) -> set[int]:
         """Chunks of `epoch` whose commit record exists."""
         d = self._path(f"commits/e{epoch:05d}")
+        self.fs.invalidate_cache(d)  # other processes (ranks, a writer) commit too: never a cached listing
         if not self.fs.exists(d):
             return set()
         names = [posixpath.basename(p) for p in self.fs.ls(d, detail=False)]
@@ -220,6 +266,7 @@ class Store:
         return len(self.committed_chunks(epoch)) == self.meta.chunks_per_epoch
 
     # -- chunks ---------------------------------------------------------------------------
+    @store_faults
     def write_chunk(self, epoch: int, chunk: int, arrays: Chunk) -> None:
         """Write one chunk's columns, then commit it (the commit is what makes it exist)."""
         start, stop = self.meta.chunk_range(chunk)
@@ -239,8 +286,12 @@ class Store:
             "views": [start, stop],
             "crc32": {k: crc32(a) for k, a in cols.items()},
         }
+        lease = self.__dict__.get("_lease")
+        if lease is not None:
+            lease.check()  # another writer took the store over: commit nothing more
         self._put_atomic(self._commit_rel(epoch, chunk), json.dumps(record).encode())
 
+    @store_faults
     def read_chunk(self, epoch: int, chunk: int) -> Chunk:
         """One committed chunk's columns, checked against their crc32."""
         rel = self._commit_rel(epoch, chunk)
@@ -266,6 +317,8 @@ class Store:
         except CorruptStoreError:
             raise
         except Exception as exc:  # a codec or a truncated file: name the place, never a bare traceback
+            if found := fault(exc, self.url, self.storage_options):  # the server, not the bytes
+                raise found from exc
             raise CorruptStoreError(f"{where}: data is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
         for name, a in cols.items():
             if crc32(a) != record["crc32"].get(name):
@@ -299,6 +352,7 @@ class Store:
                 f"(rerun `kdlib precompute` into a new --out)"
             )
 
+    @store_faults
     def check_consistent(self) -> None:
         """meta.json against the commit records: every epoch it calls done has exactly its chunks committed,
         and the records' view ranges match `views_per_epoch` and `chunk_views` (an edited meta is caught)."""
@@ -372,18 +426,21 @@ class Store:
             h.update(np.ascontiguousarray(cols[name]).tobytes())
 
     # -- teacher predictions on the test split --------------------------------------------
+    @store_faults
     def write_test(self, arrays: Chunk, source: dict[str, Any]) -> None:
         fields = self.meta.label_fields
         cols = {k: np.ascontiguousarray(arrays[k], dtype=dt) for k, (dt, _) in fields.items()}
         self._write_set("test", cols)
         self.write_meta(self.meta.replace(test={"source": source, "views": len(cols["lse"])}))
 
+    @store_faults
     def read_test(self) -> Chunk | None:
         if self.meta.test is None:
             return None
         return self._read_set("test", self.meta.label_fields, self.meta.test.get("views"), "test predictions")
 
     # -- a sample of rendered views (verify measures pixel parity against it) ---------------
+    @store_faults
     def write_pixels(self, views: np.ndarray, epoch: int, start: int) -> None:
         """Keep rendered views [start, start + len(views)) of `epoch` as the renderer made them."""
         views = np.ascontiguousarray(views, dtype=np.uint8)
@@ -391,6 +448,7 @@ class Store:
         info = {"epoch": epoch, "start": start, "views": len(views), "shape": list(views.shape[1:])}
         self.write_meta(self.meta.replace(render={**self.meta.rendered, "pixels": info}))
 
+    @store_faults
     def read_pixels(self) -> tuple[dict[str, Any], np.ndarray] | None:
         """(where, uint8 views) of the stored pixel sample, or None (version-1 stores have none)."""
         info = (self.meta.render or {}).get("pixels")
@@ -418,6 +476,8 @@ class Store:
         try:
             cols = self._read_named(name, fields, record["views"])
         except Exception as exc:
+            if found := fault(exc, self.url, self.storage_options):
+                raise found from exc
             raise CorruptStoreError(f"{where} are corrupt ({type(exc).__name__}: {exc})") from exc
         for col, a in cols.items():
             if crc32(a) != record["crc32"][col]:

@@ -20,8 +20,9 @@ columns are small and a plain tar can be read member by member; bytes are counte
 `bytes_on_disk`.
 
 A chunk's tar is written to a temp name (`*.tar.tmp-XXXXXXXX`, never matched by `*.tar`) and
-moved to its final name (atomic on a local filesystem), then the base class writes the commit
-record; as everywhere, a tar without a commit record does not exist.
+moved to its final name (atomic on a local filesystem; on object storage one PUT, atomic by
+itself, writes the final name), then the base class writes the commit record; as everywhere, a
+tar without a commit record does not exist.
 
 Plain webdataset reads the shards with no kdlib code::
 
@@ -60,6 +61,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .base import TMP, Chunk, Store
+from .objectstore import store_faults
 
 __all__ = ["WdsStore", "shard_urls", "tar_bytes"]
 
@@ -134,6 +136,9 @@ class WdsStore(Store):
 
     def _put_tar(self, name: str, data: bytes) -> None:
         final = self._path(self._rel(name))
+        if not self._local():  # an object PUT is all or nothing already (a rename would be a copy and a delete)
+            self.fs.pipe_file(final, data)
+            return
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = f"{final}{TMP}{uuid.uuid4().hex[:8]}"
         try:
@@ -145,7 +150,8 @@ class WdsStore(Store):
             raise
 
     def prepare_epoch(self, epoch: int) -> None:
-        self.fs.makedirs(self._path(DIR), exist_ok=True)
+        if self._local():  # object stores have no directories
+            self.fs.makedirs(self._path(DIR), exist_ok=True)
 
     def _write_arrays(self, epoch: int, chunk: int, cols: Chunk, ranges: dict[str, tuple[int, int]]) -> None:
         key = _key(epoch, chunk)
@@ -168,6 +174,7 @@ class WdsStore(Store):
         key = _key(epoch, chunk)
         return f"{posixpath.join(self.url, DIR, key)}.tar member {key}.{column}.npy"
 
+    @store_faults
     def bytes_on_disk(self) -> dict[str, int]:
         """Bytes per column over every epoch's tars (not test.tar); the sum is the tars' total size.
 
