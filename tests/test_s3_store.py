@@ -335,3 +335,17 @@ def test_store_reopens_its_filesystem_in_a_forked_process(s3_zarr, s3_wds, backe
     assert os.waitstatus_to_exitcode(status) == 0
     assert got == want.tobytes()
     assert store.fs is parent
+
+
+def test_two_processes_precompute_to_s3_give_the_local_digest(s3, teacher_dir, store):  # noqa: F811
+    """`accelerate launch` with 2 CPU processes writing one S3 store: each rank PUTs its own chunks."""
+    from conftest import LAUNCH
+
+    url = s3.url("two-ranks")
+    args = [a for a in _precompute_args(teacher_dir, url) if a != "--cpu"]  # --cpu with ACCELERATE_USE_CPU
+    env = _env(s3, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([*LAUNCH, "-m", "kdlib", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert open_store(url).content_digest() == store.content_digest()
+    ranks = {r: _keys(s3, f"two-ranks/logs/precompute-rank{r}.jsonl") for r in (0, 1)}
+    assert ranks[0] and ranks[1], ranks  # both ranks really ran and logged their chunks
