@@ -9,6 +9,10 @@ The report reads the store chunk by chunk (never the whole store at once):
   world size wrote it;
 - label statistics over the stored views: mean tail mass beyond top-k, mean entropy of the
   reconstructed distribution, the teacher's top-1 class histogram;
+- `label_kinds`, on the full-logit sample: per kind of target the store can give (top-k: `topk` and FKD's
+  `marginal`; a sampled store: `sampled`), bytes per view, mean KL(teacher || target) and the bias of a
+  fixed probe student's gradient, at the loss / temperature / gamma asked (`_KindStats`); a sampled
+  store's draws are re-drawn from the sample's full logits and must match (`sampled.draws_match`);
 - `truncation`, when the store keeps a full-logit sample (`precompute --full-sample`): KL(full ||
   reconstructed) at T = 1, and `losses.target_error` at the loss / temperature / gamma the user
   trains with (the tail is invented, so its error grows with T > 1 or gamma < 1).
@@ -25,10 +29,17 @@ import torch
 
 from . import losses
 from .contract import InputContract
-from .errors import ConfigError, ModelError
-from .softlabel import reconstruct, tail_mass
+from .errors import ConfigError, CorruptStoreError, ModelError
+from .softlabel import marginal_target, reconstruct, sampled_target, tail_mass, target_logits
 from .store import open_store
-from .store.codecs import SAMPLE, active_codecs, decode_chunk
+from .store.codecs import (
+    SAMPLE,
+    active_codecs,
+    decode_chunk,
+    draw_sampled,
+    draw_uniforms,
+    sampled_temperature,
+)
 
 __all__ = ["inspect_store", "format_report"]
 
@@ -190,6 +201,106 @@ def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- label kinds: what each target costs and how far it is from the full teacher (issue 21) --------
+PROBE_SEED = 0  # the fixed probe student: logits ~ N(0, 1) from torch.Generator().manual_seed(PROBE_SEED)
+
+
+class _KindStats:
+    """One label kind on the full-logit sample: KL(teacher || target) at the loss's setting, and the gradient
+    of the loss in a fixed probe student's logits with the stored target minus with the full teacher.
+
+    `grad_bias`: the norm of the mean difference over views, classes aligned by the teacher's rank in each view
+    (so a systematic error, e.g. top-k's flattened tail, adds up, and zero-mean noise averages out), relative
+    to the mean norm of the full teacher's gradient; `grad_error`: the mean norm of the per-view difference,
+    same units (bias and noise together)."""
+
+    def __init__(self, kind: str, num_classes: int) -> None:
+        self.kind, self.n, self.inf = kind, 0, 0
+        self.kl_sum, self.full_norm, self.err_norm = 0.0, 0.0, 0.0
+        self.by_rank = torch.zeros(num_classes, dtype=torch.float64)
+        self.by_rank_sq = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(
+        self, log_full: torch.Tensor, log_stored: torch.Tensor, g_full: torch.Tensor, g_stored: torch.Tensor
+    ) -> None:
+        p = log_full.exp()
+        rows = torch.where(p > 0, p * (log_full - log_stored), torch.zeros_like(p)).sum(-1)
+        finite = torch.isfinite(rows)
+        self.kl_sum += float(rows[finite].double().sum())
+        self.inf += int((~finite).sum())
+        order = log_full.argsort(-1, descending=True)
+        d = (g_stored - g_full).double()
+        ranked = d.gather(1, order)
+        self.by_rank += ranked.sum(0)
+        self.by_rank_sq += (ranked * ranked).sum(0)
+        self.full_norm += float(g_full.double().norm(dim=-1).sum())
+        self.err_norm += float(d.norm(dim=-1).sum())
+        self.n += len(rows)
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        scale = self.full_norm / n or 1.0
+        mean = self.by_rank / n
+        stderr = float(((self.by_rank_sq / n - mean * mean).clamp_min(0) / n).sum().sqrt()) / scale
+        return {
+            "kind": self.kind,
+            "sample_views": self.n,
+            "kl_mean": None if self.inf or not self.n else self.kl_sum / n,
+            "kl_infinite_share": self.inf / n if self.n else None,
+            "grad_bias": float(mean.norm()) / scale if self.n else None,
+            "grad_bias_stderr": stderr if self.n else None,  # what zero-mean noise alone leaves in grad_bias
+            "grad_error": self.err_norm / n / scale if self.n else None,
+        }
+
+
+def _target_temperature(loss: str, params: dict[str, float]) -> float:
+    return 1.0 / params["gamma"] if loss in ("ttm", "wttm") else params["temperature"]
+
+
+def _grads(loss_fn: Any, probe: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-view gradient of the (batch-mean) loss in the probe student's logits."""
+    s = probe.clone().requires_grad_(True)
+    (loss_fn(s, teacher) * len(s)).backward()
+    return s.grad
+
+
+def _kind_rows(cols: dict[str, np.ndarray], s: int, meta: Any, loss: str, params: dict[str, float]) -> dict[str, Any]:
+    """For the sample rows of one chunk: each kind's (log target, gradient) and the full teacher's."""
+    full = torch.from_numpy(np.ascontiguousarray(cols["full"])).float()
+    ids = torch.from_numpy(cols["ids"][:s].astype(np.int64))
+    logits = torch.from_numpy(np.ascontiguousarray(cols["logits"][:s])).float()
+    lse = torch.from_numpy(np.ascontiguousarray(cols["lse"][:s])).float()
+    fn = losses.get_loss(loss, **params)
+    probe = torch.randn(full.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+    t = _target_temperature(loss, params)
+    log_of = lambda v: torch.log_softmax(v.float() / t, -1)  # noqa: E731  the loss's teacher distribution
+    out = {"full": (log_of(full), _grads(fn, probe, full))}
+    proposal = sampled_temperature(meta)
+    if proposal is None:
+        recon = reconstruct(ids, logits, lse, meta.num_classes)
+        y = marginal_target(ids, logits, lse, meta.num_classes)
+        out["topk"] = (log_of(recon), _grads(fn, probe, recon))
+        out["marginal"] = (torch.log(y), _grads(fn, probe, target_logits(y, t)))  # a fixed distribution
+    else:
+        counts = torch.from_numpy(cols["counts"][:s].astype(np.int64))
+        y = sampled_target(ids, counts, logits, meta.num_classes, proposal, t)
+        out["sampled"] = (torch.log(y), _grads(fn, probe, target_logits(y, t)))  # log 0 = -inf: KL is infinite
+    return out
+
+
+def _check_draws(cols: dict[str, np.ndarray], s: int, meta: Any, epoch: int, chunk: int) -> int:
+    """Sample rows whose stored draws `draw_sampled` reproduces from the stored full logits."""
+    start = chunk * meta.chunk_views
+    u = draw_uniforms(int(meta.recipe["seed"]), epoch, start, s, meta.k)
+    drawn = draw_sampled(np.ascontiguousarray(cols["full"]), u, sampled_temperature(meta))
+    same = (drawn["ids"] == cols["ids"][:s].astype(np.int64)) & (drawn["counts"] == cols["counts"][:s].astype(np.int64))
+    return int(same.all(1).sum())
+
+
+def _raw_bytes(fields: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    return sum(np.dtype(dt).itemsize * int(np.prod(shape)) for dt, shape in fields.values())
+
+
 def inspect_store(
     url: str, temperature: float = 1.0, loss: str = "kl", gamma: float = 0.5, max_chunks: int | None = None
 ) -> dict:
@@ -226,9 +337,10 @@ def inspect_store(
         codec.name: sum(on_disk.get(name, 0) for name in codec.fields(meta))
         for codec in [*active_codecs(meta), *([SAMPLE] if SAMPLE.active(meta) else [])]
     }
+    label_kind = "labels" if "labels" in kinds else "sampled"
     groups = {
         "params": kinds["params"],
-        "labels": kinds["labels"],
+        "labels": kinds[label_kind],
         "sample": kinds.get("sample", 0),
         "total": sum(on_disk.values()),
     }
@@ -280,13 +392,21 @@ def inspect_store(
     trunc, target = _ErrorStats(), _ErrorStats()
     digest = hashlib.sha256()
     extras = _ExtrasStats(meta)
+    proposal = sampled_temperature(meta)
+    kind_stats = {
+        k: _KindStats(k, meta.num_classes) for k in (["topk", "marginal"] if proposal is None else ["sampled"])
+    }
+    draws = {"checked": 0, "match": 0}
     for epoch in range(meta.epochs_done):
         for chunk in range(meta.chunks_per_epoch):
             raw = store.read_chunk(epoch, chunk)
             store.digest_update(digest, raw)
             if chunk >= per_epoch:
                 continue
-            cols = decode_chunk(raw, meta)
+            try:
+                cols = decode_chunk(raw, meta)
+            except CorruptStoreError as exc:  # the codecs' checks know the values, not where they are
+                raise CorruptStoreError(f"store {store.url} epoch {epoch} chunk {chunk}: {exc}") from None
             stats.add(cols["ids"], cols["logits"], cols["lse"])
             extras.add(cols)
             full = cols.get("full")
@@ -302,6 +422,13 @@ def inspect_store(
             )
             trunc.add(losses.target_error(full_t, recon, "kl", temperature=1.0), s)
             target.add(losses.target_error(full_t, recon, loss, **params), s)
+            if proposal is None or loss in losses.SAMPLED_LOSSES:
+                rows = _kind_rows(cols, s, meta, loss, params)
+                for k, st in kind_stats.items():
+                    st.add(rows["full"][0], rows[k][0], rows["full"][1], rows[k][1])
+            if proposal is not None:
+                draws["checked"] += s
+                draws["match"] += _check_draws(cols, s, meta, epoch, chunk)
     report["digest"] = digest.hexdigest()
     report.update(extras.summary(on_disk, total_views))  # per DIH head and per attention map (issue 13)
     report["labels"] = {
@@ -310,7 +437,31 @@ def inspect_store(
         "chunks_per_epoch_read": per_epoch,
         "complete": per_epoch == meta.chunks_per_epoch,
     }
-    if meta.sample_views == 0:
+    label_bytes = per_view["labels"]
+    raw = _raw_bytes(next(c for c in active_codecs(meta) if c.name == label_kind).fields(meta))  # uncompressed
+    report["label_kinds"] = [
+        {**st.summary(), "bytes_per_view": label_bytes, "raw_bytes_per_view": raw} for st in kind_stats.values()
+    ]
+    report["sampled"] = (
+        None
+        if proposal is None
+        else {
+            "samples": meta.k,
+            "temperature": proposal,
+            "draws_checked": draws["checked"],
+            "draws_match": draws["match"],
+        }
+    )
+    if proposal is not None and loss not in losses.SAMPLED_LOSSES:
+        notes.append(f"sampled labels serve {losses.SAMPLED_LOSSES}, not {loss}: label kinds not measured")
+    if proposal is not None and draws["match"] != draws["checked"]:
+        notes.append(
+            f"{draws['checked'] - draws['match']} of {draws['checked']} sample views hold draws that their "
+            "full logits do not reproduce: the sampled labels are corrupt, or were not written by this kdlib"
+        )
+    if proposal is not None:
+        report["truncation"] = None  # the S stored ids are draws, not a top-k: see label_kinds
+    elif meta.sample_views == 0:
         report["truncation"] = None
         notes.append(NO_SAMPLE)
     elif trunc.n == 0:  # no done epoch yet
@@ -413,6 +564,39 @@ class _ExtrasStats:
             ]
         )
         return {"heads": heads, "attention": maps}
+
+
+def _kinds_text(r: dict) -> list[str]:
+    kinds = [k for k in r.get("label_kinds", []) if k["sample_views"]]
+    sm = r.get("sampled")
+    out: list[str] = []
+    if sm:
+        out += _section(
+            "sampled labels",
+            [
+                ("draws", f"S = {sm['samples']} per view from softmax(logits / {sm['temperature']:g})"),
+                ("re-drawn", f"{sm['draws_match']} of {sm['draws_checked']} sample views reproduce their draws"),
+            ],
+        )
+    if kinds:
+        out += _section(
+            f"label kinds on the full-logit sample ({kinds[0]['sample_views']} views; gradient of a probe student)",
+            [
+                (
+                    k["kind"],
+                    f"{_f(k['bytes_per_view'], '.2f')} B/view ({k['raw_bytes_per_view']} raw), KL(teacher||target) "
+                    + (
+                        _f(k["kl_mean"])
+                        if k["kl_mean"] is not None
+                        else f"inf on {_f(k['kl_infinite_share'], '.0%')} of views (no mass off the draws)"
+                    )
+                    + f", gradient bias {_f(k['grad_bias'])} (noise alone: {_f(k['grad_bias_stderr'])}),"
+                    f" gradient error {_f(k['grad_error'])}",
+                )
+                for k in kinds
+            ],
+        )
+    return out
 
 
 def _extras_text(r: dict) -> list[str]:
@@ -551,7 +735,7 @@ def format_report(report: dict) -> str:
     others = [
         (f"{kind} (column kind)", f"{_f(v, '.2f'):>8} B/view")
         for kind, v in r["bytes_per_view_by_kind"].items()
-        if kind not in ("params", "labels", "sample")
+        if kind not in ("params", "labels", "sampled", "sample")
     ]
     out += _section(
         "size on disk",
@@ -579,7 +763,9 @@ def format_report(report: dict) -> str:
     )
     out += ["teacher top-1 histogram"] + _histogram(lab["top1_histogram"], lab["views"]) + [""]
     tr = r.get("truncation")
-    if tr is None:
+    if r.get("sampled"):
+        pass  # its S ids are draws, not a top-k: the label kinds below measure them
+    elif tr is None:
         out += _section(
             "truncation (top-k vs full logits)",
             [("sample", NO_SAMPLE if NO_SAMPLE in r["notes"] else "nothing measured")],
@@ -602,6 +788,7 @@ def format_report(report: dict) -> str:
                 ),
             ],
         )
+    out += _kinds_text(r)
     out += _extras_text(r)
     ts = r.get("test")
     if ts is not None:

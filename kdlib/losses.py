@@ -41,6 +41,8 @@ __all__ = [
     "loss_settings",
     "target_loss",
     "training_loss",
+    "SAMPLED_LOSSES",
+    "check_sampled_loss",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -283,6 +285,35 @@ def dih(
     return total
 
 
+# -- sampled soft labels: the RS-KD estimator (issue 21) -------------------------------------------
+#
+# Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs", ACL 2025
+# (arXiv 2503.16870): caching the top-k gives a biased estimate of the teacher (and a worse-calibrated
+# student); S draws i_1..i_S from the teacher's softmax q = softmax(t / T) give the sparse target
+# y = counts / S with E[y] = q. The loss kdlib trains on a sampled store is the usual one with y as the
+# teacher's distribution (`kdlib.softlabel.sampled_target`, handed in as logits T log y):
+#
+#     kl at T:   T^2 * KL(y || softmax(s / T))    gradient in s:  T * (softmax(s / T) - y)
+#     ttm:       KL(y || softmax(s)), y drawn at T = 1 / gamma
+#
+# Both gradients are linear in y, so their expectation over the draws is the gradient with the full
+# teacher: unbiased at any S (the loss *value* is not: it lacks H(q) - H(y), a constant in s). When the
+# loss's T differs from the T the store drew at, each draw is weighted by p_T(i) / q(i), normalised over
+# the draws (self-normalised importance sampling: consistent, bias O(1/S)). Losses that need the whole
+# vector are refused on a sampled store: DIST (Pearson correlations over all classes and the batch), WTTM
+# (its weight sum_c p_c^gamma), DIH (a cohort of top-k heads).
+SAMPLED_LOSSES = ("kl", "ttm", "ce")
+
+
+def check_sampled_loss(loss: str, where: str) -> None:
+    """ConfigError unless `loss` has an unbiased estimator from sampled labels (see above)."""
+    if loss not in SAMPLED_LOSSES:
+        raise ConfigError(
+            f"--loss {loss} needs the teacher's full distribution, and {where} holds sampled labels "
+            f"(S draws per view); use --loss {' or '.join(SAMPLED_LOSSES)}, or a top-k store"
+        )
+
+
 # -- the one table of which settings each loss takes ------------------------------------------------
 
 # loss -> {parameter of the loss: field of a train config that sets it}. Train builds its loss from it,
@@ -313,17 +344,18 @@ def target_loss(loss: str, settings: dict[str, float]) -> tuple[str, dict[str, f
 
 
 def training_loss(
-    loss: str, settings: dict[str, float], num_classes: int, ce_weight: float = 0.0
+    loss: str, settings: dict[str, float], num_classes: int, ce_weight: float = 0.0, label_smoothing: float = 0.0
 ) -> Callable[[Tensor, Tensor | None, dict[str, Any]], Tensor]:
     """``(student logits, teacher logits or DIH cohort or None, item) -> scalar``: the loss `kdlib train` runs.
 
     `ce_weight` adds CE on the views' (mixed) ground-truth labels (`item["label"]`, `partner_label`,
-    `lam`); `loss="ce"` is that CE alone."""
+    `lam`); `loss="ce"` is that CE alone. `label_smoothing` eps smooths the label target of every CE
+    term (DIH's too) to ``(1 - eps) * target + eps / num_classes``, as timm's mixup target does."""
     if loss == "dih":
         dih(torch.zeros(1, 2), torch.zeros(1, 1, 2), torch.zeros(1, dtype=torch.long), **settings)  # checks
 
         def cohort(student: Tensor, teacher: Tensor, item: dict[str, Any]) -> Tensor:
-            target = _item_targets(item, student.device, num_classes)
+            target = _item_targets(item, student.device, num_classes, label_smoothing)
             total = dih(student.float(), teacher, target, **settings)
             if ce_weight:
                 total = total + ce_weight * soft_cross_entropy(student.float(), target)
@@ -340,13 +372,18 @@ def training_loss(
         if kd is not None:
             out = out + kd(student.float(), teacher)
         if ce:
-            out = out + ce * soft_cross_entropy(student.float(), _item_targets(item, student.device, num_classes))
+            out = out + ce * soft_cross_entropy(
+                student.float(), _item_targets(item, student.device, num_classes, label_smoothing)
+            )
         return out
 
     return total
 
 
-def _item_targets(item: dict[str, Any], device: torch.device, num_classes: int) -> Tensor:
-    return mixed_label_targets(
+def _item_targets(item: dict[str, Any], device: torch.device, num_classes: int, label_smoothing: float = 0.0) -> Tensor:
+    target = mixed_label_targets(
         item["label"].to(device), item["partner_label"].to(device), item["lam"].to(device), num_classes
     )
+    if label_smoothing:  # off: the target exactly as before label smoothing existed
+        target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return target

@@ -40,7 +40,7 @@ from .runtime import process_state
 from .softlabel import encode, id_dtype, to_codec
 from .source import open_source, save_source_index
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
-from .store.codecs import SAMPLE, ParamsCodec, active_codecs, check_names
+from .store.codecs import SAMPLE, ParamsCodec, active_codecs, check_names, sampled_kind
 from .teacher import DEFAULT_GRID, Teacher, load_teacher
 from .views import Batch, FixedParams, PlanParams, ViewBatches, split_range
 
@@ -83,6 +83,29 @@ class PrecomputeConfig:
     trust_code: bool = False  # let a run dir's config name a factory to import
     cpu: bool = False  # run on the CPU even when a GPU is present
     columns: tuple[str, ...] = field(default_factory=tuple)  # extra column kinds to store (registered codecs)
+    labels: str = "topk"  # or sampled: `samples` draws per view from softmax(logits / sample_temperature) (RS-KD)
+    samples: int = 10
+    sample_temperature: float = 1.0
+
+
+LABEL_KINDS = ("topk", "sampled")
+
+
+def _label_kind(cfg: PrecomputeConfig, num_classes: int) -> tuple[int, list[str]]:
+    """(slots per view, meta.codecs entries) of the soft labels `cfg` asks for, checked."""
+    if cfg.labels not in LABEL_KINDS:
+        raise ConfigError(f"--labels {cfg.labels!r} is unknown; choose one of {LABEL_KINDS}")
+    if cfg.labels == "topk":
+        return min(cfg.k, num_classes), []
+    s = cfg.samples
+    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num_classes:
+        raise ConfigError(
+            f"--samples {s!r}: sampled labels draw S classes per view, 1 <= S <= {num_classes} (the class count); "
+            "choose a smaller S"
+        )
+    if cfg.logit_codec != "fp16":
+        raise ConfigError("--logits q8 codes top-k distances; sampled labels keep fp16 logits: drop --logits q8")
+    return s, [sampled_kind(cfg.sample_temperature)]  # checks the temperature (> 0, finite)
 
 
 def auto_full_sample(k: int, num_classes: int) -> float:
@@ -106,6 +129,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         raise ConfigError(f"--decode {cfg.decode!r} is unknown; choose one of {DECODERS}")
     columns = check_names(list(cfg.columns), "precompute columns")
     source = open_source(cfg.data, "train", cfg.limit)
+    k, label_codecs = _label_kind(cfg, source.num_classes)  # sampled: k is S, the slots per view
     recipe: Recipe = load_recipe(cfg.recipe, seed=cfg.seed)
     teacher = load_teacher(
         cfg.teacher,
@@ -122,7 +146,6 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     if layers := parse_layers(cfg.attention):
         teacher.tap(layers, cfg.attention_grid, cfg.attention_codec)
     g = recipe.group_size
-    k = min(cfg.k, source.num_classes)
     full_sample = auto_full_sample(k, source.num_classes) if cfg.full_sample is None else cfg.full_sample
     if not 0 <= full_sample <= 1:
         raise ConfigError(f"full_sample={full_sample} must be a fraction in [0, 1]")
@@ -149,7 +172,7 @@ def precompute(cfg: PrecomputeConfig) -> Store:
         },
         heads=teacher.heads,
         attention=teacher.attention,
-        codecs=columns,
+        codecs=label_codecs + columns,
         kdlib_version=__version__,
     )
     batch = _round_to_groups(cfg.batch_size, g, "batch_size", state)
@@ -164,8 +187,10 @@ def precompute(cfg: PrecomputeConfig) -> Store:
     log_path = f"{store.root}/logs/precompute-rank{state.process_index}.jsonl"
     store.fs.makedirs(f"{store.root}/logs", exist_ok=True)
 
-    if state.is_main_process and "file" in store.fs.protocol:  # the index it planned with: train never rescans
-        save_source_index(source, f"{store.root}/index")
+    if (
+        state.is_main_process
+    ):  # the index it planned with, beside the store (on disk or in its bucket): train never rescans
+        save_source_index(source, f"{store.url.rstrip('/')}/index")
     # Every batch this rank still owes, over all remaining epochs: one feed (one set of workers) for the run.
     epochs = list(range(store.meta.epochs_done, cfg.epochs))
     if state.is_main_process:
@@ -254,6 +279,7 @@ def _run_epoch(
             start, stop = item["start"], item["stop"]
             c = start // meta.chunk_views
             out = teacher.forward(item["views"])
+            out.first_view = (epoch, start)  # sampled labels key their draws on the view
             cols: dict[str, torch.Tensor] = {}
             for codec in codecs:  # soft labels, heads, maps, extra kinds: on the device; the writer copies and checks
                 cols.update(codec.encode(out, meta))

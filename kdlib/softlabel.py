@@ -20,7 +20,18 @@ import torch
 
 from kdlib.errors import ConfigError
 
-__all__ = ["TAIL_FLOOR", "id_dtype", "torch_id_dtype", "encode", "check_finite", "reconstruct", "tail_mass"]
+__all__ = [
+    "TAIL_FLOOR",
+    "id_dtype",
+    "torch_id_dtype",
+    "encode",
+    "check_finite",
+    "reconstruct",
+    "tail_mass",
+    "marginal_target",
+    "sampled_target",
+    "target_logits",
+]
 
 #: Smallest tail mass :func:`reconstruct` uses, as a fraction of the total mass (1).
 #: fp16 rounding of the stored logits can make ``1 - sum(top-k probs)`` zero or negative for
@@ -172,3 +183,68 @@ def reconstruct(ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, num_
         t = torch.minimum(t, values.min(-1).values)
     out = t.unsqueeze(-1).expand(n, c).contiguous()
     return out.scatter_(1, index, values)
+
+
+# -- targets as probabilities: FKD's marginal smoothing and sampled labels ------------------------
+
+
+def marginal_target(ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """FKD's marginal smoothing (Shen & Xing, ECCV 2022, "A Fast Knowledge Distillation Framework"), ``[N, C]``.
+
+    The top-k probabilities ``p_i = exp(l_i - lse)`` in place and the rest of the mass ``1 - sum_k p_i``
+    spread evenly over the other ``C - k`` classes: a fixed probability vector, made at T = 1. At T = 1 it
+    is :func:`reconstruct`'s distribution (up to that function's fp16 guards); at another temperature it
+    differs, because reconstruct's logits are re-tempered, tail included, where FKD keeps its probabilities.
+    """
+    c = _check_num_classes(num_classes)
+    device = logits.device
+    index = ids.to(device=device, dtype=torch.int64)
+    top = torch.exp(logits.float() - lse.to(device).float().unsqueeze(-1))
+    n, k = index.shape
+    if k >= c:
+        return torch.zeros((n, c), device=device).scatter_(1, index, top)
+    rest = ((1.0 - top.sum(-1)).clamp_min(0.0) / (c - k)).unsqueeze(-1)
+    return rest.expand(n, c).contiguous().scatter_(1, index, top)
+
+
+def sampled_target(
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    logits: torch.Tensor,
+    num_classes: int,
+    proposal_temperature: float,
+    temperature: float,
+) -> torch.Tensor:
+    """The RS-KD estimate ``y`` ``[N, C]`` of the teacher's softmax(logits / `temperature`) from sampled labels.
+
+    The S draws came from ``q = softmax(logits16 / T_q)`` (`proposal_temperature`). At ``T == T_q`` the
+    estimate is the empirical distribution ``y_i = counts_i / S``: ``E[y] = q`` exactly, so the gradient of
+    any loss linear in the target (CE, hence KL's) is unbiased. At another T each draw is importance-weighted
+    by ``p_T(i) / q(i), proportional to exp(l_i (1/T - 1/T_q))``, and the weights are normalised over the draws (the
+    normaliser of p_T is not stored): consistent, with a bias of order 1/S. Anshumann et al., ACL 2025
+    (arXiv 2503.16870), "Sparse Logit Sampling"; see `kdlib.losses` for the estimator."""
+    c = _check_num_classes(num_classes)
+    device = logits.device
+    index = ids.to(device=device, dtype=torch.int64)
+    w = counts.to(device).double()
+    if float(temperature) != float(proposal_temperature):
+        z = logits.double() * (1.0 / float(temperature) - 1.0 / float(proposal_temperature))
+        z = torch.where(w > 0, z, torch.full_like(z, -torch.inf))
+        w = w * torch.exp(z - z.max(-1, keepdim=True).values)
+    y = (w / w.sum(-1, keepdim=True)).float()
+    return torch.zeros((index.shape[0], c), device=device).scatter_(1, index, y)
+
+
+#: How far below a target's smallest non-zero log-probability :func:`target_logits` puts its zeros
+#: (exp(-200) is 0 in float32, even after a loss divides the logits by its temperature).
+_ZERO_GAP = 200.0
+
+
+def target_logits(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits ``v`` with ``softmax(v / temperature) == probs``: a probability target handed to a loss that
+    takes teacher logits and a temperature (``kl``; ``ttm`` with ``temperature = 1 / gamma``). Zero
+    probabilities get a finite logit whose probability is exactly 0 in float32."""
+    t = float(temperature)
+    logp = torch.log(probs.float())
+    floor = torch.where(probs > 0, logp, torch.full_like(logp, torch.inf)).min(-1, keepdim=True).values - _ZERO_GAP
+    return t * torch.where(probs > 0, logp, floor)

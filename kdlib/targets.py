@@ -1,6 +1,10 @@
 """Train's three sources of targets for the same views, chosen once (`choose_targets`):
 
-- `StoreTargets`: views and soft labels replayed from a store; the teacher is never loaded;
+- `StoreTargets`: views and soft labels replayed from a store; the teacher is never loaded. Its
+  `soft_target` says what the stored labels become: `topk` (the top-k logits and a flat tail carrying the
+  mass the lse implies, `kdlib.softlabel.reconstruct`), `marginal` (FKD's marginal smoothing: top-k
+  probabilities, the rest spread evenly) or, on a sampled store, `sampled` (the RS-KD estimate,
+  `kdlib.losses.SAMPLED_LOSSES`);
 - `OnlineTargets`: the same plan rendered on the fly and the teacher run on it (the baseline users
   would otherwise run; per-step losses match the cached run up to fp16 storage);
 - `LabelTargets`: no teacher at all: (mixed) ground-truth labels, `--loss ce`.
@@ -23,16 +27,27 @@ from torch import Tensor, nn
 from ._layers import LayerTaps
 from .attention import at_loss, attention_map, parse_layers
 from .errors import ConfigError
+from .losses import check_sampled_loss
 from .plan import views_per_epoch
 from .recipe import Recipe, load_recipe
-from .softlabel import reconstruct
+from .softlabel import marginal_target, reconstruct, sampled_target, target_logits
 from .source import Source, open_source
 from .store import ChunkCache, Store, open_store, open_store_source
-from .store.codecs import TeacherOutput
+from .store.codecs import TeacherOutput, sampled_temperature
 from .teacher import DEFAULT_GRID, Teacher, load_teacher
 from .views import Batch, PlanParams, ViewBatches
 
-__all__ = ["Targets", "StoreTargets", "OnlineTargets", "LabelTargets", "choose_targets", "attention_term"]
+__all__ = [
+    "Targets",
+    "StoreTargets",
+    "OnlineTargets",
+    "LabelTargets",
+    "SOFT_TARGETS",
+    "choose_targets",
+    "attention_term",
+]
+
+SOFT_TARGETS = ("topk", "marginal", "sampled")  # what a store's labels become (`StoreTargets.soft_target`)
 
 
 class Targets:
@@ -81,6 +96,28 @@ class StoreTargets(Targets):
         recipe = Recipe.from_dict(meta.recipe, origin=f"{store.url}/meta.json")
         super().__init__(open_store_source(store, data, limit), recipe, meta.num_classes, meta.views_per_epoch)
         self.store, self.max_stored = store, stored_epochs
+        self.proposal_temperature = sampled_temperature(meta)  # None: a top-k store
+        self.soft_target = "topk" if self.proposal_temperature is None else "sampled"
+        self.target_temperature = 1.0  # the loss's: its teacher distribution is softmax(logits / this)
+
+    def use(self, soft_target: str | None, loss: str, temperature: float) -> None:
+        """Choose what the stored labels become for `loss` at `temperature` (kl: T, ttm: 1 / gamma); None:
+        the store's kind (topk, or sampled on a sampled store). Refuses a pairing the store cannot serve."""
+        where = f"store {self.store.url}"
+        kind = soft_target or self.soft_target
+        if kind not in SOFT_TARGETS:
+            raise ConfigError(f"--soft-target {kind!r} is unknown; choose one of {SOFT_TARGETS}")
+        if (kind == "sampled") != (self.proposal_temperature is not None):
+            have = "sampled labels" if self.proposal_temperature is not None else f"top-{self.store.meta.k} labels"
+            raise ConfigError(
+                f"--soft-target {kind}: {where} holds {have}; use --soft-target "
+                + ("sampled (or drop the flag)" if self.proposal_temperature is not None else "topk or marginal")
+            )
+        if kind == "sampled":
+            check_sampled_loss(loss, where)
+        if kind == "marginal" and loss in ("dih", "wttm"):
+            raise ConfigError(f"--soft-target marginal feeds one fixed distribution; --loss {loss} needs logits")
+        self.soft_target, self.target_temperature = kind, float(temperature)
 
     @property
     def stored_epochs(self) -> int:
@@ -103,6 +140,21 @@ class StoreTargets(Targets):
         )
 
     def logits(self, item: dict[str, Any], device: torch.device) -> Tensor:
+        if self.soft_target == "sampled":  # logits whose softmax at the loss's temperature is the RS-KD estimate
+            y = sampled_target(
+                item["ids"].to(device),
+                item["counts"].to(device),
+                item["logits"].to(device),
+                self.num_classes,
+                self.proposal_temperature,
+                self.target_temperature,
+            )
+            return target_logits(y, self.target_temperature)
+        if self.soft_target == "marginal":
+            y = marginal_target(
+                item["ids"].to(device), item["logits"].to(device), item["lse"].to(device), self.num_classes
+            )
+            return target_logits(y, self.target_temperature)
         main = reconstruct(item["ids"], item["logits"], item["lse"], self.num_classes)
         if not self.dih_heads:
             return main
@@ -179,6 +231,14 @@ def _pair(student_layers: list[str], n_teacher: int) -> None:
         )
 
 
+def _target_temperature(cfg: Any) -> float:
+    """The temperature at which `cfg.loss` reads its teacher's logits: T for kl / dist, 1 / gamma for
+    ttm / wttm (softmax(gamma * t)), DIH's own."""
+    if cfg.loss in ("ttm", "wttm"):
+        return 1.0 / float(cfg.gamma)
+    return float(cfg.dih_temperature if cfg.loss == "dih" else cfg.temperature)
+
+
 def _check_dih(heads: list[str], where: str) -> int:
     if not heads:
         raise ConfigError(
@@ -200,12 +260,16 @@ def choose_targets(cfg: Any, device: torch.device) -> Targets:
             f"{', '.join(online_only)} describe the online --teacher; without one there is nothing "
             "to apply them to (a store's teacher is fixed when it is written)"
         )
+    if getattr(cfg, "soft_target", None) and not cfg.shards:
+        raise ConfigError(f"--soft-target {cfg.soft_target} says what a store's labels become: give --shards")
     if cfg.shards:
         if cfg.teacher:
             raise ConfigError("give --shards (cached teacher) or --teacher (online), not both")
         targets: Targets = StoreTargets(open_store(cfg.shards), cfg.data, cfg.limit, cfg.stored_epochs)
         if cfg.loss == "ce" and not cfg.attention_student:  # CE + stored attention maps is fasterai's AT
             raise ConfigError("--loss ce trains on labels; drop --shards, or pick a distillation loss")
+        if cfg.loss != "ce":  # sampled stores, --soft-target: what the labels become, refused where they cannot serve
+            targets.use(getattr(cfg, "soft_target", None), cfg.loss, _target_temperature(cfg))
         if cfg.loss == "dih":
             targets.dih_heads = _check_dih(targets.store.meta.heads, f"store {cfg.shards}")
         return targets

@@ -88,7 +88,9 @@ def open_store_source(store: Store, data: str | None = None, limit: int | None =
     data = data or meta.source.get("data")
     limit = limit if limit is not None else meta.source.get("limit")
     try:
-        source = open_source(data, "train", limit, index_dirs=(f"{store.url.rstrip('/')}/index",))  # sizes kept by precompute
+        source = open_source(
+            data, "train", limit, index_dirs=(f"{store.url.rstrip('/')}/index",)
+        )  # sizes kept by precompute
     except (KdlibError, FileNotFoundError) as exc:
         if not from_meta:
             raise

@@ -541,5 +541,8 @@ class ChunkCache:
         if key not in self._cache:
             if len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = decode_chunk(self.store.read_chunk(epoch, chunk), self.store.meta)
+            try:
+                self._cache[key] = decode_chunk(self.store.read_chunk(epoch, chunk), self.store.meta)
+            except CorruptStoreError as exc:  # a codec's check (e.g. sampled counts) knows the values, not where
+                raise CorruptStoreError(f"store {self.store.url} epoch {epoch} chunk {chunk}: {exc}") from None
         return self._cache[key]

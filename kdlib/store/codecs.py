@@ -8,7 +8,8 @@ how `verify` compares them with a fresh teacher run, and so its bytes per view (
 | codec      | columns                                   | present when |
 | ---------- | ----------------------------------------- | ------------ |
 | params     | image, box, flip, partner, mix, lam, cutbox | always (`kdlib.plan`; `packed`: fewer bytes) |
-| labels     | ids, logits, lse (+ top with q8)            | always: the teacher's soft label |
+| labels     | ids, logits, lse (+ top with q8)            | a top-k store (the default) |
+| sampled    | ids, logits, counts, lse                    | a sampled-label store (`precompute --labels sampled`) |
 | heads      | h{j}_ids, h{j}_logits, h{j}_lse (+ h{j}_top) | the teacher has DIH heads |
 | attention  | at{l}                                       | precompute --attention |
 | sample     | full (rows: the first views of each chunk)  | a full-logit sample is kept |
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..attention import MAP_CODECS, decode_maps, encode_maps
-from ..errors import ConfigError, StoreVersionError
+from ..errors import ConfigError, CorruptStoreError, StoreError, StoreVersionError
 from ..plan import pack_params, param_fields, unpack_params
 from ..softlabel import CODECS as LOGIT_CODECS
 from ..softlabel import Q8_STEPS_PER_NAT, check_finite, decode_logits, encode, reconstruct, to_codec
@@ -46,6 +47,14 @@ __all__ = [
     "HeadsCodec",
     "AttentionCodec",
     "SampleCodec",
+    "SampledLabelsCodec",
+    "SAMPLED",
+    "LABEL_STREAM",
+    "sampled_kind",
+    "sampled_temperature",
+    "sampled_fields",
+    "draw_uniforms",
+    "draw_sampled",
     "register_codec",
     "unregister_codec",
     "registered_codecs",
@@ -73,6 +82,8 @@ class TeacherOutput:
     logits: Tensor  # float32 [B, C]
     head_logits: list[Tensor] = field(default_factory=list)  # DIH heads, shallow to deep, [B, C] each
     maps: list[Tensor] = field(default_factory=list)  # attention maps, float32 [B, G*G] per tapped layer
+    # (epoch, index in the epoch) of the batch's first view, set by precompute: sampled labels key their draws on it
+    first_view: tuple[int, int] | None = None
 
     def cpu(self) -> TeacherOutput:
         return TeacherOutput(
@@ -191,7 +202,8 @@ class Codec:
         return {}
 
     def check(self, host: Chunk, meta: Any) -> None:
-        """In the writer thread, on the host copy: refuse values that cannot be stored; pop `_` columns."""
+        """In the writer thread, on the host copy: refuse values that cannot be stored, finish columns made
+        on the host (sampled labels draw there, the same on every kind of device); pop `_` columns."""
 
     def decode(self, cols: Chunk, meta: Any) -> None:
         """In place on a chunk's columns: stored form -> what readers use."""
@@ -233,7 +245,7 @@ class LabelsCodec(Codec):
     name, builtin = "labels", True
 
     def active(self, meta: Any) -> bool:
-        return True
+        return sampled_temperature(meta) is None  # a sampled store holds `SampledLabelsCodec`'s columns instead
 
     def fields(self, meta: Any) -> Fields:
         return label_fields(meta.k, meta.id_dtype, meta.logit_codec)
@@ -357,6 +369,177 @@ class AttentionCodec(Codec):
         return {"attention": maps, "ok": all(m["ok"] for m in maps)}
 
 
+# -- sampled soft labels (RS-KD: Anshumann et al., ACL 2025, arXiv 2503.16870) ---------------------
+
+SAMPLED = "sampled"  # meta.json `codecs` entry of a sampled-label store: "sampled:T=<proposal temperature>"
+LABEL_STREAM = 7  # the draws' random stream, SeedSequence([recipe seed, epoch, 7]); the plan's are 0-3
+_SAMPLED_PREFIX = f"{SAMPLED}:T="
+
+
+def sampled_kind(temperature: float) -> str:
+    """The `codecs` entry that marks a sampled-label store drawn at `temperature` (repr: it reads back exactly)."""
+    t = float(temperature)
+    if not (np.isfinite(t) and t > 0):
+        raise ConfigError(f"--sample-temperature {temperature!r} must be a finite number > 0")
+    return f"{_SAMPLED_PREFIX}{t!r}"
+
+
+def sampled_temperature(meta: Any) -> float | None:
+    """The proposal temperature of a sampled-label store; None for a top-k store."""
+    for name in getattr(meta, "codecs", ()):
+        if name.startswith(_SAMPLED_PREFIX):
+            try:
+                t = float(name[len(_SAMPLED_PREFIX) :])
+            except ValueError:
+                t = float("nan")
+            if not (np.isfinite(t) and t > 0):
+                raise StoreError(f"meta.json: codecs entry {name!r} must be {_SAMPLED_PREFIX}<temperature > 0>")
+            return t
+    return None
+
+
+def _count_dtype(samples: int) -> str:
+    return "uint8" if samples <= 255 else "uint16" if samples <= 65535 else "uint32"
+
+
+def sampled_fields(samples: int, id_dtype: str) -> Fields:
+    """S slots per view: distinct class ids, their fp16 logits and how often each was drawn, and the lse."""
+    return {
+        "ids": (id_dtype, (samples,)),
+        "logits": ("float16", (samples,)),
+        "counts": (_count_dtype(samples), (samples,)),
+        "lse": ("float32", ()),
+    }
+
+
+def draw_uniforms(seed: int, epoch: int, start: int, n: int, samples: int) -> np.ndarray:
+    """float64 [n, S] uniforms of views start .. start+n of an epoch: view v takes draws v*S .. v*S+S-1 of the
+    one PCG64 stream SeedSequence([seed, epoch, LABEL_STREAM]) (one 64-bit output per draw, so `advance`
+    jumps to any view): the same numbers whatever the batch, chunk, rank or world size."""
+    bits = np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), LABEL_STREAM]))
+    bits.advance(int(start) * int(samples))
+    return np.random.Generator(bits).random((int(n), int(samples)))
+
+
+def draw_sampled(full16: np.ndarray, uniforms: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """Sampled soft labels of fp16 teacher logits [n, C] from uniforms [n, S] (numpy, float64 arithmetic).
+
+    Draw j of view v is class `searchsorted(cdf, u[v, j], side="right")` of the normalised cumulative
+    softmax(logits16 / T) (inverse CDF). The S slots hold the distinct drawn classes with their counts,
+    then, when fewer than S distinct classes were drawn, the highest-logit classes not drawn (count 0), all
+    ordered by descending logit, then id. Returns ids (int64), logits (float16), counts (int64) [n, S]."""
+    n, c = full16.shape
+    s = uniforms.shape[1]
+    z = full16.astype(np.float64) / float(temperature)
+    p = np.exp(z - z.max(1, keepdims=True))
+    cdf = np.cumsum(p, 1)
+    cdf /= cdf[:, -1:]
+    ids = np.empty((n, s), np.int64)
+    counts = np.zeros((n, s), np.int64)
+    for v in range(n):
+        drawn = np.minimum(np.searchsorted(cdf[v], uniforms[v], side="right"), c - 1)
+        classes, k = np.unique(drawn, return_counts=True)
+        if len(classes) < s:  # fill with the highest-logit classes not drawn: distinct ids, count 0
+            best = np.argsort(-full16[v].astype(np.float32), kind="stable")[: 2 * s]
+            extra = best[~np.isin(best, classes)][: s - len(classes)]
+            classes, k = np.concatenate([classes, extra]), np.concatenate([k, np.zeros(len(extra), np.int64)])
+        order = np.lexsort((classes, -full16[v, classes].astype(np.float32)))
+        ids[v], counts[v] = classes[order], k[order]
+    return {"ids": ids, "logits": np.take_along_axis(full16, ids, 1), "counts": counts}
+
+
+def check_sampled(cols: Chunk, meta: Any) -> None:
+    """Refuse sampled labels that cannot come from `draw_sampled`: ids out of range or repeated in a view,
+    counts that do not add up to S (a column rewritten with valid checksums, or a bug, not a flipped byte)."""
+    ids, counts = cols["ids"].astype(np.int64), cols["counts"].astype(np.int64)
+    s, c = meta.k, meta.num_classes
+    bad = []
+    sums = counts.sum(1)
+    if (sums != s).any():
+        r = int(np.flatnonzero(sums != s)[0])
+        bad.append(f"view row {r}: counts add up to {int(sums[r])}, not S={s}")
+    if ((ids < 0) | (ids >= c)).any():
+        bad.append(f"a class id outside [0, {c})")
+    srt = np.sort(ids, 1)
+    if (srt[:, 1:] == srt[:, :-1]).any():
+        bad.append("a class id repeated within a view")
+    if bad:
+        raise CorruptStoreError(
+            f"sampled labels are corrupt ({'; '.join(bad)}); precompute them again into a new --out"
+        )
+
+
+class SampledLabelsCodec(Codec):
+    """Sampled soft labels (RS-KD): per view, S draws from softmax(teacher logits / T), stored as distinct
+    class ids + counts, with the teacher's fp16 logits of those ids and the lse of all logits. Replaces
+    `LabelsCodec` on a store whose meta.codecs names `sampled:T=<T>`; S is meta.k. The draws are made on
+    the host from the fp16 logits and uniforms keyed by (recipe seed, epoch, view): a resumed store, another
+    world size or another device kind with the same fp16 logits writes the same bytes."""
+
+    name, builtin = SAMPLED, True
+
+    def active(self, meta: Any) -> bool:
+        return sampled_temperature(meta) is not None
+
+    def fields(self, meta: Any) -> Fields:
+        return sampled_fields(meta.k, meta.id_dtype)
+
+    def encode(self, out: TeacherOutput, meta: Any) -> dict[str, Tensor]:
+        if out.first_view is None:
+            raise ConfigError("sampled labels need the views' place in the plan (TeacherOutput.first_view)")
+        epoch, start = out.first_view
+        n, device = len(out.logits), out.logits.device
+        x = out.logits.float()
+        return {
+            "lse": torch.logsumexp(x, -1),
+            "_full16": x.half(),  # overflow shows as inf: refused in `check`, as top-k refuses it
+            "_view": torch.arange(start, start + n, device=device, dtype=torch.int64),
+            "_epoch": torch.full((n,), epoch, device=device, dtype=torch.int64),
+        }
+
+    def check(self, host: Chunk, meta: Any) -> None:
+        full16, views, epochs = host.pop("_full16"), host.pop("_view"), host.pop("_epoch")
+        check_finite(full16, host["lse"])
+        if len(views) and (np.any(np.diff(views) != 1) or np.any(epochs != epochs[0])):
+            raise ConfigError("sampled labels: a chunk's views must be consecutive views of one epoch")
+        u = draw_uniforms(int(meta.recipe["seed"]), int(epochs[0]), int(views[0]), len(views), meta.k)
+        drawn = draw_sampled(full16, u, sampled_temperature(meta))
+        host["ids"] = drawn["ids"].astype(meta.id_dtype)
+        host["logits"] = drawn["logits"]
+        host["counts"] = drawn["counts"].astype(_count_dtype(meta.k))
+
+    def decode(self, cols: Chunk, meta: Any) -> None:
+        if "counts" in cols and "ids" in cols:
+            check_sampled(cols, meta)
+
+    def item(self, cols: Chunk, meta: Any) -> dict[str, Tensor]:
+        out = _item_labels(cols)
+        if "counts" in cols:
+            out["counts"] = torch.from_numpy(cols["counts"].astype(np.int64))
+        return out
+
+    def verify(self, fresh: TeacherOutput, cols: Chunk, meta: Any, tol: Tolerance) -> dict[str, Any]:
+        """The stored logits of the drawn ids and the lse against a fresh run; top-1 agreement is the share
+        of views whose fresh top-1 class is among the stored ids (a draw need not hold the top-1)."""
+        ids = torch.from_numpy(cols["ids"].astype(np.int64))
+        stored = torch.from_numpy(np.ascontiguousarray(cols["logits"])).float()
+        lse = torch.from_numpy(np.ascontiguousarray(cols["lse"])).float()
+        recomputed = fresh.logits.gather(1, ids)
+        err = (stored - recomputed).abs()
+        lse_err = float((lse - torch.logsumexp(fresh.logits, 1)).abs().max())
+        within = bool((err <= tolerance(recomputed, lse, "fp16", tol.abs, tol.rel)).all())
+        lse_ok = lse_err <= tol.abs + tol.rel * float(lse.abs().max())
+        held = float((ids == fresh.logits.argmax(1, keepdim=True)).any(1).float().mean())
+        return {
+            "sampled": {"samples": meta.k, "temperature": sampled_temperature(meta)},
+            "top1_in_stored_ids": round(held, 6),
+            "max_logit_error": float(err.max()),
+            "max_lse_error": lse_err,
+            "logits_within_tolerance": within,
+            "ok": within and lse_ok,
+        }
+
+
 class SampleCodec(Codec):
     """Full logits (fp16) of the first `sample_views` views of each chunk: what top-k truncation
     costs is measured (`kdlib inspect`), not guessed. Its rows are not one per view."""
@@ -377,7 +560,7 @@ class SampleCodec(Codec):
         return {}
 
 
-_BUILTIN: tuple[Codec, ...] = (ParamsCodec(), LabelsCodec(), HeadsCodec(), AttentionCodec())
+_BUILTIN: tuple[Codec, ...] = (ParamsCodec(), LabelsCodec(), SampledLabelsCodec(), HeadsCodec(), AttentionCodec())
 SAMPLE = SampleCodec()
 _EXTRA: dict[str, Codec] = {}
 
@@ -387,7 +570,7 @@ def register_codec(codec: Codec) -> Codec:
     replay its columns. Its names must not collide with another family's."""
     if not isinstance(codec, Codec) or not codec.name or codec.builtin:
         raise ConfigError(f"register_codec needs a Codec subclass instance with a name, got {codec!r}")
-    if codec.name in {c.name for c in _BUILTIN} | {SAMPLE.name}:
+    if codec.name in {c.name for c in _BUILTIN} | {SAMPLE.name} or codec.name.startswith(_SAMPLED_PREFIX):
         raise ConfigError(f"codec name {codec.name!r} is kdlib's own; choose another")
     _EXTRA[codec.name] = codec
     return codec
@@ -408,6 +591,8 @@ def active_codecs(meta: Any) -> list[Codec]:
     attention, then the extra ones in meta's order); an unknown extra kind is refused."""
     found = [c for c in _BUILTIN if c.active(meta)]
     for name in getattr(meta, "codecs", ()):
+        if name.startswith(_SAMPLED_PREFIX):
+            continue  # kdlib's own sampled labels, switched on by this entry (`SampledLabelsCodec`)
         if name not in _EXTRA:
             raise StoreVersionError(
                 f"the store holds columns of kind {name!r}, which this process has no codec for; "
@@ -434,7 +619,8 @@ def sample_fields(meta: Any) -> Fields:
 
 
 def test_fields(meta: Any) -> Fields:
-    """The teacher's predictions on the test split: one soft label per test image."""
+    """The teacher's predictions on the test split: one soft label per test image (top-k, k = meta.k, on
+    sampled stores too: eval reads the teacher's top-1 there)."""
     return label_fields(meta.k, meta.id_dtype, meta.logit_codec)
 
 
