@@ -168,9 +168,10 @@ def _teacher_summary(teacher: dict[str, Any], classes: list[str] | None) -> dict
 def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
     m, c = r.get("images_per_group", 1), r.get("crops_per_image", 1)
     crop = r.get("crop")
+    tf_law = f", min_object_covered {r.get('min_object_covered')}" if crop == "inception_tf" else ""
     crop_text = (
-        f"{crop} (scale {r.get('scale')}, ratio {[round(x, 3) for x in r.get('ratio', [])]})"
-        if crop == "inception"
+        f"{crop} (scale {r.get('scale')}, ratio {[round(x, 3) for x in r.get('ratio', [])]}{tf_law})"
+        if crop in ("inception", "inception_tf")
         else f"{crop} (fraction {r.get('center_fraction')})"
     )
     mix = r.get("mix", "none")
@@ -179,7 +180,9 @@ def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
         if mix == "none"
         else (
             f"{mix} (p={r.get('mix_prob')}, lambda {r.get('lam')}"
-            f"{'' if r.get('lam') == 'uniform' else ', alpha=' + str(r.get('alpha'))})"
+            f"{'' if r.get('lam') == 'uniform' else ', alpha=' + str(r.get('alpha'))}"
+            f"{', one draw per group' if r.get('mix_share', 'view') == 'group' else ''}"
+            f"{', partner ' + r['partner'] if r.get('partner', 'next') != 'next' else ''})"
         )
     )
     return {
@@ -189,11 +192,14 @@ def _recipe_summary(r: dict[str, Any]) -> dict[str, Any]:
         "scale": r.get("scale"),
         "ratio": r.get("ratio"),
         "center_fraction": r.get("center_fraction"),
+        "min_object_covered": r.get("min_object_covered"),
         "flip": r.get("flip"),
         "mix": mix,
         "mix_prob": r.get("mix_prob"),
         "lam": r.get("lam"),
         "alpha": r.get("alpha"),
+        "mix_share": r.get("mix_share", "view"),
+        "partner": r.get("partner", "next"),
         "group": [m, c],
         "seed": r.get("seed"),
         "summary": f"{r.get('size')}px, crop {crop_text}, flip {'on' if r.get('flip') else 'off'}, mix {mix_text}, "
