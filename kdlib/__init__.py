@@ -42,6 +42,8 @@ _HOMES = {
     # sources, recipes, plans, render
     "open_source": "source",
     "Source": "source",
+    "WdsSource": "source_wds",
+    "HFSource": "source_hf",
     "Recipe": "recipe",
     "load_recipe": "recipe",
     "make_plan": "plan",
@@ -66,10 +68,18 @@ _HOMES = {
     "at_loss": "attention",
     "attention_map": "attention",
     "reconstruct": "softlabel",
+    "marginal_target": "softlabel",
+    "sampled_target": "softlabel",
     "warmup_cosine": "schedule",
+    "lr_schedule": "schedule",
+    "build_optimizer": "optim",
+    "Lamb": "optim",
+    "WeightsEma": "ema",
     # the commands' configs and the functions whose names are not their modules'
     "PrecomputeConfig": "precompute",
     "TrainConfig": "train",
+    "read_students": "students",
+    "train_students": "students",
     "evaluate_model": "evaluate",
     "inspect_store": "inspect",
     "fit_heads": "heads",
@@ -107,6 +117,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import evaluate, precompute, train, verify
     from .attention import at_loss, attention_map
+    from .ema import WeightsEma
     from .errors import (
         ConfigError,
         CorruptStoreError,
@@ -122,6 +133,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .inspect import inspect_store
     from .losses import dih, dist, get_loss, kl, mixed_label_targets, soft_cross_entropy, ttm, wttm
     from .models import Classifier
+    from .optim import Lamb, build_optimizer
     from .plan import make_plan
     from .precompute import PrecomputeConfig
     from .recipe import Recipe, load_recipe
@@ -129,10 +141,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .replay import Replay, ReplayBatch, rank_batches
     from .resolve import load_model, load_student, resolve_model
     from .rundir import save_model
-    from .schedule import warmup_cosine
-    from .softlabel import reconstruct
+    from .schedule import lr_schedule, warmup_cosine
+    from .softlabel import marginal_target, reconstruct, sampled_target
     from .source import Source, open_source
+    from .source_hf import HFSource
+    from .source_wds import WdsSource
     from .store import Store, StoreMeta, create_store, open_store
     from .store.codecs import Codec, TeacherOutput, register_codec, unregister_codec
+    from .students import read_students, train_students
     from .teacher import Teacher, load_teacher
     from .train import TrainConfig

@@ -339,6 +339,8 @@ def math_config(cfg, targets, recipe) -> dict[str, Any]:
         "source fingerprint": targets.source.fingerprint(),
         "training": training_settings(cfg),
     }
+    if getattr(targets, "soft_target", "topk") != "topk":  # marginal or sampled targets (issue 21); topk: as before
+        c["soft_target"] = targets.soft_target
     settings = loss_settings(cfg.loss, cfg)  # exactly the settings this loss takes (kdlib.losses.LOSS_SETTINGS)
     if cfg.loss == "dih":
         c["dih"] = settings

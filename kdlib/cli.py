@@ -158,7 +158,12 @@ def cli(debug: bool) -> None:
     help="Weights file (.safetensors, or .pt loaded weights_only) for an "
     "architecture; for torchvision:/timm: names, default: the local hub caches (nothing downloads).",
 )
-@click.option("--data", default="fashion-mnist", help="fashion-mnist, an ImageFolder directory, or a .npz file.")
+@click.option(
+    "--data",
+    default="fashion-mnist",
+    help="fashion-mnist, an ImageFolder directory, a .npz file, wds:PATTERN[?test=PATTERN] (webdataset tars, "
+    "local or s3://...) or hf:PATH[?image=COL&label=COL] (a Hugging Face dataset on disk).",
+)
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="Recipe YAML (see precompute/).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the recipe's seed.")
 @click.option(
@@ -197,6 +202,23 @@ def cli(debug: bool) -> None:
     default=None,
     help="Fraction of views that also keep all logits (fp16), to measure what top-k costs "
     "[default: 1%, less with many classes: at most a tenth of the top-k bytes, min(0.01, 0.1 k / classes)].",
+)
+# issue 21: sampled soft labels (RS-KD) beside top-k
+@click.option(
+    "--labels",
+    type=click.Choice(["topk", "sampled"]),
+    default="topk",
+    help="Soft labels: topk (top-k logits + lse), or sampled: --samples draws per view from the teacher's "
+    "softmax at --sample-temperature, stored as ids + counts (unbiased in expectation; RS-KD).",
+)
+@click.option(
+    "--samples", type=click.IntRange(min=1), default=10, help="--labels sampled: draws S per view (<= classes)."
+)
+@click.option(
+    "--sample-temperature",
+    type=float,
+    default=1.0,
+    help="--labels sampled: the draws' temperature T (> 0); train's loss at the same T is unbiased.",
 )
 @click.option("--no-test", is_flag=True, help="Do not cache the teacher's predictions on the test split.")
 @click.option(
@@ -250,7 +272,14 @@ def precompute(**kw) -> None:
     type=click.Path(dir_okay=False),
     help="Train config YAML (see train/); flags given on the command line override it.",
 )
-@click.option("--out", required=True, help="Run directory for model.safetensors, config.json, metrics.jsonl.")
+@click.option("--out", default=None, help="Run directory for model.safetensors, config.json, metrics.jsonl (required).")
+@click.option(
+    "--students",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Several students from one pass over the store: a YAML file with shared settings at the top and a "
+    "`students:` list, each with its own `out` and settings (see README); instead of --out.",
+)
 @click.option(
     "--student", "--model", "student", default="resnet8", help="Architecture name, or package.module:factory."
 )
@@ -265,18 +294,117 @@ def precompute(**kw) -> None:
     help="Default: kl with --shards/--teacher, ce otherwise. dih: the cohort of a teacher with heads.",
 )
 @click.option(
-    "--temperature", "-T", type=Number(*TRAIN_NUMBERS["temperature"]), default=1.0, help="KL/DIST temperature."
+    "--temperature",
+    "-T",
+    type=Number(*TRAIN_NUMBERS["temperature"]),
+    default=1.0,
+    help="KL/DIST temperature [kdlib 1; references: big_vision FunMatch KL 1, FunMatch TF2 port 2, "
+    "CIFAR-100 harnesses (RepDistiller, zkxufo/TTM --kd_T) 4, fasterai SoftTarget 5; DIST: its loss class 1, "
+    "zkxufo/TTM's CIFAR harness --dist_tau 4].",
 )
-@click.option("--gamma", type=Number(*TRAIN_NUMBERS["gamma"]), default=0.5, help="TTM/WTTM power.")
 @click.option(
-    "--ce-weight", type=Number(*TRAIN_NUMBERS["ce_weight"]), default=0.0, help="Add CE on (mixed) ground-truth labels."
+    "--gamma",
+    type=Number(*TRAIN_NUMBERS["gamma"]),
+    default=0.5,
+    help="TTM/WTTM power gamma (= 1/T) [kdlib 0.5; the TTM reference code, zkxufo/TTM --ttm_l, defaults to 1 "
+    "= plain KL].",
+)
+@click.option(
+    "--soft-target",
+    type=click.Choice(["topk", "marginal", "sampled"]),
+    default=None,
+    help="A store's labels as: topk (top-k + a flat tail carrying the lse's mass), marginal (FKD: top-k "
+    "probabilities, the rest spread evenly), sampled (RS-KD, unbiased) [default: the store's kind].",
+)
+@click.option(
+    "--ce-weight",
+    type=Number(*TRAIN_NUMBERS["ce_weight"]),
+    default=0.0,
+    help="Add CE on (mixed) ground-truth labels: KD + w * CE [fasterai's (1 - a) CE + a KD, a = 0.5 by default, is "
+    "--ce-weight (1 - a) / a, times a].",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=1)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Global batch, in views.")
 @click.option("--lr", type=Number(*TRAIN_NUMBERS["lr"]), default=2e-3)
 @click.option("--weight-decay", type=Number(*TRAIN_NUMBERS["weight_decay"]), default=5e-4)
-@click.option("--warmup", type=Number(*TRAIN_NUMBERS["warmup"]), default=0.05, help="Warmup, fraction of all steps.")
+@click.option(
+    "--warmup",
+    type=Number(*TRAIN_NUMBERS["warmup"]),
+    default=None,
+    help="Warmup, fraction of all steps [default: 0.05, unless --warmup-epochs].",
+)
 @click.option("--clip", type=Number(*TRAIN_NUMBERS["clip"]), default=1.0, help="Gradient norm clip (0: off).")
+# issue 19: the optimizer, its schedule, and what users expect of a trainer
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adamw", "lamb"]),
+    default="adamw",
+    show_default=True,
+    help="lamb: You et al. 2020, as timm's Lamb (no timm needed).",
+)
+@click.option(
+    "--momentum", type=Number(*TRAIN_NUMBERS["momentum"]), default=None, help="SGD momentum [default: 0.9]; sgd only."
+)
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum; sgd only.")
+@click.option(
+    "--decay-norm-bias/--no-decay-norm-bias",
+    default=None,
+    help="Weight decay on norm weights and biases too [default: no for sgd and lamb (timm, DeiT), "
+    "yes for adamw (kdlib's default before the choice, kept so its runs do not change)].",
+)
+@click.option(
+    "--lr-base-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--lr is the rate for this many views per optimizer step; the run's lr scales linearly to "
+    "--batch-size x --grad-accum (FKD, DeiT: 512).",
+)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
+@click.option(
+    "--warmup-epochs",
+    type=Number(*TRAIN_NUMBERS["warmup_epochs"]),
+    default=None,
+    help="Warmup in epochs (may be fractional), instead of --warmup.",
+)
+@click.option(
+    "--min-lr", type=Number(*TRAIN_NUMBERS["min_lr"]), default=None, help="Cosine only: the lr it ends at [default: 0]."
+)
+@click.option(
+    "--milestones", default=None, help="Step only: epochs at which the lr is multiplied by --step-gamma, e.g. 30,60,90."
+)
+@click.option("--step-gamma", type=Number(*TRAIN_NUMBERS["step_gamma"]), default=None, help="Step only [default: 0.1].")
+@click.option(
+    "--label-smoothing",
+    type=Number(*TRAIN_NUMBERS["label_smoothing"]),
+    default=0.0,
+    help="Smooth the labels of the CE terms (--loss ce, --ce-weight, DIH's) by eps, e.g. 0.1.",
+)
+@click.option(
+    "--grad-accum",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Global batches per optimizer step: a step sees --batch-size x N views (as accelerate and timm).",
+)
+@click.option(
+    "--ema",
+    type=Number(*TRAIN_NUMBERS["ema"]),
+    default=None,
+    metavar="DECAY",
+    help="Keep an EMA of the weights (e.g. 0.9999), evaluated and saved beside them in --out/ema.",
+)
+@click.option("--compile", is_flag=True, help="torch.compile the student (refused where it cannot run).")
+@click.option(
+    "--log-with",
+    default=None,
+    help="Also send the losses and metrics to these accelerate trackers, e.g. tensorboard (files in --out/logs), wandb.",
+)
+@click.option(
+    "--keep-best",
+    default=None,
+    metavar="METRIC",
+    help="Keep the best model so far in --out/best by top1, top5, agreement (the evaluations of --eval-every), "
+    "ema_top1, ema_top5, ema_agreement, or loss (the epoch's training loss).",
+)
 @click.option(
     "--mixed-precision",
     type=click.Choice(["no", "fp16", "bf16"]),
@@ -354,7 +482,8 @@ def precompute(**kw) -> None:
 @WORKERS
 @STORAGE_OPTIONS
 def train(config_file: str | None, **kw) -> None:
-    """Train a student: from a store, online from a teacher, or on labels."""
+    """Train a student: from a store, online from a teacher, or on labels; or several students from one
+    pass over a store (--students FILE)."""
     from .train import resolve_config
     from .train import train as run
 
@@ -363,6 +492,17 @@ def train(config_file: str | None, **kw) -> None:
     kw["eval"] = not kw.pop("no_eval")
     if "no_eval" in given:
         given.add("eval")
+    students = kw.pop("students")
+    if students:  # several students, one pass (kdlib.students)
+        from .students import read_students, train_students
+
+        with _disk_faults(students, "free some space and rerun with --resume: the last checkpoints are kept"):
+            result = train_students(read_students(students, kw, given, config_file))
+        if result["failed"]:  # each said why in its own error line, and the others finished
+            sys.exit(1)
+        return
+    if not kw["out"]:
+        raise click.UsageError("Missing option '--out' (or --students FILE for several students).")
     with _disk_faults(kw["out"], "free some space and rerun with --resume: the last checkpoint is kept"):
         run(resolve_config(kw, given, config_file))
 
@@ -622,7 +762,10 @@ def _one_line(exc: BaseException) -> tuple[int, str] | None:
         return 2, _worker_message(exc)
     if isinstance(exc, OSError) and exc.errno in ENV_ERRNOS:
         return 1, describe_os_error(exc)
-    return None
+    from .store.objectstore import fault  # (here: the store's imports are not `kdlib --help`'s)
+
+    found = fault(exc, None)  # botocore's own error, met outside the store's calls: the endpoint it named
+    return None if found is None else _one_line(found)
 
 
 def _close_progress_bars() -> None:

@@ -81,7 +81,7 @@ from .softlabel import reconstruct
 from .source import open_source
 from .store import Store
 from .store.base import LOCK
-from .store.codecs import decode_chunk
+from .store.codecs import decode_chunk, sampled_temperature
 from .targets import Targets, attention_term, choose_targets
 
 __all__ = ["TrainConfig", "StudentRun", "KEEP_BEST", "resolve_config", "train"]
@@ -137,6 +137,7 @@ class TrainConfig:
     class_map: str | None = None
     trust_code: bool = False
     overwrite: bool = False  # replace the run files in an existing --out (else a used --out is refused)
+    soft_target: str | None = None  # a store's labels as: topk, marginal (FKD), sampled; None: the store's kind
     # issue 19: the optimizer, its schedule, and what users expect of a trainer
     optimizer: str = "adamw"  # sgd, adamw, lamb
     momentum: float | None = None  # sgd only (default 0.9)
@@ -276,7 +277,7 @@ TARGET_KL_WARN = 0.02  # nats (in the loss's units): above this the top-k tail v
 def _warn_target_error(store: Store, cfg: TrainConfig, accelerator: Accelerator, chunks: int = 8) -> None:
     """Say so when the stored top-k target is far from the full one at this loss's temperature/gamma."""
     meta = store.meta
-    if meta.k >= meta.num_classes:
+    if meta.k >= meta.num_classes or sampled_temperature(meta) is not None:  # sampled: unbiased; inspect measures it
         return
     if not meta.sample_views:
         accelerator.print(
