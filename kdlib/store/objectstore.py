@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import fsspec
 
 from ..errors import BucketNotFoundError, ObjectStoreError, StoreBusyError
+from ..source_base import storage_options as env_storage_options
 
 __all__ = ["ENV", "storage_options", "is_local_url", "FsHandle", "fault", "faults", "Lease"]
 
@@ -46,19 +47,9 @@ _CLIENTS = ("botocore", "aiobotocore", "aiohttp")  # the modules whose errors ar
 
 
 def storage_options(given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The fsspec options for object storage: `given`, else `$KDLIB_STORAGE_OPTIONS`, else none."""
-    if given is not None:
-        return dict(given)
-    raw = os.environ.get(ENV, "")
-    if not raw:
-        return {}
-    try:
-        opts = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ObjectStoreError(f"${ENV} is not JSON ({exc.msg}); give --storage-options a JSON object") from None
-    if not isinstance(opts, dict):
-        raise ObjectStoreError(f"${ENV} must be a JSON object of fsspec options, not {type(opts).__name__}")
-    return opts
+    """The fsspec options for object storage: `given`, else `$KDLIB_STORAGE_OPTIONS` (read where the
+    sources read it), else none."""
+    return dict(given) if given is not None else env_storage_options()
 
 
 def is_local_url(url: str) -> bool:
