@@ -26,12 +26,13 @@ data:
 demo: install data
 	$(BIN)/python -m kdlib demo --out runs/demo --shards shards/demo
 
-# The checks first (seconds), then the suite: lint and format (ruff), the layers of kdlib/ (import-linter).
+# The checks first (seconds), then the suite: lint and format (ruff), the layers of kdlib/ (import-linter);
+# the suite on 2 xdist workers (CI has 2 cores; many tests wait on subprocesses): ~12 min here.
 test: install data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
 
 clean:
 	rm -rf runs shards/demo

@@ -32,6 +32,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "webdataset>=0.2.100",
             "ruff==0.17.6",
             "import-linter==2.17",

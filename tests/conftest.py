@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from s3_server import s3  # noqa: F401  (one S3 server per session, defined once here for every module)
 
 # The suite pins CPU behaviour (bit-identical pixels, fp32 logits) wherever it runs: CUDA is hidden from
 # it, before anything imports torch. tests/test_cuda.py checks the GPU path in subprocesses that see the

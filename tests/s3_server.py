@@ -112,8 +112,11 @@ class S3Server:
     def _credentials(self) -> tuple[str, str]:
         import boto3
         from moto import settings
+        from moto.core.authorization import ActionAuthenticatorMixin
 
-        settings.INITIAL_NO_AUTH_ACTION_COUNT = 3  # these three IAM calls, then every request is checked
+        # these three IAM calls, then every request is checked (moto counts requests per process: start at 0)
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 3
+        ActionAuthenticatorMixin.request_count = 0
         iam = boto3.client(
             "iam", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
         )

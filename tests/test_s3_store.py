@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 from conftest import CHUNK_VIEWS, CLI_ENV, FMNIST_DIR, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, kdlib_cli, one_line
-from s3_server import BUCKET, s3  # noqa: F401  (the session's S3 server)
+from s3_server import BUCKET
 
 from kdlib.errors import CorruptStoreError
 from kdlib.store import open_store

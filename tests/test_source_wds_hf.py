@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import CLI_ENV, FMNIST_RECIPE, REPO, kdlib_cli, one_line
-from s3_server import BUCKET, s3  # noqa: F401  (the session's S3 server: tests/s3_server.py)
+from s3_server import BUCKET
 
 import kdlib.source_wds as source_wds
 from kdlib.cli import _one_line
