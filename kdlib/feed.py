@@ -1,6 +1,6 @@
 """The feed: where pixels are made and handed to the model.
 
-DataLoader workers read params (and stored soft labels) and decode images; `render` turns them
+The main process reads params (and stored soft labels, each chunk once), DataLoader workers decode
 into views. Where it runs is one decision, made here and recorded in a store:
 
 - `device` (the default with CUDA): the main process copies the decoded images (pinned memory,
@@ -231,7 +231,7 @@ class Feed:
         self.loader = DataLoader(
             self.data,
             batch_size=None,
-            shuffle=False,
+            sampler=self.data.keys(),  # params and stored labels read here, once; workers decode
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=device.type == "cuda",
@@ -253,6 +253,7 @@ class Feed:
         return item, done
 
     def _place(self, item: dict[str, Any]) -> dict[str, Any]:
+        item = self.data.merge(item)
         image = item["image"]
         params = item.pop("params", None)  # host-side numpy params: never copied to the device
         item = _to(item, self.device)

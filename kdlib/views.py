@@ -1,11 +1,11 @@
 """Batches of views for a DataLoader, from a plan (precompute, online), a store (train) or fixed params (eval).
 
-An item is a whole batch (a range of views of one epoch, always whole groups). A worker reads
-the batch's params (and stored soft labels), decodes each image of a group once, and hands
-over the decoded images; `kdlib.feed` renders them where the model runs. Params come from a
-`ParamReader`: the plan, drawn in the reading process itself (a pure function of recipe, sizes
-and epoch, so no process ships an epoch of params to another), a store read chunk by chunk
-(`ChunkCache`), or fixed params such as eval's center views.
+An item is a whole batch (a range of views of one epoch, always whole groups). The loader's
+process reads the batch's params (and stored soft labels) and hands the params to a worker, which
+decodes each image of a group once and hands over the decoded images; `kdlib.feed` renders them
+where the model runs. Params come from a `ParamReader`: the plan (a pure function of recipe, sizes
+and epoch), a store read chunk by chunk (`ChunkCache`: each chunk once, read ahead of the batches),
+or fixed params such as eval's center views.
 
 One dataset spans every batch of a run (all epochs), so one DataLoader iterator, and one set of
 workers, serves the whole run.
@@ -13,11 +13,12 @@ workers, serves the whole run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .plan import PARAM_FIELDS, make_plan, pack_params, unpack_params
 from .recipe import Recipe
@@ -49,6 +50,9 @@ class ParamReader(Protocol):
 
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
 
+    def expect(self, batches: list[Batch]) -> None:
+        """The batches about to be read, in order (a store reads ahead along them)."""
+
 
 class PlanParams:
     """The plan's params of any epoch, drawn where they are read and kept for the current epoch.
@@ -75,6 +79,9 @@ class PlanParams:
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {}
 
+    def expect(self, batches: list[Batch]) -> None:
+        pass
+
 
 class FixedParams:
     """Params given in full (eval's center views); the epoch is ignored."""
@@ -87,6 +94,22 @@ class FixedParams:
 
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {}
+
+    def expect(self, batches: list[Batch]) -> None:
+        pass
+
+
+class BatchKeys(Sampler):
+    """`ViewBatches.key(i)` for i = 0, 1, ...: what a DataLoader hands its workers, read in its own process."""
+
+    def __init__(self, data: ViewBatches) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        return (self.data.key(i) for i in range(len(self.data)))
 
 
 def split_range(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -106,6 +129,11 @@ def rank_slice(start: int, stop: int, rank: int, world: int, group_size: int) ->
 
 class ViewBatches(Dataset):
     """Item i: batch `batches[i]`: its params, decoded images, labels (and stored soft labels).
+
+    Under a DataLoader the main process reads the params (`keys`, the loader's sampler: a store's chunk
+    is read once there, whatever the number of workers), hands each worker its batch's params with the
+    batch, keeps the stored columns (soft labels, heads, maps) and puts them back on the item the worker
+    returns (`merge`). `data[i]` alone reads everything itself.
 
     `stage` (one of `STAGES`, chosen by the feed) says how far a worker takes the pixels: rendered
     views (`item["views"]`, uint8 on the CPU), or decoded images and what the main process needs to
@@ -130,6 +158,8 @@ class ViewBatches(Dataset):
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
         self._labels = source.labels()
+        self._held: dict[int, dict[str, torch.Tensor]] = {}  # stored columns of the batches handed out
+        self.params.expect(self.batches)
 
     def staged(self, stage: str) -> ViewBatches:
         """The same batches, with the worker taking the pixels as far as `stage` (a new dataset)."""
@@ -147,10 +177,31 @@ class ViewBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def keys(self) -> BatchKeys:
+        """The DataLoader's sampler: `key(i)` for every batch, in order, in the loader's (main) process."""
+        return BatchKeys(self)
+
+    def key(self, i: int) -> tuple[int, dict[str, np.ndarray]]:
+        """Batch i's params, read here, for the worker that decodes it; its stored columns kept for `merge`."""
         epoch, start, stop = self.batches[i]
         cols = self.params.views(epoch, start, stop)
-        p = {k: cols[k] for k in PARAM_FIELDS}
+        self._held[i] = self.params.item_columns(cols)
+        return i, {k: cols[k] for k in PARAM_FIELDS}
+
+    def merge(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The item a worker made from `key(i)`, with batch i's stored columns back on it."""
+        item.update(self._held.pop(int(item["index"]), {}))
+        return item
+
+    def __getitem__(self, key: int | tuple[int, dict[str, np.ndarray]]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # from `keys`: the params were read in the main process
+            i, p = key
+            stored: dict[str, torch.Tensor] = {}
+        else:
+            i = int(key)
+            cols = self.params.views(*self.batches[i])
+            p, stored = {k: cols[k] for k in PARAM_FIELDS}, self.params.item_columns(cols)
+        epoch, start, stop = self.batches[i]
         image = p["image"].astype(np.int64)
         group_start = np.arange(len(image)) // self.group_size * self.group_size
         partner_image = image[group_start + p["partner"].astype(np.int64)]
@@ -164,7 +215,7 @@ class ViewBatches(Dataset):
             "lam": torch.from_numpy(p["lam"].copy()),
             "image": torch.from_numpy(image),
         }
-        out.update(self.params.item_columns(cols))  # stored soft labels, heads, maps, ... (kdlib.store.codecs)
+        out.update(stored)  # stored soft labels, heads, maps, ... (kdlib.store.codecs)
         if self.stage == "worker-pillow":  # Pillow's C resample, straight from the decoder
             out["views"] = render_pil(p, self.source.decode_image, self.size, self.group_size, self.draft)
             return out

@@ -224,3 +224,36 @@ def test_drop_last_false_keeps_each_epochs_last_smaller_batch(store_dir, store):
     sizes = [len(b.views) for b in replay]
     assert replay.steps_per_epoch == -(-n // batch) == len(sizes) and sum(sizes) == n and sizes[-1] == n % batch
     assert len(list(_replay(store_dir, batch_size=batch, epochs=1))) == n // batch  # the default drops it, as train
+
+
+def test_chunk_cache_reads_each_chunk_once_ahead_of_the_batches(store_copy):
+    """Told the batches, the cache reads the next chunk they need in a thread while the current one is
+    served: every chunk once, in order, across epochs; a bad chunk read ahead fails where it is needed."""
+    from kdlib.errors import CorruptStoreError
+    from kdlib.store import ChunkCache, open_store
+    from kdlib.views import Batch
+
+    store = open_store(store_copy)
+    reads: list[tuple[int, int]] = []
+    real = store.read_chunk
+    store.read_chunk = lambda e, c: reads.append((e, c)) or real(e, c)
+    cv = store.meta.chunk_views
+    batches = [Batch(e, a, a + 16) for e in (1, 0) for a in range(0, 3 * cv, 16)]  # 3 chunks of each epoch
+    cache = ChunkCache(store)
+    cache.expect(batches)
+    first = cache.views(*batches[0])
+    cache._ahead[(1, 1)].result()  # the next chunk was already being read
+    assert reads == [(1, 0), (1, 1)]
+    for e, a, b in batches:
+        got = cache.views(e, a, b)
+        want = real(e, a // cv)
+        assert np.array_equal(got["ids"], want["ids"][a % cv : a % cv + 16])
+    assert np.array_equal(first["lse"], real(1, 0)["lse"][:16])
+    assert reads == [(1, 0), (1, 1), (1, 2), (0, 0), (0, 1), (0, 2)]
+
+    (Path(store_copy) / "commits" / "e00000" / "c000001.json").write_text("{}")
+    cache = ChunkCache(open_store(store_copy))
+    cache.expect([Batch(0, 0, cv), Batch(0, cv, 2 * cv)])
+    cache.views(0, 0, cv)  # chunk 1 is read ahead (and fails) now, its error kept for when it is needed
+    with pytest.raises(CorruptStoreError, match="c000001.json"):
+        cache.views(0, cv, 2 * cv)

@@ -80,20 +80,28 @@ def test_precompute_to_s3_gives_the_local_digest(s3, s3_zarr, s3_wds, store):  #
         assert remote.writer() is None
 
 
-@pytest.mark.parametrize("workers", [0, 1, 4])
-def test_replay_from_s3_with_workers_equals_local(s3_wds, store_dir, workers):
-    """Forked DataLoader workers read the S3 store (each makes its own s3fs): the same views and labels."""
+@pytest.mark.parametrize("workers", [0, 2, 4])
+def test_replay_from_s3_with_workers_equals_local(s3, s3_wds, store_dir, workers):  # noqa: F811
+    """With forked DataLoader workers, the S3 store gives the same views and labels, and each chunk of an
+    epoch is read once (its commit record fetched once), whatever the number of workers."""
     from kdlib import Replay
 
-    got = Replay.from_store(s3_wds, batch_size=128, epochs=1, workers=workers, device="cpu", rank=0, world=1)
-    want = Replay.from_store(store_dir, batch_size=128, epochs=1, workers=0, device="cpu", rank=0, world=1)
+    bs = 16  # 4 batches per chunk: round-robin workers each meet every chunk
+    got = Replay.from_store(s3_wds, batch_size=bs, epochs=2, workers=workers, device="cpu", rank=0, world=1)
+    want = Replay.from_store(store_dir, batch_size=bs, epochs=2, workers=0, device="cpu", rank=0, world=1)
+    s3.traffic.reset()
     n = 0
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a.views, b.views)
         for k, v in b.soft_labels.items():
             assert torch.equal(a.soft_labels[k], v), k
         n += 1
-    assert n == got.steps_per_epoch >= 2
+    assert n == got.total_steps >= 4
+    reads = dict(s3.traffic.commits_read)
+    meta = got.store.meta
+    chunks = -(-(got.steps_per_epoch * bs) // meta.chunk_views)
+    assert meta.epochs_done == 2 and chunks >= 2
+    assert len(reads) == 2 * chunks and set(reads.values()) == {1}, reads  # every chunk of both epochs, once
 
 
 def test_train_cli_reads_s3_with_default_workers(s3, s3_zarr, tmp_path):  # noqa: F811

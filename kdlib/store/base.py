@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -512,13 +513,33 @@ class Store:
 class ChunkCache:
     """Reads views [start, stop) of an epoch through whole checked chunks, keeping the last few.
 
-    Memory stays at a few chunks whatever the store size; a DataLoader worker holds its own.
+    Memory stays at a few chunks whatever the store size. Told the batches it will serve (`expect`),
+    it reads the next chunk they need in a thread while the current one is served, so a reader that
+    walks an epoch in order waits on the store only for the first chunk. One reader per process: the
+    feed reads params and soft labels in the main process (`kdlib.views.ViewBatches.key`), so each
+    chunk is read once per epoch whatever the number of DataLoader workers.
     """
 
     def __init__(self, store: Store, keep: int = 2) -> None:
         self.store = store
         self.keep = keep
         self._cache: dict[tuple[int, int], Chunk] = {}
+        self._next: dict[tuple[int, int], tuple[int, int]] = {}  # chunk -> the one the batches need after it
+        self._ahead: dict[tuple[int, int], Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:  # a copy in another process reads for itself: no thread, no futures
+        return {**self.__dict__, "_cache": {}, "_ahead": {}, "_pool": None}
+
+    def expect(self, batches: Any) -> None:
+        """The (epoch, start, stop) ranges about to be read, in order: what the read-ahead follows."""
+        cv = self.store.meta.chunk_views
+        order: list[tuple[int, int]] = []
+        for epoch, start, stop in batches:
+            for chunk in range(start // cv, (stop - 1) // cv + 1):
+                if not order or order[-1] != (epoch, chunk):
+                    order.append((epoch, chunk))
+        self._next = dict(zip(order, order[1:]))
 
     def views(self, epoch: int, start: int, stop: int) -> Chunk:
         cv = self.store.meta.chunk_views
@@ -536,13 +557,24 @@ class ChunkCache:
         """What a replay item carries from these views' stored columns (soft labels, heads, maps, ...)."""
         return item_columns(cols, self.store.meta)
 
+    def _read(self, key: tuple[int, int]) -> Chunk:
+        epoch, chunk = key
+        try:
+            return decode_chunk(self.store.read_chunk(epoch, chunk), self.store.meta)
+        except CorruptStoreError as exc:  # a codec's check (e.g. sampled counts) knows the values, not where
+            raise CorruptStoreError(f"store {self.store.url} epoch {epoch} chunk {chunk}: {exc}") from None
+
     def _chunk(self, epoch: int, chunk: int) -> Chunk:
         key = (epoch, chunk)
         if key not in self._cache:
-            if len(self._cache) >= self.keep:
+            pending = self._ahead.pop(key, None)
+            cols = pending.result() if pending is not None else self._read(key)  # its error is raised here
+            while len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
-            try:
-                self._cache[key] = decode_chunk(self.store.read_chunk(epoch, chunk), self.store.meta)
-            except CorruptStoreError as exc:  # a codec's check (e.g. sampled counts) knows the values, not where
-                raise CorruptStoreError(f"store {self.store.url} epoch {epoch} chunk {chunk}: {exc}") from None
+            self._cache[key] = cols
+            after = self._next.get(key)
+            if after is not None and after not in self._cache and after not in self._ahead:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdlib-read-ahead")
+                self._ahead[after] = self._pool.submit(self._read, after)
         return self._cache[key]
