@@ -193,7 +193,7 @@ def marginal_target(ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, 
 
     The top-k probabilities ``p_i = exp(l_i - lse)`` in place and the rest of the mass ``1 - sum_k p_i``
     spread evenly over the other ``C - k`` classes: a fixed probability vector, made at T = 1. At T = 1 it
-    is :func:`reconstruct`'s distribution (up to that function's fp16 guards); at another temperature it
+    is :func:`reconstruct`'s distribution (with the same floor on the rest); at another temperature it
     differs, because reconstruct's logits are re-tempered, tail included, where FKD keeps its probabilities.
     """
     c = _check_num_classes(num_classes)
@@ -203,8 +203,11 @@ def marginal_target(ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, 
     n, k = index.shape
     if k >= c:
         return torch.zeros((n, c), device=device).scatter_(1, index, top)
-    rest = ((1.0 - top.sum(-1)).clamp_min(0.0) / (c - k)).unsqueeze(-1)
-    return rest.expand(n, c).contiguous().scatter_(1, index, top)
+    # fp16 rounding can make the top-k mass reach 1 for a nearly one-hot teacher: the rest is floored as in
+    # `reconstruct` (never exactly 0, so KL(teacher || target) stays finite) and the vector renormalised
+    rest = ((1.0 - top.sum(-1)).clamp_min(TAIL_FLOOR) / (c - k)).unsqueeze(-1)
+    y = rest.expand(n, c).contiguous().scatter_(1, index, top)
+    return y / y.sum(-1, keepdim=True)
 
 
 def sampled_target(
