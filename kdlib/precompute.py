@@ -39,6 +39,7 @@ from .render import DECODERS, RENDERER
 from .runtime import process_state
 from .softlabel import encode, id_dtype, to_codec
 from .source import open_source, save_source_index
+from .source_base import using_storage_options
 from .store import FORMAT_VERSION, Store, StoreMeta, create_store, open_store
 from .store.codecs import SAMPLE, ParamsCodec, active_codecs, check_names, sampled_kind
 from .teacher import DEFAULT_GRID, Teacher, load_teacher
@@ -86,6 +87,9 @@ class PrecomputeConfig:
     labels: str = "topk"  # or sampled: `samples` draws per view from softmax(logits / sample_temperature) (RS-KD)
     samples: int = 10
     sample_temperature: float = 1.0
+    # fsspec's options for s3://... stores and data (`--storage-options`; default: $KDLIB_STORAGE_OPTIONS and
+    # the AWS_* variables); never written into the store (they may hold credentials)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
 
 LABEL_KINDS = ("topk", "sampled")
@@ -123,6 +127,11 @@ def _round_to_groups(n: int, group_size: int, what: str, state: PartialState) ->
 
 def precompute(cfg: PrecomputeConfig) -> Store:
     """Run the teacher once over the recipe's views and store its soft labels (see the module docstring)."""
+    with using_storage_options(cfg.storage_options):
+        return _precompute(cfg)
+
+
+def _precompute(cfg: PrecomputeConfig) -> Store:
     state = process_state(cfg.cpu)
     device = state.device
     if cfg.decode not in DECODERS:

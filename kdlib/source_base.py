@@ -18,6 +18,8 @@ import re
 import struct
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import fsspec
@@ -26,7 +28,7 @@ from PIL import Image
 
 from kdlib.errors import SourceError
 
-__all__ = ["IMAGE_EXTENSIONS", "Source", "pil_image", "storage_options"]
+__all__ = ["IMAGE_EXTENSIONS", "Source", "pil_image", "storage_options", "using_storage_options"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -294,6 +296,27 @@ def storage_options() -> dict:
     if not isinstance(opts, dict):
         raise SourceError("KDLIB_STORAGE_OPTIONS must be a JSON object of fsspec options")
     return opts
+
+
+@contextmanager
+def using_storage_options(opts: dict[str, Any] | None) -> Iterator[None]:
+    """`opts` as the fsspec options while the block runs (a config's `storage_options`), set where
+    `--storage-options` puts them, so that DataLoader workers and ranks started meanwhile inherit them;
+    None: leave them as they are."""
+    if opts is None:
+        yield
+        return
+    if not isinstance(opts, dict):
+        raise SourceError(f"storage_options must be a dict of fsspec options, got {type(opts).__name__}")
+    before = os.environ.get("KDLIB_STORAGE_OPTIONS")
+    os.environ["KDLIB_STORAGE_OPTIONS"] = json.dumps(opts)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("KDLIB_STORAGE_OPTIONS", None)
+        else:
+            os.environ["KDLIB_STORAGE_OPTIONS"] = before
 
 
 def _load_npz(paths: list[str], digest: str) -> dict[str, np.ndarray] | None:

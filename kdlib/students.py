@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from .plots import save_curves
 from .replay import Replay
 from .rundir import save_model
 from .runtime import check_world
+from .source_base import using_storage_options
 from .store.base import LOCK
 from .targets import Targets, choose_targets
 from .train import (
@@ -63,6 +64,7 @@ from .train import (
     _test_source,
     _truncate_logs,
     _warn_target_error,
+    recorded,
     resolve_config,
     run_lr,
 )
@@ -84,6 +86,7 @@ SHARED = {
     "mixed_precision": "one accelerator runs every student",
     "resume": "the pass starts (or goes on) for every student alike",
     "overwrite": "the pass starts (or goes on) for every student alike",
+    "storage_options": "one feed opens the store and the data",
 }
 # Settings one pass does not offer at all (each with what to do instead).
 REFUSED = {
@@ -245,6 +248,7 @@ def train_students(cfgs: list[TrainConfig]) -> dict[str, Any]:
     """Train several students from one pass over a store (one replay feeding several models); -> per
     student the summary `kdlib.train.train` gives, and the students that failed (`failed`: out, error)."""
     with ExitStack() as held:
+        held.enter_context(using_storage_options(cfgs[0].storage_options if cfgs else None))
         return _train_students(cfgs, held)
 
 
@@ -401,7 +405,7 @@ def _open_run_dir(s: _Student, accelerator: Accelerator, held: ExitStack, world:
     (out / "train_config.json").write_text(
         json.dumps(
             {
-                **asdict(cfg),
+                **recorded(cfg),
                 "recipe": s.targets.recipe.to_dict(),
                 "world_size": world,
                 "training": training_settings(cfg),

@@ -38,7 +38,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -79,6 +79,7 @@ from .runtime import check_world
 from .schedule import SCHEDULES, lr_schedule, schedule_settings, warmup_steps
 from .softlabel import reconstruct
 from .source import open_source
+from .source_base import using_storage_options
 from .store import Store
 from .store.base import LOCK
 from .store.codecs import decode_chunk, sampled_temperature
@@ -155,6 +156,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the student
     log_with: str | None = None  # accelerate trackers, comma-separated (tensorboard, wandb, ...)
     keep_best: str | None = None  # keep the best model by this metric in --out/best (KEEP_BEST)
+    # fsspec's options for an s3://... store and data (`--storage-options`; default: $KDLIB_STORAGE_OPTIONS and
+    # the AWS_* variables); not recorded in the run dir (they may hold credentials)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_numbers(vars(self), TRAIN_NUMBERS, "train config")
@@ -652,10 +656,17 @@ def _trackers(cfg: TrainConfig) -> list[str] | None:
     return names
 
 
+def recorded(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a run dir (and a tracker) records it: everything but the storage options."""
+    out = asdict(cfg)
+    out.pop("storage_options")
+    return out
+
+
 def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     """The run's config as trackers take it: scalars only (lists and None as text)."""
     flat = {}
-    for key, value in {**asdict(cfg), **training_settings(cfg), "run_lr": run_lr(cfg)}.items():
+    for key, value in {**recorded(cfg), **training_settings(cfg), "run_lr": run_lr(cfg)}.items():
         flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
 
@@ -665,6 +676,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student as `cfg` says: 1. prepare, 2. loop over this rank's share of every global batch,
     3. save and evaluate; -> a summary (run dir, world size, steps, evaluation)."""
     with ExitStack() as held:  # the run dir's lock, once taken, is dropped however training ends
+        held.enter_context(using_storage_options(cfg.storage_options))
         return _train(cfg, held)
 
 
@@ -753,7 +765,7 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
         (out / "train_config.json").write_text(
             json.dumps(
                 {
-                    **asdict(cfg),
+                    **recorded(cfg),
                     "recipe": recipe.to_dict(),
                     "world_size": world,
                     "training": training_settings(cfg),

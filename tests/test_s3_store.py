@@ -145,6 +145,30 @@ def test_storage_options_reach_the_store_without_aws_variables(s3, s3_wds, monke
     assert next(iter(replay)).views.shape[0] == 128
 
 
+def test_configs_take_storage_options_and_never_record_them(s3, teacher_dir, tmp_path, monkeypatch):  # noqa: F811
+    """PrecomputeConfig / TrainConfig(storage_options=...) alone reach the store, the data and the forked
+    workers (no AWS_* variable set); the run dir does not keep them (credentials); the environment is
+    left as it was."""
+    from kdlib.train import TrainConfig, train
+
+    for k in s3.env():
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("KDLIB_STORAGE_OPTIONS", raising=False)
+    url = _precompute(teacher_dir, s3.url("api-options"), workers=2, storage_options=s3.options(), epochs=1)
+    assert "KDLIB_STORAGE_OPTIONS" not in os.environ
+    run = tmp_path / "run"
+    opts = s3.options()
+    cfg = TrainConfig(out=str(run), shards=url, epochs=1, workers=2, cpu=True, eval=False, storage_options=opts)
+    assert opts["secret"] not in repr(cfg)
+    train(cfg)
+    assert (run / "model.safetensors").is_file()
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert opts["secret"].encode() not in f.read_bytes(), f
+    assert "KDLIB_STORAGE_OPTIONS" not in os.environ
+
+
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_flipped_byte_in_an_s3_chunk_is_caught(s3, s3_zarr, s3_wds, backend):  # noqa: F811
     url = s3_zarr if backend == "zarr" else s3_wds
