@@ -171,7 +171,11 @@ def cli(debug: bool) -> None:
 )
 @click.option("--out", required=True, help="Store directory or fsspec URL, e.g. shards/run.")
 @click.option(
-    "--k", "k", type=click.IntRange(min=1), default=10, help="Top-k logits kept per view (all when classes <= k)."
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Top-k logits kept per view, at most the class count [default: 10, or every class when fewer].",
 )
 @click.option(
     "--format",

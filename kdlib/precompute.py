@@ -59,7 +59,7 @@ class PrecomputeConfig:
     out: str
     recipe: str | None = None
     epochs: int = 1
-    k: int = 10
+    k: int | None = None  # top-k logits per view; None: 10, or every class when fewer
     batch_size: int = 256
     workers: int = 2
     limit: int | None = None
@@ -95,12 +95,22 @@ class PrecomputeConfig:
 LABEL_KINDS = ("topk", "sampled")
 
 
+DEFAULT_K = 10  # top-k logits per view unless --k says otherwise (every class when there are fewer)
+
+
 def _label_kind(cfg: PrecomputeConfig, num_classes: int) -> tuple[int, list[str]]:
     """(slots per view, meta.codecs entries) of the soft labels `cfg` asks for, checked."""
     if cfg.labels not in LABEL_KINDS:
         raise ConfigError(f"--labels {cfg.labels!r} is unknown; choose one of {LABEL_KINDS}")
     if cfg.labels == "topk":
-        return min(cfg.k, num_classes), []
+        if cfg.k is None:
+            return min(DEFAULT_K, num_classes), []
+        if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or not 1 <= cfg.k <= num_classes:
+            raise ConfigError(
+                f"--k {cfg.k!r}: top-k keeps k of the {num_classes} classes' logits per view, 1 <= k <= "
+                f"{num_classes}; choose a smaller k (--k {num_classes} keeps them all)"
+            )
+        return cfg.k, []
     s = cfg.samples
     if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num_classes:
         raise ConfigError(
