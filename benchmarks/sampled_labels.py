@@ -124,7 +124,10 @@ def main() -> None:
     ap.add_argument("--weights-file", default=None, help=f"the .pth inside {PACKAGE} (default: found installed)")
     ap.add_argument("--images", type=int, default=512, help="train images (Fashion-MNIST, RGB)")
     ap.add_argument("--held-out", type=int, default=300, help="held-out images (Fashion-MNIST test)")
-    ap.add_argument("--epochs", type=int, default=1, help="stored epochs = training epochs")
+    ap.add_argument("--epochs", type=int, default=1, help="stored epochs (teacher passes over the images)")
+    ap.add_argument(
+        "--train-epochs", type=int, default=None, help="student epochs (default: --epochs; more cycle the stored ones)"
+    )
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--full-sample", type=float, default=0.25, help="views that keep full logits (inspect)")
@@ -210,7 +213,7 @@ def main() -> None:
                 out=str(run),
                 shards=store,
                 student=STUDENT,
-                epochs=a.epochs,
+                epochs=a.train_epochs or a.epochs,
                 batch_size=32,
                 lr=3e-3,
                 workers=0,
@@ -243,6 +246,7 @@ def main() -> None:
         "images": a.images,
         "held_out": a.held_out,
         "epochs": a.epochs,
+        "train_epochs": a.train_epochs or a.epochs,
         "size": a.size,
         "seeds": a.seeds,
         "teacher_held_out_top1_prob": float(t_logp.exp().max(1).values.mean()),

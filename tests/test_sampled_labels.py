@@ -205,7 +205,19 @@ def test_bad_input_one_line(sampled_store, teacher_dir, tmp_path):
     topk = {**_flags(teacher_dir, tmp_path / "k"), "labels": "topk", "k": 11}
     with pytest.raises(ConfigError, match=r"--k 11: .* 1 <= k <= 10; .*--k 10 keeps them all"):
         precompute(PrecomputeConfig(**topk))
-    p = kdlib_cli("precompute", "--teacher", teacher_dir, "--data", "fashion-mnist", "--limit", "64", "--k", "11", "--out", tmp_path / "kcli")
+    p = kdlib_cli(
+        "precompute",
+        "--teacher",
+        teacher_dir,
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "64",
+        "--k",
+        "11",
+        "--out",
+        tmp_path / "kcli",
+    )
     one_line(p, 2, "--k 11", "1 <= k <= 10")
     assert not (tmp_path / "k").exists() and not (tmp_path / "kcli").exists()
     with pytest.raises(ConfigError, match="sample-temperature"):
