@@ -3,8 +3,9 @@
 The S3 side is a real S3-compatible server over HTTP on this machine (moto's server mode, the one the
 tests use: tests/s3_server.py, with its IAM signature checks on), so the numbers carry HTTP, request
 signing, s3fs and botocore, but not a network's latency or bandwidth: read them as the client's cost
-of object storage, a floor for a remote bucket. The server runs in this process (a thread), and so
-competes for the same CPUs as the loader's main process; DataLoader workers are separate processes.
+of object storage. The server runs in a process of its own (as a remote one would, it does not hold
+the measured process's GIL) but on the same CPUs, so its work (moto's parsing and signature checks)
+still competes with the measured run's: a pessimistic floor for a remote bucket.
 
 For each format (zarr, wds), in rounds that alternate the order (local, s3 then s3, local):
 - precompute (A: into s3://..., B: into a local directory): the same teacher, data, recipe and
@@ -15,7 +16,8 @@ For each format (zarr, wds), in rounds that alternate the order (local, s3 then 
   the feed can deliver, i.e. the most train could consume; on a CPU the student is the bottleneck of
   train, so this row is the one where the store's place shows.
 Requests and response bytes per view come from the server itself (a WSGI wrapper counts what goes over
-the wire), and "chunk reads" counts the commit records read (one per chunk `Store.read_chunk` reads).
+the wire), and "chunk reads" counts the commit records the replay fetched after the store was opened
+(one per chunk `Store.read_chunk` reads; opening a store also fetches one per stored epoch, its check).
 
     .venv/bin/python benchmarks/s3_store.py                       # ~5-10 min on 2 loaded CPU cores
     .venv/bin/python benchmarks/s3_store.py --limit 2048 --rounds 1   # a quick look
@@ -32,7 +34,7 @@ import sys
 import _common as C
 
 sys.path.insert(0, str(C.REPO / "tests"))
-from s3_server import S3Server  # noqa: E402  (the tests' server)
+from s3_server import S3ServerProcess  # noqa: E402  (the tests' server, in a process of its own)
 
 
 def main() -> None:
@@ -56,7 +58,7 @@ def main() -> None:
     from kdlib.store import open_store
     from kdlib.train import TrainConfig, train
 
-    server = S3Server()
+    server = S3ServerProcess()
     os.environ.update(server.env())
     os.environ.setdefault("KDLIB_DATA", "/usr/share/datasets/fashion-mnist")
     machine = C.machine_info()
@@ -90,11 +92,14 @@ def main() -> None:
             checkpoint_every=0,
         )
 
-    def replay_views(url: str) -> int:
+    def replay_views(url: str) -> tuple[int, int]:
+        """Views fed, and the chunks read meanwhile (commit records fetched after the store was opened)."""
         from kdlib import Replay
 
         replay = Replay.from_store(url, batch_size=args.batch_size, epochs=1, workers=args.workers, device="cpu")
-        return sum(int(b.views.shape[0]) for b in replay)
+        server.traffic.reset()
+        fed = sum(int(b.views.shape[0]) for b in replay)
+        return fed, sum(server.traffic.commits_read.values())
 
     runs: dict[str, list[dict]] = {}
     for backend in args.formats.split(","):
@@ -123,21 +128,27 @@ def main() -> None:
                 rate.update(
                     requests=reqs,
                     bytes_out=sent,
-                    chunk_reads=sum(server.traffic.commits_read.values()),
+                    commit_records_read=sum(server.traffic.commits_read.values()),  # + the open's check
                     chunks=open_store(url).meta.chunks_per_epoch,
                 )
                 runs.setdefault(f"train {key}", []).append(rate)
-                server.traffic.reset()
                 with C.quiet():
-                    fed, fed_s = C.timed(lambda: replay_views(url))
+                    (fed, chunk_reads), fed_s = C.timed(lambda: replay_views(url))
                 reqs, sent = server.traffic.snapshot()
                 runs.setdefault(f"replay {key}", []).append(
-                    {"views_per_s": fed / fed_s, "views": fed, "requests": reqs, "bytes_out": sent}
+                    {
+                        "views_per_s": fed / fed_s,
+                        "views": fed,
+                        "requests": reqs,
+                        "bytes_out": sent,
+                        "chunk_reads": chunk_reads,
+                        "chunks": rate["chunks"],
+                    }
                 )
                 print(
                     f"round {r} {backend} {where:>5}: precompute {views / seconds:.0f} views/s, train "
                     f"{rate['steady_views_per_s']:.0f} views/s steady ({rate['views_per_s']:.0f} whole epoch), "
-                    f"{rate['chunk_reads']} chunk reads of {rate['chunks']} chunks; replay alone {fed / fed_s:.0f} views/s",
+                    f"replay alone {fed / fed_s:.0f} views/s, {chunk_reads} chunk reads of {rate['chunks']} chunks",
                     flush=True,
                 )
                 if where == "local":
@@ -162,7 +173,7 @@ def main() -> None:
             got = C.median([sum(x["bytes_out"].values()) / x["views"] for x in s3_runs])
             reads = (
                 f"{C.median([x['chunk_reads'] for x in s3_runs]):.0f} / {s3_runs[0]['chunks']}"
-                if stage == "train"
+                if stage == "replay"
                 else "-"
             )
             summary[f"{backend} {what}"] = {"s3": s3, "local": local, "paired": paired, "requests_per_view": req}

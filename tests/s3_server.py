@@ -6,6 +6,7 @@ key made through its IAM API, so wrong credentials are refused as a real S3 refu
 buckets live in this process, so stopping the server and starting it again on the same port
 keeps them (what the "server stopped mid-run" test needs). It counts requests and the bytes it
 sends back per (method, path prefix), through a WSGI wrapper that sees what goes over the wire.
+`S3ServerProcess` runs the same server in a child process (the benchmark's: off the measured GIL).
 
 Import the fixture into a test module: `from s3_server import s3  # noqa: F401`.
 """
@@ -26,6 +27,7 @@ import pytest
 
 BUCKET = "kdlib-test"
 REGION = "us-east-1"
+TRAFFIC_PATH = "/_kdlib_traffic"  # the counting wrapper answers here (S3ServerProcess's counters)
 
 
 @dataclass
@@ -57,6 +59,22 @@ class _Counting:
 
     def __call__(self, environ: dict, start_response: Any) -> Iterator[bytes]:
         method, path = environ.get("REQUEST_METHOD", "?"), environ.get("PATH_INFO", "")
+        if path in (TRAFFIC_PATH, TRAFFIC_PATH + "/reset"):  # S3ServerProcess asks; not counted
+            if path.endswith("/reset"):
+                self.traffic.reset()
+            with self.traffic.lock:
+                body = json.dumps(
+                    {
+                        "requests": self.traffic.requests,
+                        "bytes_out": self.traffic.bytes_out,
+                        "commits_read": self.traffic.commits_read,
+                    }
+                ).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return iter([body])
+        return self._counted(method, path, environ, start_response)
+
+    def _counted(self, method: str, path: str, environ: dict, start_response: Any) -> Iterator[bytes]:
         with self.traffic.lock:
             self.traffic.requests[method] += 1
             if method == "GET" and "/commits/e" in path:
@@ -67,7 +85,37 @@ class _Counting:
             yield part
 
 
-class S3Server:
+class _Client:
+    """What a client needs of a server: its endpoint and credentials, as variables, options, a filesystem."""
+
+    endpoint: str
+    key: str
+    secret: str
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The standard AWS variables that point s3fs/botocore at this server with these credentials."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": REGION,
+            **overrides,
+        }
+
+    def options(self) -> dict[str, Any]:
+        """The same as fsspec storage options (what `--storage-options` takes)."""
+        return {"endpoint_url": self.endpoint, "key": self.key, "secret": self.secret}
+
+    def fs(self):
+        import fsspec
+
+        return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **self.options())
+
+    def url(self, name: str) -> str:
+        return f"s3://{BUCKET}/{name}"
+
+
+class S3Server(_Client):
     """moto's S3 over HTTP on 127.0.0.1, with one IAM user's credentials and a bucket."""
 
     def __init__(self) -> None:
@@ -126,27 +174,56 @@ class S3Server:
         key = iam.create_access_key(UserName="kdlib")["AccessKey"]
         return key["AccessKeyId"], key["SecretAccessKey"]
 
-    def env(self, **overrides: str) -> dict[str, str]:
-        """The standard AWS variables that point s3fs/botocore at this server with these credentials."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.key,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_DEFAULT_REGION": REGION,
-            **overrides,
-        }
 
-    def options(self) -> dict[str, Any]:
-        """The same as fsspec storage options (what `--storage-options` takes)."""
-        return {"endpoint_url": self.endpoint, "key": self.key, "secret": self.secret}
+class _RemoteTraffic:
+    """`Traffic`'s reads and reset, asked of the server process over HTTP."""
 
-    def fs(self):
-        import fsspec
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
 
-        return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **self.options())
+    def _get(self, path: str) -> dict[str, dict[str, int]]:
+        import urllib.request
 
-    def url(self, name: str) -> str:
-        return f"s3://{BUCKET}/{name}"
+        with urllib.request.urlopen(self.endpoint + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def reset(self) -> None:
+        self._get(TRAFFIC_PATH + "/reset")
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        got = self._get(TRAFFIC_PATH)
+        return got["requests"], got["bytes_out"]
+
+    @property
+    def commits_read(self) -> dict[str, int]:
+        return self._get(TRAFFIC_PATH)["commits_read"]
+
+
+def _serve(conn: Any) -> None:
+    server = S3Server()
+    conn.send((server.endpoint, server.key, server.secret))
+    conn.recv()  # until told to stop
+    server.stop()
+
+
+class S3ServerProcess(_Client):
+    """The same server in a child process (benchmarks/s3_store.py): its Python work, moto's parsing and
+    signature checks, does not hold the measured process's GIL, as a remote server's would not. Its
+    counters are read over HTTP (`traffic.snapshot()`, `traffic.commits_read`, `traffic.reset()`)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        self.endpoint, self.key, self.secret = self._conn.recv()
+        self.traffic = _RemoteTraffic(self.endpoint)
+
+    def stop(self) -> None:
+        self._conn.send("stop")
+        self._proc.join(30)
 
 
 @pytest.fixture(scope="session")
