@@ -97,7 +97,7 @@ def main() -> None:
     torch.manual_seed(0)
     teacher_dir = work / "teacher"
     save_model(build_model(args.teacher, args.classes, 3, mean, std), teacher_dir)
-    ks = [args.classes if k == "full" else int(k) for k in args.ks.split(",")]
+    ks = sorted({args.classes if k == "full" else min(int(k), args.classes) for k in args.ks.split(",")})
 
     backends, codecs = args.backends.split(","), args.codecs.split(",")
     stores = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,12 +106,12 @@ def _label_kind(cfg: PrecomputeConfig, num_classes: int) -> tuple[int, list[str]
     if cfg.labels == "topk":
         if cfg.k is None:
             return min(DEFAULT_K, num_classes), []
-        if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or not 1 <= cfg.k <= num_classes:
+        if isinstance(cfg.k, bool) or not isinstance(cfg.k, numbers.Integral) or not 1 <= cfg.k <= num_classes:
             raise ConfigError(
                 f"--k {cfg.k!r}: top-k keeps k of the {num_classes} classes' logits per view, 1 <= k <= "
                 f"{num_classes}; choose a smaller k (--k {num_classes} keeps them all)"
             )
-        return cfg.k, []
+        return int(cfg.k), []
     s = cfg.samples
     if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num_classes:
         raise ConfigError(

@@ -302,14 +302,20 @@ def storage_options() -> dict:
 def using_storage_options(opts: dict[str, Any] | None) -> Iterator[None]:
     """`opts` as the fsspec options while the block runs (a config's `storage_options`), set where
     `--storage-options` puts them, so that DataLoader workers and ranks started meanwhile inherit them;
-    None: leave them as they are."""
+    None: leave them as they are. The environment is the process's: one run per process at a time."""
     if opts is None:
         yield
         return
     if not isinstance(opts, dict):
         raise SourceError(f"storage_options must be a dict of fsspec options, got {type(opts).__name__}")
+    try:
+        text = json.dumps(opts)
+    except (TypeError, ValueError) as exc:
+        raise SourceError(
+            f"storage_options must be JSON-serialisable fsspec options (they reach every process as text): {exc}"
+        ) from None
     before = os.environ.get("KDLIB_STORAGE_OPTIONS")
-    os.environ["KDLIB_STORAGE_OPTIONS"] = json.dumps(opts)
+    os.environ["KDLIB_STORAGE_OPTIONS"] = text
     try:
         yield
     finally:

@@ -172,7 +172,10 @@ def check_students(cfgs: list[TrainConfig], where: str = "students") -> None:
     for key, why in SHARED.items():
         values = [getattr(c, key) for c in cfgs]
         if any(v != values[0] for v in values[1:]):
-            shown = ", ".join(f"{c.out}: {v!r}" for c, v in zip(cfgs, values))
+            secret = key == "storage_options"  # may hold credentials: say which differ, never the values
+            shown = ", ".join(
+                f"{c.out}: {('set' if v else 'not set') if secret else repr(v)}" for c, v in zip(cfgs, values)
+            )
             raise ConfigError(
                 f"{where}: {key} differs between students ({shown}), and one pass needs it shared "
                 f"({why}); give it once for all, or train the odd one alone"

@@ -50,8 +50,7 @@ class ParamReader(Protocol):
 
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
 
-    def expect(self, batches: list[Batch]) -> None:
-        """The batches about to be read, in order (a store reads ahead along them)."""
+    # optional: `expect(batches)`, the batches about to be read, in order (a store reads ahead along them)
 
 
 class PlanParams:
@@ -79,9 +78,6 @@ class PlanParams:
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {}
 
-    def expect(self, batches: list[Batch]) -> None:
-        pass
-
 
 class FixedParams:
     """Params given in full (eval's center views); the epoch is ignored."""
@@ -94,9 +90,6 @@ class FixedParams:
 
     def item_columns(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {}
-
-    def expect(self, batches: list[Batch]) -> None:
-        pass
 
 
 class BatchKeys(Sampler):
@@ -159,7 +152,9 @@ class ViewBatches(Dataset):
             raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
         self._labels = source.labels()
         self._held: dict[int, dict[str, torch.Tensor]] = {}  # stored columns of the batches handed out
-        self.params.expect(self.batches)
+        expect = getattr(self.params, "expect", None)  # optional: a reader that reads ahead
+        if expect is not None:
+            expect(self.batches)
 
     def staged(self, stage: str) -> ViewBatches:
         """The same batches, with the worker taking the pixels as far as `stage` (a new dataset)."""

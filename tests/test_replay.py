@@ -254,6 +254,25 @@ def test_chunk_cache_reads_each_chunk_once_ahead_of_the_batches(store_copy):
     (Path(store_copy) / "commits" / "e00000" / "c000001.json").write_text("{}")
     cache = ChunkCache(open_store(store_copy))
     cache.expect([Batch(0, 0, cv), Batch(0, cv, 2 * cv)])
-    cache.views(0, 0, cv)  # chunk 1 is read ahead (and fails) now, its error kept for when it is needed
+    cache.views(0, 0, cv)  # chunk 1 is read ahead now (and fails): read again, and refused, where it is needed
+    assert (0, 1) in cache._ahead
     with pytest.raises(CorruptStoreError, match="c000001.json"):
         cache.views(0, cv, 2 * cv)
+
+
+def test_a_users_dataloader_forks_workers_after_the_parent_read(store_dir):
+    """`data[i]` in the parent (its chunk cache reading ahead in a thread), then a plain DataLoader with
+    forked workers over the same dataset: each worker reads for itself instead of waiting on the
+    parent's read-ahead, which is not running there."""
+    from torch.utils.data import DataLoader
+
+    from kdlib.replay import rank_batches
+    from kdlib.store import open_store
+    from kdlib.targets import StoreTargets
+
+    targets = StoreTargets(open_store(store_dir), None, None)
+    data = targets.dataset(rank_batches(targets.views, 16, targets.recipe.group_size, 0, 1, 1))
+    first = data[0]
+    got = list(DataLoader(data, batch_size=None, num_workers=2, timeout=120))  # a hang fails by the timeout
+    assert len(got) == len(data) >= 8
+    assert torch.equal(got[0]["ids"], first["ids"]) and torch.equal(got[0]["views"], first["views"])

@@ -169,6 +169,24 @@ def test_configs_take_storage_options_and_never_record_them(s3, teacher_dir, tmp
     assert "KDLIB_STORAGE_OPTIONS" not in os.environ
 
 
+def test_storage_options_are_never_shown_and_must_be_json(store_dir, tmp_path):
+    from kdlib.errors import ConfigError, SourceError
+    from kdlib.source_base import using_storage_options
+    from kdlib.students import check_students
+    from kdlib.train import TrainConfig
+
+    secret = {"key": "K", "secret": "SUPERSECRET"}
+    cfgs = [
+        TrainConfig(out=str(tmp_path / n), shards=store_dir, storage_options=o) for n, o in (("a", secret), ("b", None))
+    ]
+    with pytest.raises(ConfigError, match="storage_options differs") as e:
+        check_students(cfgs)
+    assert "SUPERSECRET" not in str(e.value) and "set" in str(e.value)
+    with pytest.raises(SourceError, match="JSON-serialisable"):
+        with using_storage_options({"client_kwargs": {"config": object()}}):
+            pass
+
+
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_flipped_byte_in_an_s3_chunk_is_caught(s3, s3_zarr, s3_wds, backend):  # noqa: F811
     url = s3_zarr if backend == "zarr" else s3_wds

@@ -16,10 +16,10 @@ import json
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -525,11 +525,11 @@ class ChunkCache:
         self.keep = keep
         self._cache: dict[tuple[int, int], Chunk] = {}
         self._next: dict[tuple[int, int], tuple[int, int]] = {}  # chunk -> the one the batches need after it
-        self._ahead: dict[tuple[int, int], Future] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[int, int], _ReadAhead] = {}
+        self._pid = os.getpid()
 
-    def __getstate__(self) -> dict:  # a copy in another process reads for itself: no thread, no futures
-        return {**self.__dict__, "_cache": {}, "_ahead": {}, "_pool": None}
+    def __getstate__(self) -> dict:  # a copy in another process reads for itself: no reads in flight
+        return {**self.__dict__, "_cache": {}, "_ahead": {}}
 
     def expect(self, batches: Any) -> None:
         """The (epoch, start, stop) ranges about to be read, in order: what the read-ahead follows."""
@@ -565,16 +565,38 @@ class ChunkCache:
             raise CorruptStoreError(f"store {self.store.url} epoch {epoch} chunk {chunk}: {exc}") from None
 
     def _chunk(self, epoch: int, chunk: int) -> Chunk:
+        if self._pid != os.getpid():  # a forked copy: the parent's reads in flight are not running here
+            self._pid, self._ahead = os.getpid(), {}
         key = (epoch, chunk)
         if key not in self._cache:
             pending = self._ahead.pop(key, None)
-            cols = pending.result() if pending is not None else self._read(key)  # its error is raised here
+            cols = pending.result() if pending is not None else None
+            if cols is None:  # not read ahead, or that read failed: read here (a real fault is raised here)
+                cols = self._read(key)
             while len(self._cache) >= self.keep:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = cols
             after = self._next.get(key)
             if after is not None and after not in self._cache and after not in self._ahead:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdlib-read-ahead")
-                self._ahead[after] = self._pool.submit(self._read, after)
+                self._ahead[after] = _ReadAhead(self._read, after)
         return self._cache[key]
+
+
+class _ReadAhead:
+    """One chunk read in a daemon thread (an exit never waits on a read in flight); `result()` is the
+    chunk, or None when the read failed (the reader reads again and meets the fault itself)."""
+
+    def __init__(self, read: Any, key: tuple[int, int]) -> None:
+        self._read, self._key, self._cols = read, key, None
+        self._thread = threading.Thread(target=self._run, name="kdlib-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._cols = self._read(self._key)
+        except Exception:  # noqa: BLE001  read again where it is needed: the error is raised there
+            self._cols = None
+
+    def result(self) -> Chunk | None:
+        self._thread.join()
+        return self._cols
