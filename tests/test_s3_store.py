@@ -80,7 +80,7 @@ def test_precompute_to_s3_gives_the_local_digest(s3, s3_zarr, s3_wds, store):  #
         assert remote.writer() is None
 
 
-@pytest.mark.parametrize("workers", [0, 2, 4])
+@pytest.mark.parametrize("workers", [0, 1, 2, 4])
 def test_replay_from_s3_with_workers_equals_local(s3, s3_wds, store_dir, workers):  # noqa: F811
     """With forked DataLoader workers, the S3 store gives the same views and labels, and each chunk of an
     epoch is read once (its commit record fetched once), whatever the number of workers."""
