@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from .objectstore import store_faults
 
 __all__ = ["ZarrStore"]
 
+OBJECT_STORE_THREADS = 8  # a chunk's columns read or written at once on object storage
 INNER_VIEWS = 1024
 
 
@@ -114,9 +116,13 @@ class ZarrStore(Store):
         return self._each(get, ranges)
 
     def _each(self, fn: Callable[[str], Any], names: Iterable[str]) -> dict[str, Any]:
-        """{name: fn(name)} over a chunk's columns, one after the other (on object storage each is a round
-        trip or two: a shard's size, then its bytes)."""
-        return {n: fn(n) for n in names}
+        """{name: fn(name)} over a chunk's columns: on local disk one after the other; on object storage,
+        where each is a round trip or two (a shard's index, then its bytes), all at once in threads."""
+        names = list(names)
+        if self._local() or len(names) < 2:
+            return {n: fn(n) for n in names}
+        with ThreadPoolExecutor(min(len(names), OBJECT_STORE_THREADS), thread_name_prefix="kdlib-zarr") as pool:
+            return dict(zip(names, pool.map(fn, names)))
 
     def _write_named(self, name: str, cols: Chunk) -> None:
         n = len(next(iter(cols.values())))
