@@ -32,7 +32,7 @@ test: install data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf runs shards/demo
