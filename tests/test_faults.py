@@ -309,7 +309,8 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(size, every, kept, words
 
 
 # -- row 20: an error inside a DataLoader worker is the same one line ------------------------
-def test_store_error_in_a_worker_prints_one_line(store_copy, tmp_path):
+def test_store_error_with_or_without_workers_prints_one_line(store_copy, tmp_path):
+    """The store is read in the main process (workers decode images): the same one line with 0 or 1 worker."""
     record = Path(store_copy) / "commits" / "e00001" / "c000001.json"
     rec = json.loads(record.read_text())
     rec["crc32"]["lse"] ^= 1
