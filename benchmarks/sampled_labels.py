@@ -82,7 +82,9 @@ def teacher_weights(given: str | None, work: Path) -> Path:
     names = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if [tuple(v.shape) for v in state.values()] != [tuple(v.shape) for v in names.values()]:
         sys.exit(f"error: {src} does not hold EfficientNet-Lite0's tensors in timm's order")
-    save_file({k: v.contiguous() for k, v in zip(names, state.values())}, str(out))
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # runs side by side may both make it: rename is atomic
+    save_file({k: v.contiguous() for k, v in zip(names, state.values())}, str(tmp))
+    os.replace(tmp, out)
     return out
 
 
@@ -96,7 +98,9 @@ def fmnist_npz(split: str, n: int, out: Path) -> Path:
     with gzip.open(root / f"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
     names = np.array([ImageNetInfo().index_to_description(i) for i in range(1000)])
-    np.savez(out, images=np.repeat(images[..., None], 3, -1), labels=np.zeros(len(images), np.int64), classes=names)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.npz")  # runs side by side: each renames its own
+    np.savez(tmp, images=np.repeat(images[..., None], 3, -1), labels=np.zeros(len(images), np.int64), classes=names)
+    os.replace(tmp, out)
     return out
 
 
