@@ -61,6 +61,34 @@ CLI_ENV = {
 TRAIN_FLAGS = ["--student", "resnet8", "--batch-size", "32", "--workers", "0", "--no-eval", "--cpu"]
 
 
+def precompute_args(teacher: str, out: Path | str, *extra: str, batch_size: int | None = 64) -> list[str]:
+    """The fixture store's command (`store_dir`'s settings) into `out`, for the CLI; `batch_size` None: the
+    command's default (the teacher's batch changes no stored byte)."""
+    return [
+        "precompute",
+        "--teacher",
+        str(teacher),
+        "--data",
+        "fashion-mnist",
+        "--recipe",
+        FMNIST_RECIPE,
+        "--epochs",
+        str(STORE_EPOCHS),
+        "--k",
+        str(STORE_K),
+        "--limit",
+        str(LIMIT),
+        "--chunk-views",
+        str(CHUNK_VIEWS),
+        "--workers",
+        "0",
+        *(["--batch-size", str(batch_size)] if batch_size else []),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def kdlib_cli(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m kdlib ARGS` in a subprocess, output captured."""
     return subprocess.run(

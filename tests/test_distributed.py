@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import LAUNCH, STORE_EPOCHS
+from conftest import LAUNCH, STORE_EPOCHS, precompute_args
 
 # CUDA hidden: on a one-GPU machine rank 1 would otherwise look for a second device and exit
 CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -82,8 +82,6 @@ def test_two_processes_train_like_one(store_dir, tmp_path):
 
 
 def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
-    from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_K
-
     meta = json.loads((Path(store_dir) / "meta.json").read_text())
     out = tmp_path / "two"
     run(
@@ -91,25 +89,7 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
             *LAUNCH,
             "-m",
             "kdlib",
-            "precompute",
-            "--teacher",
-            meta["teacher"]["id"].removeprefix("run:"),
-            "--data",
-            "fashion-mnist",
-            "--recipe",
-            FMNIST_RECIPE,
-            "--epochs",
-            str(STORE_EPOCHS),
-            "--k",
-            str(STORE_K),
-            "--limit",
-            str(LIMIT),
-            "--chunk-views",
-            str(CHUNK_VIEWS),
-            "--workers",
-            "0",
-            "--out",
-            str(out),
+            *precompute_args(meta["teacher"]["id"].removeprefix("run:"), out, batch_size=None),
         ],
         CPU_ENV,
     )

@@ -13,38 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, one_line, snapshot
 from conftest import CLI_ENV as ENV
 from conftest import TRAIN_FLAGS as TRAIN
 from conftest import kdlib_cli as kdlib
-
-
-def precompute_args(teacher: str, out: Path | str, *extra: str) -> list[str]:
-    """The fixture store's command (conftest.store_dir), into `out`."""
-    return [
-        "precompute",
-        "--teacher",
-        teacher,
-        "--data",
-        "fashion-mnist",
-        "--recipe",
-        FMNIST_RECIPE,
-        "--epochs",
-        str(STORE_EPOCHS),
-        "--k",
-        str(STORE_K),
-        "--limit",
-        str(LIMIT),
-        "--chunk-views",
-        str(CHUNK_VIEWS),
-        "--workers",
-        "0",
-        "--batch-size",
-        "64",
-        "--out",
-        str(out),
-        *extra,
-    ]
+from conftest import one_line, precompute_args, snapshot
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, snapshot
+from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, precompute_args, snapshot
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -49,27 +49,7 @@ def test_precompute_killed_at_random_points_resumes_to_the_same_store(teacher_di
         sys.executable,
         "-m",
         "kdlib",
-        "precompute",
-        "--teacher",
-        teacher_dir,
-        "--data",
-        "fashion-mnist",
-        "--recipe",
-        FMNIST_RECIPE,
-        "--epochs",
-        str(STORE_EPOCHS),
-        "--k",
-        str(STORE_K),
-        "--limit",
-        str(LIMIT),
-        "--chunk-views",
-        str(CHUNK_VIEWS),
-        "--batch-size",
-        "32",
-        "--workers",
-        "0",
-        "--out",
-        str(out),
+        *precompute_args(teacher_dir, out, batch_size=32),
     ]
     log = out / "logs/precompute-rank0.jsonl"
     total = STORE_EPOCHS * store.meta.chunks_per_epoch

@@ -18,7 +18,18 @@ import time
 
 import pytest
 import torch
-from conftest import CHUNK_VIEWS, CLI_ENV, FMNIST_DIR, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, kdlib_cli, one_line
+from conftest import (
+    CHUNK_VIEWS,
+    CLI_ENV,
+    FMNIST_DIR,
+    FMNIST_RECIPE,
+    LIMIT,
+    STORE_EPOCHS,
+    STORE_K,
+    kdlib_cli,
+    one_line,
+    precompute_args,
+)
 from s3_server import BUCKET
 
 from kdlib.errors import CorruptStoreError
@@ -206,31 +217,7 @@ def test_flipped_byte_in_an_s3_chunk_is_caught(s3, s3_zarr, s3_wds, backend):  #
 
 # -- a second writer, a killed writer, the server gone: subprocesses of the real CLI ---------------
 def _precompute_args(teacher: str, url: str) -> list[str]:
-    return [
-        "precompute",
-        "--teacher",
-        teacher,
-        "--data",
-        "fashion-mnist",
-        "--out",
-        url,
-        "--recipe",
-        FMNIST_RECIPE,
-        "--epochs",
-        str(STORE_EPOCHS),
-        "--k",
-        str(STORE_K),
-        "--limit",
-        str(LIMIT),
-        "--chunk-views",
-        str(CHUNK_VIEWS),
-        "--batch-size",
-        "64",
-        "--workers",
-        "0",
-        "--no-test",
-        "--cpu",
-    ]
+    return precompute_args(teacher, url, "--no-test", "--cpu")
 
 
 def _start_once_a_chunk_is_committed(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K
+from conftest import LIMIT, precompute_args
 
 # CUDA hidden, one thread per rank (two ranks share this machine's cores)
 CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -70,25 +70,7 @@ def test_two_machines_precompute_the_one_process_store(store_dir, store, tmp_pat
     out = tmp_path / "two"
     launch_two_machines(
         [
-            "precompute",
-            "--teacher",
-            meta["teacher"]["id"].removeprefix("run:"),
-            "--data",
-            "fashion-mnist",
-            "--recipe",
-            FMNIST_RECIPE,
-            "--epochs",
-            str(STORE_EPOCHS),
-            "--k",
-            str(STORE_K),
-            "--limit",
-            str(LIMIT),
-            "--chunk-views",
-            str(CHUNK_VIEWS),
-            "--workers",
-            "0",
-            "--out",
-            str(out),
+            *precompute_args(meta["teacher"]["id"].removeprefix("run:"), out, batch_size=None),
         ]
     )
     from kdlib.store import open_store
