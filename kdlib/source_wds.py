@@ -157,9 +157,10 @@ class _Shards:
         self._fs: tuple[int, object] | None = None
         self._fds: dict[int, int] = {}
         self._fds_pid = os.getpid()
+        self._paths: dict[str, str] = {}  # url -> the path in its filesystem: worked out once, not per image
 
     def __getstate__(self) -> dict:
-        return {"urls": self.urls, "_fs": None, "_fds": {}, "_fds_pid": -1}
+        return {"urls": self.urls, "_fs": None, "_fds": {}, "_fds_pid": -1, "_paths": self._paths}
 
     def __del__(self) -> None:
         if getattr(self, "_fds_pid", -1) == os.getpid():
@@ -185,7 +186,9 @@ class _Shards:
         return self._fs[1]
 
     def path(self, url: str) -> str:
-        return fsspec.core.url_to_fs(url, **storage_options())[1] if _is_url(url) else _local(url)
+        if url not in self._paths:
+            self._paths[url] = fsspec.core.url_to_fs(url, **storage_options())[1] if _is_url(url) else _local(url)
+        return self._paths[url]
 
     def open(self, i: int):
         url = self.urls[i]
