@@ -204,8 +204,7 @@ def _precompute(cfg: PrecomputeConfig) -> Store:
     state.wait_for_everyone()
     if not state.is_main_process:
         store = open_store(cfg.out)
-    log_path = f"{store.root}/logs/precompute-rank{state.process_index}.jsonl"
-    store.fs.makedirs(f"{store.root}/logs", exist_ok=True)
+    log_path = f"logs/precompute-rank{state.process_index}.jsonl"  # beside the store: a line per chunk written
 
     if (
         state.is_main_process
@@ -341,8 +340,9 @@ def _write_and_log(
         codec.check(host, store.meta)
     cols.update(host)
     store.write_chunk(epoch, chunk, cols)
-    with store.fs.open(log_path, "a") as f:
-        f.write(json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()}) + "\n")
+    store.append_line(
+        log_path, json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()})
+    )
 
 
 def _store_test_predictions(

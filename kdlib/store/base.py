@@ -207,6 +207,22 @@ class Store:
             self._discard(tmp)
             raise
 
+    def append_line(self, rel: str, line: str) -> None:
+        """Add a line to a log beside the store (one writer per log). An object store cannot append: the log
+        is read and put back whole (a line per chunk: small), all or nothing, and no file object is left to
+        flush from a finalizer at exit (one that did hung the exit when the server had gone away)."""
+        path = self._path(rel)
+        if self._local():
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self.fs.open(path, "a") as f:
+                f.write(line + "\n")
+            return
+        try:
+            old = self.fs.cat_file(path)
+        except FileNotFoundError:
+            old = b""
+        self.fs.pipe_file(path, old + (line + "\n").encode())
+
     def _discard(self, path: str) -> None:
         """Remove a temp file after a failed write (a full disk must not keep the partial bytes)."""
         try:
