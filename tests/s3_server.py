@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,16 +137,31 @@ class S3Server(_Client):
     def start(self) -> None:
         server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
         server.start()
-        server._server.app = _Counting(server._server.app, self.traffic)  # werkzeug's server calls .app
-        self._server = server
+        http = server._server
+        http.app = _Counting(http.app, self.traffic)  # werkzeug's server calls .app
+        conns: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        accept = http.process_request
+
+        def tracked(request: socket.socket, client_address: Any) -> None:
+            conns.add(request)
+            accept(request, client_address)
+
+        http.process_request = tracked
+        self._server, self._conns = server, conns
         self.port = server.get_host_and_port()[1]
 
     def stop(self) -> None:
-        """Stop serving and close the port: a client now meets "connection refused", as from a server that is down."""
+        """Go down as a crashed server does: the port closed (a new connection meets "connection refused") and
+        every open connection cut (werkzeug's handler threads would otherwise go on serving kept-alive ones)."""
         if self._server is not None:
             http = self._server._server
             self._server.stop()
             http.server_close()
+            for conn in list(self._conns):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed already
+                    pass
             self._server = None
 
     def restart(self) -> None:

@@ -237,6 +237,16 @@ def _start_once_a_chunk_is_committed(
     return p
 
 
+def _stderr_within(p: subprocess.Popen, timeout: float) -> str:
+    """The process's stderr once it has ended; if it has not ended in time, it fails the test with a dump
+    of every thread's stack (faulthandler, on SIGABRT: run it with PYTHONFAULTHANDLER=1)."""
+    try:
+        return p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        raise AssertionError(f"still running after {timeout} s:\n{p.communicate()[1][-12000:]}") from None
+
+
 def _log_chunks(s3, name: str) -> list[tuple[int, int]]:  # noqa: F811
     raw = s3.fs().cat_file(f"{BUCKET}/{name}/logs/precompute-rank0.jsonl").decode()
     return [(r["epoch"], r["chunk"]) for r in map(json.loads, raw.splitlines())]
@@ -263,11 +273,12 @@ def test_second_writer_refused_killed_writer_and_server_gone_then_resumed(s3, te
     every = {(e, c) for e in range(STORE_EPOCHS) for c in range(store.meta.chunks_per_epoch)}
     assert 0 < len(before) < len(every)
 
-    env = _env(s3, AWS_MAX_ATTEMPTS="2")  # botocore's retries of a refused connection: ~6 s at the default 5
+    # botocore's retries of a refused connection: ~6 s at the default 5; a hang dumps every thread (SIGABRT)
+    env = _env(s3, AWS_MAX_ATTEMPTS="2", PYTHONFAULTHANDLER="1")
     third = _start_once_a_chunk_is_committed(s3, args, name, env, after=before)
     s3.stop()
     try:
-        _, err = third.communicate(timeout=300)
+        err = _stderr_within(third, 180)
     finally:
         s3.restart()
     assert f"took over the write lease of pid {first.pid} on" in err and "is gone" in err
