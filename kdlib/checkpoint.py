@@ -262,7 +262,8 @@ def save_checkpoint(
         raise failed
     if accelerator.is_main_process:
         old = ckpt.with_name(ckpt.name + ".old")
-        if ckpt.exists():
+        if ckpt.exists():  # whole (only ever made by the rename below), so any .old is an earlier leftover:
+            shutil.rmtree(old, ignore_errors=True)  # a kill in the rmtree below leaves part of one
             ckpt.rename(old)
         tmp.rename(ckpt)
         shutil.rmtree(old, ignore_errors=True)

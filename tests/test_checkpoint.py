@@ -155,6 +155,31 @@ def test_save_load_restores_model_optimizer_scheduler_and_rng(tmp_path):
     assert torch.equal(want[2], got[2]) and np.array_equal(want[3], got[3]) and want[4] == got[4]
 
 
+def test_save_after_a_kill_in_the_old_checkpoints_removal(tmp_path):
+    """A kill while the replaced checkpoint (checkpoint.old) was being removed leaves part of it beside the new
+    one: the run resumes from the new one, and its next save must not trip over the leftover (it did:
+    'Directory not empty' on the rename, caught by a random kill in test_resume)."""
+    from accelerate import Accelerator
+
+    from kdlib.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc = Accelerator(cpu=True)
+    ckpt = tmp_path / "checkpoint"
+    save_checkpoint(acc, ckpt, 1, net, opt, sched, {})
+    save_checkpoint(acc, ckpt, 2, net, opt, sched, {})
+    old = tmp_path / "checkpoint.old"
+    old.mkdir()  # what the kill left of step 1's checkpoint: some of its files
+    (old / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    assert find_checkpoint(ckpt) == ckpt
+    assert load_checkpoint(acc, ckpt, net, opt, sched) == 2
+    save_checkpoint(acc, ckpt, 3, net, opt, sched, {})
+    assert load_checkpoint(acc, find_checkpoint(ckpt), net, opt, sched) == 3
+    assert not old.exists()
+
+
 CPU2 = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
