@@ -63,7 +63,8 @@ def load_run_weights(model: nn.Module, w_path: Path, cfg: Mapping, what: str) ->
         raise ModelError(f"{w_path} does not fit {what}: {e}") from e
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, made durable, then renamed onto `path`: a kill leaves the old file or the new, never part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -90,5 +91,5 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict | None = None)
         config[key] = value
     config["weights_digest"] = digest_state(state)
     # Weights first: config.json names a digest, so a config next to stale weights is caught on load.
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda p: safetensors.torch.save_file(state, str(p)))
-    _atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out_dir / WEIGHTS_NAME, lambda p: safetensors.torch.save_file(state, str(p)))
+    atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))

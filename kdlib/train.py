@@ -74,7 +74,7 @@ from .optim import OPTIMIZERS, build_optimizer, optimizer_settings
 from .plots import save_curves
 from .replay import Replay
 from .resolve import load_student
-from .rundir import CONFIG_NAME, save_model
+from .rundir import CONFIG_NAME, atomic_write, save_model
 from .runtime import check_world
 from .schedule import SCHEDULES, lr_schedule, schedule_settings, warmup_steps
 from .softlabel import reconstruct
@@ -1006,10 +1006,13 @@ def _truncate_logs(out: Path, step: int) -> None:
             continue
         keep = []
         for line in path.read_text().splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill (or a full disk): logged again after the resume
+                continue
             if key and rec[key] > step:
                 continue
             if key is None and "final_eval" in rec:
                 continue
             keep.append(line)
-        path.write_text("".join(k + "\n" for k in keep))
+        atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))  # a kill now keeps them all

@@ -144,3 +144,18 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(store_dir, tmp_path)
     full_loss = {r["epoch"]: r["loss"] for r in _lines(tmp_path / "full/metrics.jsonl") if "epoch" in r}
     resumed_loss = {r["epoch"]: r["loss"] for r in _lines(out / "metrics.jsonl") if "epoch" in r}
     assert resumed_loss and all(resumed_loss[e] == full_loss[e] for e in resumed_loss), (resumed_loss, full_loss)
+
+
+def test_resume_forgets_the_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
+    """What --resume does to the run dir's logs: steps after the checkpoint's step and the final evaluation
+    are dropped (they are logged again), and so is a line a kill tore (it stopped the resume with a traceback)."""
+    from kdlib.train import _truncate_logs
+
+    steps = [json.dumps({"step": s, "digest": f"d{s}"}) for s in range(1, 6)]
+    (tmp_path / "steps.jsonl").write_text("\n".join(steps) + '\n{"step": 6, "dig')
+    metrics = [json.dumps({"epoch": 0, "loss": 1.0}), json.dumps({"final_eval": {"top1": 0.5}})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    _truncate_logs(tmp_path, 3)
+    assert (tmp_path / "steps.jsonl").read_text() == "".join(s + "\n" for s in steps[:3])
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics[0] + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "steps.jsonl"]  # no temp file left
