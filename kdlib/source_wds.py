@@ -203,7 +203,7 @@ class _Shards:
                 return self.fs(url).cat_file(self.path(url), start=start, end=end)
             return os.pread(self._fd(i), end - start, start)
         except Exception as e:  # OSError locally; botocore / aiohttp errors from object stores
-            if _is_url(url) and self._size(url) <= start:
+            if _is_url(url) and 0 <= self._size(url) <= start:  # (-1: the store cannot be reached: say so)
                 return b""  # an object store refuses a range past the end (HTTP 416): none of its bytes are there
             raise SourceError(f"cannot read wds shard {url} (bytes {start}..{end}): {type(e).__name__}: {e}") from e
 

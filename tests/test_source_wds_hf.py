@@ -235,6 +235,14 @@ def test_wds_from_s3_with_forked_workers_reads_the_local_bytes(forms, s3, monkey
         fs.pipe_file(f"{BUCKET}/wds-source/train-000001.tar", whole[:cut])
         with pytest.raises(SourceError, match=f"train-000001.tar: got {got} of .* bytes at byte {start} .*changed"):
             remote.decode(j)
+    # the server gone: its fault, not "the shard changed" (which would send the user to rebuild the index)
+    s3.stop()
+    try:
+        with pytest.raises(SourceError, match="cannot read wds shard s3://.*train-000001.tar .*Connect") as gone:
+            remote.decode(j)
+        assert "changed" not in str(gone.value)
+    finally:
+        s3.restart()
 
 
 def _tar(path, members: dict[str, bytes]):
