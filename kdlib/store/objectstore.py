@@ -308,13 +308,16 @@ class Lease:
         while not self._stop.wait(self.TTL_S / 4):
             try:
                 self._put(IfMatch=self.etag) if self.etag else self._put()
-            except OSError:
-                record, _ = self.read()
+            except Exception:  # refused (another writer's etag?) or the server away for a moment (s3fs: OSError)
+                try:
+                    record, etag = self.read()
+                except Exception:  # still away: the next renewal tries again (this thread must not end)
+                    continue
                 if record is not None and record.get("token") != self.token:
                     self.lost = record.get("owner", "another process")
                     return
-            except Exception:  # the server away for a moment: the next renewal tries again
-                pass
+                if record is not None:  # still ours: a renewal whose answer was lost changed the etag
+                    self.etag = etag
 
     def check(self) -> None:
         """Refuse to go on writing once another writer has taken the lease over."""
