@@ -75,8 +75,12 @@ EMA = "ema.safetensors"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
 RUN_LOCK = "train.lock"  # flock held by the one `kdlib train` writing the run dir; names it; never removed
 FAILED = "failed.json"  # written when a run stopped at a non-finite loss: step, loss, reason
-# what `kdlib train` writes into --out (--overwrite removes these, and only these)
+# what `kdlib train` writes into --out (--overwrite removes these, and only these), the checkpoint first:
+# a kill in the middle of --overwrite must not leave a checkpoint that a --resume would continue without its logs
 RUN_FILES = (
+    "checkpoint",
+    "checkpoint.tmp",
+    "checkpoint.old",
     FAILED,
     "model.safetensors",
     "config.json",
@@ -84,9 +88,6 @@ RUN_FILES = (
     "metrics.jsonl",
     "steps.jsonl",
     "curves.png",
-    "checkpoint",
-    "checkpoint.tmp",
-    "checkpoint.old",
     "ema",  # the EMA of the weights as a run dir (--ema)
     "best",  # the best model so far as a run dir (--keep-best)
     "logs",  # experiment trackers' files (--log-with)
