@@ -6,6 +6,7 @@ still being written. Each test runs the real CLI (`python -m kdlib`) on real fil
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,35 @@ def test_a_second_train_into_a_busy_out_is_refused(store_dir, tmp_path, students
     assert steps == list(range(1, len(steps) + 1))
     assert json.loads((out / "config.json").read_text())["arch"] == "kd_students_t20:waits"
     assert FileLock.holder(lock) is None  # dropped when the run ended
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked children: when the process holding a run's or a store's lock is killed,
+    the lock is free at once, not once its orphaned workers notice (seconds later; a requeue was refused,
+    naming the dead pid)."""
+    from kdlib.store.base import FileLock
+
+    path = str(tmp_path / "train.lock")
+    code = f"""if True:
+        import os, signal, time
+        from kdlib.store.base import FileLock
+        lock = FileLock({path!r})
+        assert lock.acquire() is None
+        child = os.fork()
+        if child == 0:  # a worker: lives on, holding nothing the parent's kill should wait for
+            os.close(1), os.close(2), time.sleep(60), os._exit(0)
+        print(child, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    child = int(p.stdout)
+    try:
+        os.kill(child, 0)  # alive
+        assert FileLock.holder(path) is None
+        assert FileLock(path).acquire() is None
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_the_run_lock_dies_with_its_process(store_dir, tmp_path, students):

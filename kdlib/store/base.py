@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from typing import Any
 
@@ -41,6 +42,26 @@ TMP = ".tmp-"  # a file being written: `<final name>.tmp-<8 hex>`, moved to its 
 
 def _owner() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+_HELD: weakref.WeakSet[FileLock] = weakref.WeakSet()  # the locks this process holds (see _forked)
+
+
+def _forked() -> None:
+    """In a forked child (a DataLoader worker): let go of the parent's locks. The child's copy of the
+    descriptor would keep the flock after the parent is killed, until the child notices (seconds);
+    closing it here leaves the parent's lock held, and the child can never release it by mistake."""
+    for lock in list(_HELD):
+        fd, lock.fd = lock.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class FileLock:
@@ -75,10 +96,12 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_owner() + "\n").encode(), 0)
         self.fd = fd
+        _HELD.add(self)
         return None
 
     def release(self) -> None:
         fd, self.fd = self.fd, None
+        _HELD.discard(self)
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the flock
 
