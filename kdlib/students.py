@@ -418,7 +418,7 @@ def _open_run_dir(s: _Student, accelerator: Accelerator, held: ExitStack, world:
             indent=1,
         )
     )
-    _truncate_logs(out, s.start)
+    _truncate_logs(out, s.start, s.spe)
 
 
 def _logits(s: _Student, item: dict[str, Any], device: torch.device, cache: dict[Any, Any]) -> Any:
@@ -544,11 +544,10 @@ def _stopped(s: _Student, accelerator: Accelerator, line: str) -> None:
 
 
 def _end_epoch(s: _Student, epoch: int, dt: float, accelerator: Accelerator, world: int) -> None:
-    """As `kdlib train` ends an epoch: flush, checkpoint, metrics.jsonl, --eval-every, --keep-best."""
+    """As `kdlib train` ends an epoch: flush, --eval-every, metrics.jsonl, --keep-best, checkpoint."""
     run, cfg, out = s.run, s.cfg, Path(s.cfg.out)
     log = run.log
     run.flush()
-    run.save_checkpoint(s.step, epoch)
     stored = s.targets.stored_epochs
     rec = {
         "epoch": epoch,
@@ -576,6 +575,7 @@ def _end_epoch(s: _Student, epoch: int, dt: float, accelerator: Accelerator, wor
         rec["loss"] = _broadcast_float(accelerator, rec["loss"])
     if cfg.keep_best == "loss" or "eval" in rec:
         run.keep_best(rec, s.step, s.extra)
+    run.save_checkpoint(s.step, epoch)  # last, as in `kdlib train`
     accelerator.print(
         f"epoch {epoch} [{s.name}]: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
         + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else "")

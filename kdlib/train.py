@@ -775,7 +775,7 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
                 indent=1,
             )
         )
-        _truncate_logs(out, start_step)  # forget steps logged after the checkpoint we resume from
+        _truncate_logs(out, start_step, steps_per_epoch)  # forget what was logged after the checkpoint
     if trackers:
         accelerator.init_trackers("kdlib", config=_tracker_config(cfg))
 
@@ -835,7 +835,6 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
         run.flush()
         bar.close()
         dt = time.time() - t0
-        run.save_checkpoint(step, epoch)
         rec = {
             "epoch": epoch,
             "stored_epoch": epoch % targets.stored_epochs if targets.stored_epochs else None,
@@ -864,6 +863,9 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
             run.keep_best(rec, step, extra)
         if trackers:
             accelerator.log(_epoch_scalars(rec), step=step)
+        # after the epoch's evaluation, metrics row and --keep-best: a resume from it has them (and the RNG
+        # state past the evaluation's draws); a kill before it redoes the epoch's end (its row cut on resume)
+        run.save_checkpoint(step, epoch)
         accelerator.print(
             f"epoch {epoch}: loss {rec['loss']:.4f}, {rec['views_per_s']:.0f} views/s"
             + (f", test top-1 {rec['eval']['top1']:.4f}" if "eval" in rec else "")
@@ -995,8 +997,11 @@ def _store_limit(targets: Targets) -> int | None:
     return targets.store.meta.source.get("limit") if targets.store else None
 
 
-def _truncate_logs(out: Path, step: int) -> None:
+def _truncate_logs(out: Path, step: int, steps_per_epoch: int) -> None:
+    """On resume from `step`: drop the steps after it, and the metrics rows of the epochs it has not ended
+    (an epoch's row is written just before its end's checkpoint) and of the final evaluation."""
     steps, metrics = out / "steps.jsonl", out / "metrics.jsonl"
+    epoch = step // steps_per_epoch  # the epoch the resumed run is in
     if step == 0:
         steps.unlink(missing_ok=True)
         metrics.unlink(missing_ok=True)
@@ -1012,7 +1017,7 @@ def _truncate_logs(out: Path, step: int) -> None:
                 continue
             if key and rec[key] > step:
                 continue
-            if key is None and "final_eval" in rec:
+            if key is None and rec.get("epoch", epoch) >= epoch:  # (final_eval and final_eval_ema have none)
                 continue
             keep.append(line)
         atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))  # a kill now keeps them all

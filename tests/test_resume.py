@@ -146,16 +146,56 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(store_dir, tmp_path)
     assert resumed_loss and all(resumed_loss[e] == full_loss[e] for e in resumed_loss), (resumed_loss, full_loss)
 
 
-def test_resume_forgets_the_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
-    """What --resume does to the run dir's logs: steps after the checkpoint's step and the final evaluation
-    are dropped (they are logged again), and so is a line a kill tore (it stopped the resume with a traceback)."""
+def test_resume_forgets_what_was_logged_after_the_checkpoint_and_a_torn_line(tmp_path):
+    """What --resume does to the run dir's logs (2 steps per epoch, resumed from step 3, in epoch 1): the steps
+    after step 3, the metrics rows of epoch 1 on and the final evaluations are dropped (they are logged again),
+    and so is a line a kill tore (it stopped the resume with a traceback)."""
     from kdlib.train import _truncate_logs
 
-    steps = [json.dumps({"step": s, "digest": f"d{s}"}) for s in range(1, 6)]
+    steps = [json.dumps({"step": s, "epoch": (s - 1) // 2, "digest": f"d{s}"}) for s in range(1, 6)]
     (tmp_path / "steps.jsonl").write_text("\n".join(steps) + '\n{"step": 6, "dig')
-    metrics = [json.dumps({"epoch": 0, "loss": 1.0}), json.dumps({"final_eval": {"top1": 0.5}})]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
-    _truncate_logs(tmp_path, 3)
+    metrics = [json.dumps({"epoch": e, "loss": 1.0}) for e in (0, 1)]
+    finals = [json.dumps({"final_eval": {"top1": 0.5}}), json.dumps({"final_eval_ema": {"top1": 0.5}})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics + finals) + "\n")
+    _truncate_logs(tmp_path, 3, 2)
     assert (tmp_path / "steps.jsonl").read_text() == "".join(s + "\n" for s in steps[:3])
     assert (tmp_path / "metrics.jsonl").read_text() == metrics[0] + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "steps.jsonl"]  # no temp file left
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics + finals) + "\n")
+    _truncate_logs(tmp_path, 4, 2)  # from the checkpoint at epoch 1's end: its row (written before it) stays
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(m + "\n" for m in metrics)
+
+
+def test_train_killed_at_an_epochs_checkpoint_keeps_its_evaluation_and_row(store_dir, tmp_path):
+    """An epoch ends with its evaluation (--eval-every), its metrics row and --keep-best, then its checkpoint.
+    Killed the moment that checkpoint is there, the resumed run's metrics.jsonl and best/ are the uninterrupted
+    run's. (The checkpoint used to come first: a kill in the evaluation lost the epoch's row, evaluation and
+    best for good, and left the final rows twice after a resume at the end.)"""
+    base = [sys.executable, "-m", "kdlib", "train", "--shards", store_dir, "--student", "resnet8", "--epochs", "2",
+            "--batch-size", "32", "--workers", "0", "--eval-every", "1", "--keep-best", "top1"]  # fmt: skip
+    subprocess.run([*base, "--out", str(tmp_path / "full")], env=ENV, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    spe = 256 // 32
+    proc = subprocess.Popen([*base, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, t0 = out / "checkpoint" / "state.json", time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if state.exists() and json.loads(state.read_text())["step"] == spe:  # (renamed in whole: never partial)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed at epoch 0's checkpoint"
+    done = subprocess.run([*base, "--out", str(out), "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def rows(run: Path) -> list[dict]:  # less what differs between any two runs: timing, and where the run is
+        def less(r: dict) -> dict:
+            return {k: less(v) if isinstance(v, dict) else v for k, v in r.items() if k not in drop}
+
+        drop = ("seconds", "views_per_s", "steps", "model")
+        return [less(r) for r in _lines(run / "metrics.jsonl")]
+
+    full = rows(tmp_path / "full")
+    assert [r.get("epoch") for r in full] == [0, 1, None] and "eval" in full[0]
+    assert rows(out) == full
+    best = [json.loads((run / "best/config.json").read_text())["best"] for run in (out, tmp_path / "full")]
+    assert best[0] == best[1]
