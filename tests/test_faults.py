@@ -246,9 +246,12 @@ def test_precompute_on_a_full_disk_says_so_and_resumes(backend, teacher_dir, sto
         if backend == "wds":  # what a writer killed mid-write would leave: removed on resume
             (out / "wds").mkdir(exist_ok=True)
             (out / "wds" / "e00000-c000001.tar.tmp-deadbeef").write_bytes(b"partial")
+        else:  # zarr's own temp name for a shard being written (zarr.storage.LocalStore)
+            (out / "e00000").mkdir(exist_ok=True)
+            (out / "e00000" / f"0.{'ab' * 16}.partial").write_bytes(b"partial")
         p = kdlib(*precompute_args(teacher_dir, out, "--format", backend))
         assert p.returncode == 0, p.stderr[-3000:]
-        assert not [f for f in out.rglob("*") if ".tmp-" in f.name]
+        assert not [f for f in out.rglob("*") if ".tmp-" in f.name or f.name.endswith(".partial")]
         from kdlib.store import open_store
 
         assert open_store(str(out)).content_digest() == store.content_digest()  # as if never interrupted

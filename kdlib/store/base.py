@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -38,6 +39,11 @@ META = "meta.json"
 LOCK = "precompute.lock"  # advisory: held (flock) by the one precompute writing the store; says who
 LEASE = "precompute.lease"  # the same for an object store: a lease object (objectstore.Lease)
 TMP = ".tmp-"  # a file being written: `<final name>.tmp-<8 hex>`, moved to its final name when whole
+ZARR_TMP = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's LocalStore writes a shard so, then renames it
+
+
+def _is_temp(name: str) -> bool:
+    return TMP in name or ZARR_TMP.fullmatch(name) is not None
 
 
 def _owner() -> str:
@@ -256,9 +262,10 @@ class Store:
 
     @store_faults
     def remove_temp_files(self) -> list[str]:
-        """Delete the `*.tmp-*` files a killed or failed writer left (rank 0, before anyone writes)."""
+        """Delete the temp files a killed or failed writer left (rank 0, before anyone writes): ours
+        (`*.tmp-*`) and zarr's local store's (`*.<32 hex>.partial`)."""
         found = (
-            [p for p in self.fs.find(self.root) if TMP in posixpath.basename(p)] if self.fs.exists(self.root) else []
+            [p for p in self.fs.find(self.root) if _is_temp(posixpath.basename(p))] if self.fs.exists(self.root) else []
         )
         for p in found:
             self._discard(p)
