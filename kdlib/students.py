@@ -548,6 +548,7 @@ def _end_epoch(s: _Student, epoch: int, dt: float, accelerator: Accelerator, wor
     run, cfg, out = s.run, s.cfg, Path(s.cfg.out)
     log = run.log
     run.flush()
+    run.check_weights(s.step, epoch)  # before the evaluation and --keep-best see them
     stored = s.targets.stored_epochs
     rec = {
         "epoch": epoch,

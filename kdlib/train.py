@@ -542,11 +542,15 @@ class StudentRun:
             f"training stopped, {kept} and {self.out / FAILED} says so; {_advice(reason)}"
         )
 
-    def save_checkpoint(self, step: int, epoch: int) -> None:
-        """safetensors + JSON, no pickle; never of non-finite weights (the losses up to `step` were flushed)."""
+    def check_weights(self, step: int, epoch: int) -> None:
+        """Stop (failed.json, one line) if the weights are not finite: before anything saves or evaluates them."""
         bad = _nonfinite_weights(self.net)
         if bad:
             self.stop(step, epoch, None, "weights", f"the student's weights are not finite ({', '.join(bad[:3])})")
+
+    def save_checkpoint(self, step: int, epoch: int) -> None:
+        """safetensors + JSON, no pickle; never of non-finite weights (the losses up to `step` were flushed)."""
+        self.check_weights(step, epoch)
         ema = self.ema.module if self.ema is not None else None
         save_checkpoint(self.accelerator, self.ckpt, step, self.model, self.optimizer, self.scheduler, self.math, ema)
         self.last_ckpt = step
@@ -833,6 +837,7 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
                 run.flush()  # a checkpoint comes after the check of every loss before it
                 run.save_checkpoint(step, epoch)
         run.flush()
+        run.check_weights(step, epoch)  # before the evaluation and --keep-best see them
         bar.close()
         dt = time.time() - t0
         rec = {

@@ -85,6 +85,21 @@ def test_a_checkpoint_is_never_written_from_nonfinite_weights(store_dir, tmp_pat
     one_line(again, 2, f"at step {failed['step']}", "student resnet8")  # the same math diverges the same way
 
 
+def test_nonfinite_weights_at_an_epochs_end_are_never_evaluated_or_kept(store_dir, tmp_path, students):
+    """One step per epoch; epoch 1's step has a finite loss but leaves the weights infinite. The epoch's end
+    checks them before its evaluation, metrics row and --keep-best see them: the run stops with one line,
+    and only epoch 0 is in metrics.jsonl and best/."""
+    out = tmp_path / "run"
+    flags = [*TRAIN, "--batch-size", "256", "--student", "kd_students_t20:blows_up"]  # (the last one counts)
+    p = kdlib("train", "--shards", store_dir, "--epochs", "3", *flags, "--optimizer", "sgd", "--lr", "1e30",
+              "--schedule", "constant", "--eval-every", "1", "--keep-best", "top1", "--out", out, env=students)  # fmt: skip
+    failed = json.loads((out / "failed.json").read_text())
+    one_line(p, 2, "weights are not finite", "at step 2 (epoch 1)")
+    assert failed["step"] == 2 and failed["last_checkpoint"] == 1, failed
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0]
+    assert json.loads((out / "best/config.json").read_text())["best"]["step"] == 1
+
+
 STUDENTS = """
 import os
 import time
@@ -120,6 +135,22 @@ class Waits(Scaled):
 
 def waits(num_classes):
     return Waits(num_classes, 1.0)
+
+
+class BlowsUp(Scaled):  # a finite output and loss while p is 0 (epoch 0's step), then at lr 1e30 the weights
+    # are infinite after the second step, whose loss was still finite
+
+    def __init__(self, num_classes):
+        super().__init__(num_classes, 1.0)
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # on one class only (a shift of every logit has no gradient)
+        y = super().forward(x)
+        return torch.cat([y[:, :1] + self.p * 1e30, y[:, 1:]], 1)
+
+
+def blows_up(num_classes):
+    return BlowsUp(num_classes)
 """
 
 
