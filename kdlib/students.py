@@ -165,6 +165,13 @@ def check_students(cfgs: list[TrainConfig], where: str = "students") -> None:
             raise ConfigError(
                 f"{where}: students {seen[out]} and {i} both write into --out {cfg.out}; give each its own out"
             )
+        for other, j in seen.items():  # one run dir inside another: its --overwrite, best/ or ema/ would hit it
+            if other in out.parents or out in other.parents:
+                inner, outer = (i, j) if other in out.parents else (j, i)
+                raise ConfigError(
+                    f"{where}: student {inner}'s out {cfgs[inner].out} is inside student {outer}'s out "
+                    f"{cfgs[outer].out}; give each its own out, side by side"
+                )
         seen[out] = i
         for key, why in REFUSED.items():
             if getattr(cfg, key):

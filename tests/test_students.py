@@ -148,6 +148,7 @@ def test_bad_students_files_get_one_line_each_before_training(store_dir, tmp_pat
     from kdlib.students import read_students
 
     refused("same_out", [{"out": x}, {"out": x, "seed": 1}], "students 0 and 1 both write into --out", x)
+    refused("nested_out", [{"out": x}, {"out": x + "/best", "seed": 1}], "student 1's out", "inside student 0's", x)
     refused("unknown", [{"out": x, "leraning_rate": 1}, {"out": y}], "unknown key", "leraning_rate", "student 0")
     refused("differ", [{"out": x}, {"out": y, "batch_size": 64}], "batch_size", "cannot differ", "batches")
     refused("teacher", [{"out": x}, {"out": y}], "online --teacher", "--shards", teacher="resnet8")
