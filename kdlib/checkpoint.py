@@ -29,6 +29,7 @@ write lock). A run stopped by a non-finite loss is marked by `failed.json` (`mar
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import random
 import shutil
@@ -464,13 +465,17 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def clear_run(out: Path) -> None:
-    """Remove what `kdlib train` writes into `out` (`RUN_FILES`), and nothing else of the user's."""
+    """Remove what `kdlib train` writes into `out` (`RUN_FILES`, and the temp files a killed run left of
+    them, `.NAME.tmp-PID`: rundir.atomic_write), and nothing else of the user's."""
     for name in RUN_FILES:
         p = out / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
+        for tmp in out.glob(f".{glob.escape(name)}.tmp-*"):
+            if tmp.is_file() and tmp.name.rpartition(".tmp-")[2].isdigit():
+                tmp.unlink()
 
 
 # -- one trainer per run dir; a failed run says so ------------------------------------------

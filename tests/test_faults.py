@@ -149,8 +149,11 @@ def test_train_into_a_used_out_is_refused_unless_overwrite(checkpointed_run, sto
     p = kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--out", mine, "--resume", "--overwrite")
     one_line(p, 2, "not both")
 
+    (mine / ".model.safetensors.tmp-4242").write_bytes(b"what a killed run left")  # rundir.atomic_write's
+    (mine / ".notes.txt.tmp-4242").write_text("the user's")
     p = kdlib("train", "--shards", store_dir, "--epochs", "1", *TRAIN, "--out", mine, "--overwrite")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert not (mine / ".model.safetensors.tmp-4242").exists() and (mine / ".notes.txt.tmp-4242").exists()
     assert (mine / "notes.txt").read_text() == "keep me"  # --overwrite replaces the run files only
     assert json.loads((mine / "config.json").read_text())["arch"] == "resnet8"
     assert (mine / "model.safetensors").is_file()
