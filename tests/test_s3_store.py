@@ -32,7 +32,7 @@ from conftest import (
 )
 from s3_server import BUCKET
 
-from kdlib.errors import CorruptStoreError
+from kdlib.errors import CorruptStoreError, ObjectStoreError
 from kdlib.store import open_store
 
 PRE = dict(
@@ -296,6 +296,19 @@ def test_second_writer_refused_killed_writer_and_server_gone_then_resumed(s3, te
     assert len(log) == len(set(log)) and set(log) <= every, log  # none computed twice
     assert open_store(url).content_digest() == store.content_digest()
     assert not s3.fs().exists(f"{BUCKET}/{name}/precompute.lease")  # given back when the command ended
+
+
+def test_the_precompute_log_on_a_server_gone_is_one_error_naming_the_store(s3, s3_wds):  # noqa: F811
+    """The log beside the store is written as the store is: its fault names the store (it named only the
+    endpoint, when a stopped server met the log write rather than a chunk's)."""
+    store = open_store(s3_wds)
+    s3.stop()
+    try:
+        with pytest.raises(ObjectStoreError, match="cannot be reached") as gone:
+            store.append_line("logs/precompute-rank9.jsonl", "{}")
+    finally:
+        s3.restart()
+    assert str(gone.value).startswith(s3_wds), str(gone.value)
 
 
 def test_stale_lease_is_taken_over_after_expiry(s3, teacher_dir, store_dir):  # noqa: F811

@@ -236,6 +236,7 @@ class Store:
             self._discard(tmp)
             raise
 
+    @store_faults
     def append_line(self, rel: str, line: str) -> None:
         """Add a line to a log beside the store (one writer per log). An object store cannot append: the log
         is read and put back whole (a line per chunk: small), all or nothing, and no file object is left to
