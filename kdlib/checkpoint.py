@@ -29,7 +29,6 @@ write lock). A run stopped by a non-finite loss is marked by `failed.json` (`mar
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import random
 import shutil
@@ -45,6 +44,7 @@ from ._checks import ENV_ERRNOS, describe_os_error
 from .errors import ConfigError, RunBusyError, StorageError
 from .losses import loss_settings
 from .optim import optimizer_settings
+from .rundir import leftover_temps
 from .schedule import schedule_settings
 from .store.base import FileLock
 
@@ -473,9 +473,8 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
-        for tmp in out.glob(f".{glob.escape(name)}.tmp-*"):
-            if tmp.is_file() and tmp.name.rpartition(".tmp-")[2].isdigit():
-                tmp.unlink()
+        for tmp in leftover_temps(p):
+            tmp.unlink()
 
 
 # -- one trainer per run dir; a failed run says so ------------------------------------------

@@ -8,6 +8,7 @@ never names weights that are not there. Nothing here imports code: the config is
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -61,6 +62,12 @@ def load_run_weights(model: nn.Module, w_path: Path, cfg: Mapping, what: str) ->
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{w_path} does not fit {what}: {e}") from e
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """The temp files `atomic_write` of `path` left behind in killed processes (`.NAME.tmp-PID`)."""
+    found = path.parent.glob(f".{glob.escape(path.name)}.tmp-*")
+    return [p for p in found if p.is_file() and p.name.rpartition(".tmp-")[2].isdigit()]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
