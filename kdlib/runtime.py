@@ -7,14 +7,16 @@ the same state. Only the main process prints (`main_print`).
 
 from __future__ import annotations
 
+import atexit
 import os
 
-from accelerate import PartialState
+import torch
+from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env
 
 from .errors import ConfigError
 
-__all__ = ["process_state", "check_world", "main_print"]
+__all__ = ["process_state", "check_world", "end_trackers", "main_print"]
 
 
 def process_state(cpu: bool = False) -> PartialState:
@@ -26,14 +28,34 @@ def process_state(cpu: bool = False) -> PartialState:
     return state
 
 
+def _end_process_group() -> None:
+    """Destroy the process group at exit while the interpreter is still whole. Left to the interpreter's
+    teardown, gloo's threads are destroyed still joinable and the process aborts ("terminate called
+    without an active exception", SIGABRT: a run that had finished fails, by chance; pytorch#190489).
+    Not done at the end of each command: a script may run several (kdlib.precompute, then kdlib.train)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_world(num_processes: int) -> None:
-    """Refuse to run as N unsynchronised copies when a launcher started N processes but no group formed."""
+    """Refuse to run as N unsynchronised copies when a launcher started N processes but no group formed;
+    a group that did form is destroyed at the process's exit."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != num_processes:
         raise ConfigError(
             f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {num_processes}; "
             "on CPU set ACCELERATE_USE_CPU=1 with `accelerate launch --multi_gpu --num_processes N`"
         )
+    if num_processes > 1:  # in a group: destroyed at exit, before the interpreter tears down
+        atexit.unregister(_end_process_group)  # registered once, however many commands the process runs
+        atexit.register(_end_process_group)
+
+
+def end_trackers(accelerator: Accelerator) -> None:
+    """Flush and close the run's trackers (`--log-with`): what `Accelerator.end_training` does, less
+    destroying the process group, which the process's exit does (`check_world`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def main_print(*args: object, **kwargs: object) -> None:

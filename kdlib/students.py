@@ -47,7 +47,7 @@ from .errors import ConfigError, NonFiniteLossError
 from .plots import save_curves
 from .replay import Replay
 from .rundir import save_model
-from .runtime import check_world
+from .runtime import check_world, end_trackers
 from .source_base import using_storage_options
 from .store.base import LOCK
 from .targets import Targets, choose_targets
@@ -394,7 +394,7 @@ def _train_students(cfgs: list[TrainConfig], held: ExitStack) -> dict[str, Any]:
         {"out": s.cfg.out, "student": s.cfg.student, "error": s.failed} for s in students if s.failed is not None
     ]
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator)  # not end_training(): it destroys the process group, which a script's next command needs
     return result
 
 

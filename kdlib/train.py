@@ -75,7 +75,7 @@ from .plots import save_curves
 from .replay import Replay
 from .resolve import load_student
 from .rundir import CONFIG_NAME, atomic_write, save_model
-from .runtime import check_world
+from .runtime import check_world, end_trackers
 from .schedule import SCHEDULES, lr_schedule, schedule_settings, warmup_steps
 from .softlabel import reconstruct
 from .source import open_source
@@ -917,7 +917,7 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict[str, Any]:
     if run.best is not None:
         result["best"] = {**run.best, "model": str(out / "best")}
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator)  # not end_training(): it destroys the process group, which a script's next command needs
     return result
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from conftest import LAUNCH, STORE_EPOCHS, precompute_args
 
+REPO = Path(__file__).resolve().parents[1]
 # CUDA hidden: on a one-GPU machine rank 1 would otherwise look for a second device and exit
 CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -137,3 +138,24 @@ def test_unsynchronised_launch_is_refused(store_dir, tmp_path):
     assert "ACCELERATE_USE_CPU=1" in proc.stderr
     assert not (tmp_path / "x" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_a_launched_script_runs_several_commands_and_exits_cleanly(store_dir, tmp_path):
+    """The Python API under `accelerate launch`: two trainings in one script (the first used to destroy
+    the process group the second needs), and the group destroyed at exit (left to the interpreter's
+    teardown, gloo aborted a finished run now and then: "terminate called without an active exception")."""
+    script = tmp_path / "two_students.py"
+    script.write_text(
+        "import sys\n"
+        "import kdlib\n"
+        "for seed in (0, 1):\n"
+        "    cfg = kdlib.TrainConfig(out=f'{sys.argv[2]}/s{seed}', shards=sys.argv[1], student='resnet8', epochs=1,\n"
+        "                            batch_size=64, workers=0, eval=False, seed=seed)\n"
+        "    print('world', kdlib.train.train(cfg)['world_size'], flush=True)\n"
+    )
+    proc = run([*LAUNCH, str(script), store_dir, str(tmp_path)], {**CPU_ENV, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.count("world 2") == 4, proc.stdout  # each rank, each training
+    assert "terminate called" not in proc.stderr
+    for seed in (0, 1):
+        assert {s["world_size"] for s in steps(tmp_path / f"s{seed}")} == {2}
+        assert (tmp_path / f"s{seed}" / "model.safetensors").is_file()
