@@ -15,7 +15,6 @@ chunks c with c % world == rank, so the store is the same whatever the world siz
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -204,7 +203,6 @@ def _precompute(cfg: PrecomputeConfig) -> Store:
     state.wait_for_everyone()
     if not state.is_main_process:
         store = open_store(cfg.out)
-    log_path = f"logs/precompute-rank{state.process_index}.jsonl"  # beside the store: a line per chunk written
 
     if (
         state.is_main_process
@@ -242,7 +240,6 @@ def _precompute(cfg: PrecomputeConfig) -> Store:
                 todo[epoch],
                 batch,
                 state,
-                log_path,
                 skipped=len(mine) - len(todo[epoch]),
             )
         state.wait_for_everyone()
@@ -281,7 +278,6 @@ def _run_epoch(
     chunks: list[int],
     batch: int,
     state: PartialState,
-    log_path: str,
     skipped: int,
 ) -> None:
     meta = store.meta
@@ -316,7 +312,9 @@ def _run_epoch(
                 plan_cols = ParamsCodec().pack({k: v[a:b] for k, v in params.items()}, meta)
                 while len(writes) >= 2:  # bound memory: at most two chunks in flight
                     writes.pop(0).result()
-                writes.append(writer.submit(_write_and_log, store, epoch, c, plan_cols, parts, codecs, log_path))
+                writes.append(
+                    writer.submit(_write_and_log, store, epoch, c, plan_cols, parts, codecs, state.process_index)
+                )
         for f in writes:
             f.result()
     bar.close()
@@ -332,7 +330,7 @@ def _write_and_log(
     cols: dict[str, Any],
     parts: list[dict[str, torch.Tensor]],
     codecs: list,
-    log_path: str,
+    rank: int,
 ) -> None:
     """In the writer thread: the device-to-host copy of the chunk's labels, the checks, the write, the commit."""
     host = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
@@ -340,9 +338,7 @@ def _write_and_log(
         codec.check(host, store.meta)
     cols.update(host)
     store.write_chunk(epoch, chunk, cols)
-    store.append_line(
-        log_path, json.dumps({"epoch": epoch, "chunk": chunk, "teacher_batches": len(parts), "time": time.time()})
-    )
+    store.log_chunk(epoch, chunk, rank, teacher_batches=len(parts))
 
 
 def _store_test_predictions(

@@ -8,6 +8,7 @@ costs a few seconds once per session. Tests that change a store copy it first (`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -87,6 +88,12 @@ def precompute_args(teacher: str, out: Path | str, *extra: str, batch_size: int 
         str(out),
         *extra,
     ]
+
+
+def precompute_log(store: Path | str, rank: int = 0) -> list[dict]:
+    """The lines of `rank`'s precompute logs of a local store (a log per epoch), in the order written."""
+    paths = sorted(Path(store).glob(f"logs/e*/precompute-rank{rank}.jsonl"))
+    return [json.loads(line) for p in paths for line in p.read_text().splitlines()]
 
 
 def kdlib_cli(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import LAUNCH, STORE_EPOCHS, precompute_args
+from conftest import LAUNCH, STORE_EPOCHS, precompute_args, precompute_log
 
 REPO = Path(__file__).resolve().parents[1]
 # CUDA hidden: on a one-GPU machine rank 1 would otherwise look for a second device and exit
@@ -102,9 +102,7 @@ def test_two_processes_precompute_the_same_store(store_dir, store, tmp_path):
     mine, ref = two.read_test(), store.read_test()
     assert ref is not None and mine.keys() == ref.keys()
     assert all(np.array_equal(mine[k], ref[k]) for k in ref), {k: np.abs(mine[k] - ref[k]).max() for k in ref}
-    by_rank = {
-        r: [json.loads(x) for x in (out / f"logs/precompute-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
-    }
+    by_rank = {r: precompute_log(out, r) for r in (0, 1)}
     chunks = {r: {(x["epoch"], x["chunk"]) for x in lines} for r, lines in by_rank.items()}
     assert chunks[0] and chunks[1] and not chunks[0] & chunks[1]  # two ranks, disjoint chunks
     assert len(chunks[0]) + len(chunks[1]) == STORE_EPOCHS * store.meta.chunks_per_epoch

@@ -16,17 +16,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, precompute_args, snapshot
+from conftest import CHUNK_VIEWS, FMNIST_RECIPE, LIMIT, STORE_EPOCHS, STORE_K, precompute_args, precompute_log, snapshot
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _lines(path: Path) -> list[dict]:
+    """A JSONL file's records; a store's: its precompute logs' (a killed run's last lines are in its last
+    epoch's log, so the order written is kept)."""
+    if path.is_dir():
+        return precompute_log(path)
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def _run_until(cmd: list[str], log: Path, n: int, timeout: float = 300) -> bool:
-    """Start `cmd`, SIGKILL it once `log` has n lines; False if it finished first."""
+    """Start `cmd`, SIGKILL it once `log` (a JSONL file, or a store's precompute logs) has n lines; False if
+    it finished first."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < timeout:
@@ -51,7 +56,7 @@ def test_precompute_killed_at_random_points_resumes_to_the_same_store(teacher_di
         "kdlib",
         *precompute_args(teacher_dir, out, batch_size=32),
     ]
-    log = out / "logs/precompute-rank0.jsonl"
+    log = out  # the store's precompute logs
     total = STORE_EPOCHS * store.meta.chunks_per_epoch
     kill_after = sorted(np.random.default_rng(2024).choice(np.arange(1, total - 1), size=3, replace=False))
     kills = 0

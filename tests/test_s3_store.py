@@ -248,7 +248,9 @@ def _stderr_within(p: subprocess.Popen, timeout: float) -> str:
 
 
 def _log_chunks(s3, name: str) -> list[tuple[int, int]]:  # noqa: F811
-    raw = s3.fs().cat_file(f"{BUCKET}/{name}/logs/precompute-rank0.jsonl").decode()
+    """Rank 0's precompute log lines, epoch by epoch (a log per epoch)."""
+    keys = [k for k in _keys(s3, f"{name}/logs") if k.endswith("/precompute-rank0.jsonl")]
+    raw = b"".join(s3.fs().cat_file(k) for k in keys).decode()
     return [(r["epoch"], r["chunk"]) for r in map(json.loads, raw.splitlines())]
 
 
@@ -305,7 +307,7 @@ def test_the_precompute_log_on_a_server_gone_is_one_error_naming_the_store(s3, s
     s3.stop()
     try:
         with pytest.raises(ObjectStoreError, match="cannot be reached") as gone:
-            store.append_line("logs/precompute-rank9.jsonl", "{}")
+            store.log_chunk(0, 0, 9, teacher_batches=1)
     finally:
         s3.restart()
     assert str(gone.value).startswith(s3_wds), str(gone.value)
@@ -408,5 +410,13 @@ def test_two_processes_precompute_to_s3_give_the_local_digest(s3, teacher_dir, s
     p = subprocess.run([*LAUNCH, "-m", "kdlib", *args], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert open_store(url).content_digest() == store.content_digest()
-    ranks = {r: _keys(s3, f"two-ranks/logs/precompute-rank{r}.jsonl") for r in (0, 1)}
+    logs = _keys(s3, "two-ranks/logs")
+    ranks = {r: [k for k in logs if k.endswith(f"/precompute-rank{r}.jsonl")] for r in (0, 1)}
     assert ranks[0] and ranks[1], ranks  # both ranks really ran and logged their chunks
+    # a log per rank and epoch, each holding only its epoch's lines: an object store puts a log back whole for
+    # each line, so one log for the run would cost O(chunks^2) bytes (GBs for a 100-epoch ImageNet store)
+    for keys in ranks.values():
+        assert len(keys) == STORE_EPOCHS, keys
+        for e, key in enumerate(keys):
+            lines = [json.loads(x) for x in s3.fs().cat_file(key).decode().splitlines()]
+            assert lines and {x["epoch"] for x in lines} == {e}, (key, lines)

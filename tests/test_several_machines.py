@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LIMIT, precompute_args
+from conftest import LIMIT, precompute_args, precompute_log
 
 # CUDA hidden, one thread per rank (two ranks share this machine's cores)
 CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -77,10 +77,7 @@ def test_two_machines_precompute_the_one_process_store(store_dir, store, tmp_pat
 
     assert open_store(str(out)).content_digest() == store.content_digest()
     # each machine's process wrote its own chunks: two ranks really ran, disjoint halves
-    chunks = {
-        r: {(x["epoch"], x["chunk"]) for x in map(json.loads, (out / f"logs/precompute-rank{r}.jsonl").open())}
-        for r in (0, 1)
-    }
+    chunks = {r: {(x["epoch"], x["chunk"]) for x in precompute_log(out, r)} for r in (0, 1)}
     assert chunks[0] and chunks[1] and not chunks[0] & chunks[1]
 
 

@@ -188,7 +188,9 @@ def test_resume_rewrites_only_the_missing_chunk(store_dir, store_copy, teacher_d
     shards = {p for p in changed if p.startswith("e00001/")}
     assert all(p.split("/")[2:4] == ["c", "3"] for p in shards), shards
     assert {p.split("/")[1] for p in shards} >= {"image", "logits", "lse"}  # rewritten
-    assert changed - shards <= {"commits/e00001/c000003.json", "meta.json", "logs/precompute-rank0.jsonl"}, changed
+    assert changed - shards <= {"commits/e00001/c000003.json", "meta.json", "logs/e00001/precompute-rank0.jsonl"}, (
+        changed
+    )
     got = done.read_chunk(1, 3)
     for k in ("image", "box", "flip", "partner", "mix", "lam", "cutbox", "ids"):
         assert got[k].tobytes() == original[k].tobytes(), k

@@ -236,11 +236,24 @@ class Store:
             self._discard(tmp)
             raise
 
+    @staticmethod
+    def log_rel(epoch: int, rank: int) -> str:
+        """The log of the chunks `rank` computed of `epoch`: a log per epoch, so that on an object store
+        (which puts a log back whole for each line) a line costs at most one epoch's lines, not the run's."""
+        return f"logs/e{epoch:05d}/precompute-rank{rank}.jsonl"
+
+    def log_chunk(self, epoch: int, chunk: int, rank: int, teacher_batches: int) -> None:
+        """A line in `log_rel(epoch, rank)` for a chunk just committed: what ran, when (history: a chunk
+        computed again after a kill has a second line)."""
+        record = {"epoch": epoch, "chunk": chunk, "teacher_batches": teacher_batches, "time": time.time()}
+        self.append_line(self.log_rel(epoch, rank), json.dumps(record))
+
     @store_faults
     def append_line(self, rel: str, line: str) -> None:
         """Add a line to a log beside the store (one writer per log). An object store cannot append: the log
-        is read and put back whole (a line per chunk: small), all or nothing, and no file object is left to
-        flush from a finalizer at exit (one that did hung the exit when the server had gone away)."""
+        is read and put back whole (a log holds one epoch of one rank's chunks: small), all or nothing, and no
+        file object is left to flush from a finalizer at exit (one that did hung the exit when the server had
+        gone away)."""
         path = self._path(rel)
         if self._local():
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
