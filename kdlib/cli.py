@@ -779,6 +779,14 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _exit(code: int) -> None:
+    """Exit on an error: a process group is then not destroyed gracefully (`runtime.exit_failed`)."""
+    runtime = sys.modules.get("kdlib.runtime")  # not imported: no group was joined
+    if runtime is not None:
+        runtime.exit_failed()
+    sys.exit(code)
+
+
 def main() -> None:
     """The console entry point: every error the user can act on ends in one line, never a traceback
     (unless --debug / KDLIB_DEBUG=1): exit 2 for bad input, exit 1 for the disk or filesystem."""
@@ -786,13 +794,13 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        _exit(130)
     except click.ClickException as exc:
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             click.echo(f"error: {exc.format_message()} (see '{exc.ctx.command_path} -h')", err=True)
         else:
             click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except Exception as exc:
         found = _one_line(exc)
         if found is None or os.environ.get("KDLIB_DEBUG", "") not in ("", "0"):
@@ -800,4 +808,4 @@ def main() -> None:
         code, line = found
         _close_progress_bars()
         click.echo(f"error: {line}", err=True)
-        sys.exit(code)
+        _exit(code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -16,7 +17,7 @@ from accelerate.utils import parse_flag_from_env
 
 from .errors import ConfigError
 
-__all__ = ["process_state", "check_world", "end_trackers", "main_print"]
+__all__ = ["process_state", "check_world", "exit_failed", "end_trackers", "main_print"]
 
 
 def process_state(cpu: bool = False) -> PartialState:
@@ -28,13 +29,29 @@ def process_state(cpu: bool = False) -> PartialState:
     return state
 
 
+_exit_hook = {"registered": False, "failed": False}
+
+
+def exit_failed() -> None:
+    """Say that the process is ending on an error (the CLI's one-line errors): the group is then left to
+    the interpreter's teardown, as before, and not destroyed gracefully (see `_end_process_group`)."""
+    _exit_hook["failed"] = True
+
+
 def _end_process_group() -> None:
-    """Destroy the process group at exit while the interpreter is still whole. Left to the interpreter's
-    teardown, gloo's threads are destroyed still joinable and the process aborts ("terminate called
-    without an active exception", SIGABRT: a run that had finished fails, by chance; pytorch#190489).
-    Not done at the end of each command: a script may run several (kdlib.precompute, then kdlib.train)."""
+    """Destroy the process group at a clean exit while the interpreter is still whole. Left to the
+    interpreter's teardown, gloo's threads are destroyed still joinable and the process aborts ("terminate
+    called without an active exception", SIGABRT: a run that had finished fails, by chance; pytorch#190489).
+    Not at an exit on an error: a graceful destroy flushes the collectives in flight, and one a failed rank
+    left (or one whose peer is gone) could hold the exit. Not at the end of each command either: a script
+    may run several (kdlib.precompute, then kdlib.train)."""
+    if _exit_hook["failed"] or getattr(sys, "last_value", None) is not None:  # last_value: an uncaught exception
+        return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # the work is done and saved: a failed clean-up must not print a traceback at exit
+            pass
 
 
 def check_world(num_processes: int) -> None:
@@ -46,8 +63,9 @@ def check_world(num_processes: int) -> None:
             f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of {num_processes}; "
             "on CPU set ACCELERATE_USE_CPU=1 with `accelerate launch --multi_gpu --num_processes N`"
         )
-    if num_processes > 1:  # in a group: destroyed at exit, before the interpreter tears down
-        atexit.unregister(_end_process_group)  # registered once, however many commands the process runs
+    if num_processes > 1 and not _exit_hook["registered"]:  # in a group: destroyed at exit (once; hooks
+        # registered later, e.g. an object store's lease release, run before it)
+        _exit_hook["registered"] = True
         atexit.register(_end_process_group)
 
 

@@ -144,15 +144,21 @@ def test_a_launched_script_runs_several_commands_and_exits_cleanly(store_dir, tm
     teardown, gloo aborted a finished run now and then: "terminate called without an active exception")."""
     script = tmp_path / "two_students.py"
     script.write_text(
-        "import sys\n"
+        "import atexit, sys, torch\n"
+        "# registered before kdlib's own exit hook, so it runs after it: is the group gone by then?\n"
+        "atexit.register(lambda: print('group at exit', torch.distributed.is_initialized(), flush=True))\n"
         "import kdlib\n"
         "for seed in (0, 1):\n"
         "    cfg = kdlib.TrainConfig(out=f'{sys.argv[2]}/s{seed}', shards=sys.argv[1], student='resnet8', epochs=1,\n"
         "                            batch_size=64, workers=0, eval=False, seed=seed)\n"
         "    print('world', kdlib.train.train(cfg)['world_size'], flush=True)\n"
+        "print('group after the commands', torch.distributed.is_initialized(), flush=True)\n"
     )
     proc = run([*LAUNCH, str(script), store_dir, str(tmp_path)], {**CPU_ENV, "PYTHONPATH": str(REPO)})
     assert proc.stdout.count("world 2") == 4, proc.stdout  # each rank, each training
+    # the group lives for the script's next command, and is destroyed at exit (each rank)
+    assert proc.stdout.count("group after the commands True") == 2, proc.stdout
+    assert proc.stdout.count("group at exit False") == 2, proc.stdout
     assert "terminate called" not in proc.stderr
     for seed in (0, 1):
         assert {s["world_size"] for s in steps(tmp_path / f"s{seed}")} == {2}
